@@ -1,0 +1,324 @@
+"""``interpq``: the command line. Every error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from interpq.errors import InterpqError
+
+EPILOG = """\
+configuration (environment or .env): INTERPQ_BROKER_URL, INTERPQ_DATABASE_URL (default
+sqlite:///interpq.db), INTERPQ_ARTIFACTS_DIR, INTERPQ_PROVIDERS (TOML providers file),
+INTERPQ_FLOWER_USER / INTERPQ_FLOWER_PASSWORD. Provider keys are read from the variable the
+provider names (e.g. HOLYSHEEP_API_KEY) and never stored.
+
+quick start:  interpq demo            (everything embedded, ends by itself)
+              interpq up              (same stack, kept running; prints the exports)
+              interpq submit batch.yaml --wait
+"""
+
+
+def _demo_jobs(requests: int) -> list:  # type: ignore[type-arg]
+    from interpq.specs import Benchmark
+
+    return [
+        Benchmark(
+            name="embeddings-latency",
+            provider="local",
+            models=["all-MiniLM-L6-v2"],
+            endpoint="embeddings",
+            prompt="Sparse autoencoders find interpretable features in activations.",
+            requests=requests,
+            concurrency=4,
+        ),
+        Benchmark(
+            name="chat-latency",
+            provider="local",
+            models=["tiny-gpt2-random-weights"],
+            endpoint="chat",
+            prompt="Say something about the sea.",
+            requests=requests,
+            concurrency=4,
+            max_tokens=24,
+            stream=True,
+        ),
+    ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from interpq.report import jobs_table, latency_table
+    from interpq.scheduler.client import Client
+    from interpq.settings import Settings
+    from interpq.stack import Stack
+
+    t0 = time.monotonic()
+    workdir = Path(args.workdir)
+    print(f"interpq demo: starting an embedded stack in {workdir.resolve()} ...", flush=True)
+    with Stack(workdir, api_concurrency=8, flower=not args.no_flower) as stack:
+        print(f"  broker   {stack.env['INTERPQ_BROKER_URL']} (embedded Redis)")
+        print(f"  database {stack.env['INTERPQ_DATABASE_URL']}")
+        print(f"  provider {stack.provider_url} (local models; chat model has random weights)")
+        if stack.flower_url:
+            print(f"  flower   {stack.flower_url}  user {stack.flower_user}  "
+                  f"password {stack.flower_password}")  # fmt: skip
+        client = Client(Settings(**_settings_kwargs(stack.env)))
+        batch = client.submit(_demo_jobs(args.requests), name="demo")
+        print(f"submitted batch {batch.name} ({batch.id})", flush=True)
+        batch.wait(progress=True, timeout_s=args.timeout)
+        results = batch.results()
+        print()
+        print(jobs_table(results))
+        print()
+        print("latency per model (ms; percentiles over successful calls, linear interpolation)")
+        print(latency_table(results))
+    print(f"\ndemo finished in {time.monotonic() - t0:.1f} s; every process stopped.")
+    print(f"inspect it later: INTERPQ_DATABASE_URL={stack.env['INTERPQ_DATABASE_URL']} "
+          f"interpq results {batch.id}")  # fmt: skip
+    return 0 if all(r.state == "succeeded" for r in results) else 1
+
+
+def _settings_kwargs(env: dict[str, str]) -> dict[str, str]:
+    prefix = "INTERPQ_"
+    return {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from interpq.stack import Stack
+
+    stack = Stack(
+        Path(args.workdir),
+        api_workers=args.api_workers,
+        compute_workers=args.compute_workers,
+        flower=not args.no_flower,
+    )
+    with stack:
+        print("interpq stack is up. In another shell:\n")
+        print(stack.exports())
+        if stack.flower_url:
+            print(f"\nFlower: {stack.flower_url}  user {stack.flower_user}  "
+                  f"password {stack.flower_password}")  # fmt: skip
+        print(f"logs: {stack.workdir / 'logs'}\nCtrl-C stops everything.", flush=True)
+        try:
+            while all(p.popen.poll() is None for p in stack.procs):
+                time.sleep(0.5)
+            dead = [p.name for p in stack.procs if p.popen.poll() is not None]
+            print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping ...")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from interpq.settings import get_settings
+    from interpq.worker.app import get_app
+
+    get_app()  # fails with a clear message when no broker is configured
+    settings = get_settings()
+    queues = args.queues
+    concurrency = args.concurrency or (
+        settings.api_concurrency if queues == "api" else settings.compute_concurrency
+    )
+    pool = args.pool or ("threads" if queues == "api" else "prefork")
+    name = args.name or f"{queues.replace(',', '-')}-{os.getpid()}@%h"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "interpq.worker.app", "worker",
+        "-Q", queues, "-P", pool, "-c", str(concurrency), "-n", name, "-l", args.loglevel,
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)  # exec: signals reach Celery directly
+    return 0  # pragma: no cover
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from interpq.settings import get_settings
+    from interpq.worker.app import get_app
+
+    get_app()
+    settings = get_settings()
+    user = settings.flower_user or "interpq"
+    password = settings.flower_password
+    if not password:
+        password = secrets.token_urlsafe(12)
+        print(f"Flower basic auth: user {user} password {password} "
+              "(set INTERPQ_FLOWER_USER / INTERPQ_FLOWER_PASSWORD to choose)", flush=True)  # fmt: skip
+    os.environ["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "interpq.worker.app", "flower",
+        f"--address={args.address}", f"--port={args.port}",
+    ]  # fmt: skip
+    print(f"Flower on http://{args.address}:{args.port}", flush=True)
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from interpq.providers.local_server import main
+
+    return main(argv)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from interpq.report import jobs_table, latency_table
+    from interpq.scheduler.client import Client, load_batch_file
+
+    spec = load_batch_file(args.file)
+    batch = Client().submit(spec)
+    print(f"submitted batch {batch.name} ({batch.id}): {len(spec.jobs)} jobs")
+    if not args.wait:
+        return 0
+    status = batch.wait(progress=not args.no_progress, timeout_s=args.timeout)
+    results = batch.results()
+    print(jobs_table(results))
+    if any(r.latency for r in results):
+        print()
+        print(latency_table(results))
+    return 0 if status.n_failed == 0 else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from interpq.report import table
+    from interpq.scheduler.client import Client
+
+    client = Client()
+    batches = [client.batch(args.batch)] if args.batch else client.batches(args.limit)
+    rows = []
+    for b in batches:
+        s = b.status()
+        rows.append([b.name, b.id, s.n_jobs, *(s.counts.get(k, 0) for k in _STATES)])
+    print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
+    return 0
+
+
+_STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from interpq.report import jobs_table, latency_table
+    from interpq.scheduler.client import Client
+
+    results = Client().batch(args.batch).results()
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
+        return 0
+    print(jobs_table(results))
+    if any(r.latency for r in results):
+        print()
+        print(latency_table(results))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from interpq.models.db import current_revision, make_engine, upgrade
+    from interpq.settings import get_settings
+
+    engine = make_engine(get_settings().resolved_database_url())
+    upgrade(engine, args.revision)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from interpq.specs import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="interpq",
+        description="A distributed job queue for batched interpretability experiments.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run everything embedded, submit a demo batch, print results")
+    d.add_argument("--workdir", default="interpq-demo", help="database, artifacts, logs (kept)")
+    d.add_argument("--requests", type=int, default=40, help="requests per model (default 40)")
+    d.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+    d.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    d.set_defaults(fn=cmd_demo)
+
+    u = sub.add_parser("up", help="start the embedded stack and keep it running (Ctrl-C stops)")
+    u.add_argument("--workdir", default="interpq-stack", help="database, artifacts, logs (kept)")
+    u.add_argument("--api-workers", type=int, default=1, help="api worker processes")
+    u.add_argument("--compute-workers", type=int, default=1, help="compute worker processes")
+    u.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    u.set_defaults(fn=cmd_up)
+
+    w = sub.add_parser("worker", help="start one Celery worker against INTERPQ_BROKER_URL")
+    w.add_argument("--queues", "-Q", default="api", choices=["api", "compute", "api,compute"],
+                   help="api: model API calls (threads); compute: CPU/GPU work (processes)")  # fmt: skip
+    w.add_argument("--concurrency", "-c", type=int, default=None,
+                   help="threads (api) or processes (compute); default from settings")  # fmt: skip
+    w.add_argument("--pool", "-P", default=None, choices=["threads", "prefork", "solo"])
+    w.add_argument("--name", "-n", default=None, help="node name (default QUEUE-PID@host)")
+    w.add_argument("--loglevel", "-l", default="INFO")
+    w.set_defaults(fn=cmd_worker)
+
+    f = sub.add_parser("flower", help="start Flower (basic auth) against INTERPQ_BROKER_URL")
+    f.add_argument("--address", default="127.0.0.1", help="listen address (default localhost)")
+    f.add_argument("--port", type=int, default=5555)
+    f.set_defaults(fn=cmd_flower)
+
+    sub.add_parser("serve", help="run the local OpenAI-compatible provider (see serve --help)",
+                   add_help=False)  # fmt: skip
+
+    s = sub.add_parser("submit", help="submit a YAML or JSON batch file")
+    s.add_argument("file", help="batch file: {name, max_cost_usd, jobs: [...]} (see `schema`)")
+    s.add_argument("--wait", action="store_true", help="wait with a progress bar, print results")
+    s.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
+    s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S s")
+    s.set_defaults(fn=cmd_submit)
+
+    st = sub.add_parser("status", help="job counts by state, for one batch or the newest ones")
+    st.add_argument("batch", nargs="?", help="batch id or name (default: the newest batches)")
+    st.add_argument("--limit", type=int, default=10)
+    st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("results", help="a batch's jobs and latency percentiles per model")
+    r.add_argument("batch", help="batch id or name (the newest batch of that name)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(fn=cmd_results)
+
+    db = sub.add_parser("db", help="database migrations")
+    dbs = db.add_subparsers(dest="db_command", required=True)
+    up = dbs.add_parser("upgrade", help="apply Alembic migrations to INTERPQ_DATABASE_URL")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(fn=cmd_db)
+
+    sc = sub.add_parser("schema", help="print the JSON schema of batch files and job specs")
+    sc.set_defaults(fn=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args))
+    except InterpqError as exc:
+        print(f"interpq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Plain-text tables of results (what ``interpq results`` and the demo print)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from interpq.scheduler.batch import JobResult
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A left/right aligned text table (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [
+        all(_is_num(r[i]) for r in cells[1:]) if len(cells) > 1 else False
+        for i in range(len(headers))
+    ]
+    lines = []
+    for j, r in enumerate(cells):
+        parts = [
+            c.rjust(w) if numeric[i] else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_num(text: str) -> bool:
+    try:
+        float(text.rstrip("%"))
+        return True
+    except ValueError:
+        return text == "-"
+
+
+LATENCY_HEADERS = (
+    "job", "provider", "model", "endpoint", "n", "ok%",
+    "p50 ms", "p90 ms", "p95 ms", "p99 ms",
+    "ttft p50", "ttft p90", "ttft p95", "ttft p99", "tok/s", "cost $",
+)  # fmt: skip
+
+
+def latency_table(results: Sequence[JobResult]) -> str:
+    """One row per job × provider × model: n, success, latency and TTFT percentiles, cost."""
+    rows = []
+    for r in results:
+        for s in r.latency:
+            rows.append(
+                [
+                    r.name, s.provider, s.model, s.endpoint, s.n,
+                    f"{100 * s.success_rate:.1f}%",
+                    s.latency_p50_ms, s.latency_p90_ms, s.latency_p95_ms, s.latency_p99_ms,
+                    s.ttft_p50_ms, s.ttft_p90_ms, s.ttft_p95_ms, s.ttft_p99_ms,
+                    s.output_tokens_per_s,
+                    f"{s.cost_usd:.6f}",
+                ]
+            )  # fmt: skip
+    if not rows:
+        return "(no latency results)"
+    return table(LATENCY_HEADERS, rows)
+
+
+def jobs_table(results: Sequence[JobResult]) -> str:
+    """One row per job: name, kind, state, attempts, duration, error."""
+    rows = [
+        [r.name, r.kind, r.state, r.attempts, r.duration_s, (r.error or "")[:100]] for r in results
+    ]
+    return table(("job", "kind", "state", "attempts", "seconds", "error"), rows)

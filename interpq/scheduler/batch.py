@@ -1,0 +1,210 @@
+"""A submitted batch: its status, a progress bar while waiting, and typed results."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from sqlalchemy import case, func, select
+
+from interpq.models import FINISHED_STATES, Artifact, Job, JobState, LatencySummary
+
+if TYPE_CHECKING:
+    from interpq.scheduler.client import Client
+
+
+class BatchStatus(BaseModel):
+    """Counts of a batch's jobs by state, and of their parts."""
+
+    batch_id: str
+    name: str
+    counts: dict[str, int]
+    n_jobs: int
+    parts_total: int
+    parts_done: int
+
+    @property
+    def finished(self) -> bool:
+        return sum(self.counts.get(s, 0) for s in FINISHED_STATES) == self.n_jobs
+
+    @property
+    def n_failed(self) -> int:
+        return self.counts.get(JobState.FAILED, 0) + self.counts.get(JobState.CANCELLED, 0)
+
+    @property
+    def n_done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in FINISHED_STATES)
+
+
+class LatencyRow(BaseModel):
+    """One latency summary (per job × provider × model); times in ms."""
+
+    provider: str
+    model: str
+    endpoint: str
+    n: int
+    n_ok: int
+    success_rate: float
+    latency_p50_ms: float | None
+    latency_p90_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    latency_mean_ms: float | None
+    latency_max_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p95_ms: float | None
+    ttft_p99_ms: float | None
+    ttft_mean_ms: float | None
+    ttft_max_ms: float | None
+    output_tokens_per_s: float | None
+    cost_usd: float
+
+
+class ArtifactRef(BaseModel):
+    kind: str
+    uri: str
+    sha256: str | None
+    size_bytes: int | None
+    meta: dict[str, Any] | None
+
+
+class JobResult(BaseModel):
+    """A job's outcome: state, error (one line), small result, latency rows, artifacts."""
+
+    job_id: str
+    name: str
+    kind: str
+    state: str
+    error: str | None
+    attempts: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+    latency: list[LatencyRow] = []
+    artifacts: list[ArtifactRef] = []
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class Batch:
+    """Handle on a submitted batch."""
+
+    def __init__(self, client: Client, batch_id: str, name: str) -> None:
+        self.client = client
+        self.id = batch_id
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Batch(name={self.name!r}, id={self.id!r})"
+
+    def status(self) -> BatchStatus:
+        done_parts = case((Job.state.in_(list(FINISHED_STATES)), Job.n_parts), else_=Job.parts_done)
+        with self.client.engine.connect() as conn:
+            counts = dict(
+                conn.execute(
+                    select(Job.state, func.count())
+                    .where(Job.batch_id == self.id)
+                    .group_by(Job.state)
+                ).all()
+            )
+            total, done = conn.execute(
+                select(func.sum(Job.n_parts), func.sum(done_parts)).where(Job.batch_id == self.id)
+            ).one()
+        return BatchStatus(
+            batch_id=self.id,
+            name=self.name,
+            counts={str(k): int(v) for k, v in counts.items()},
+            n_jobs=sum(counts.values()),
+            parts_total=int(total or 0),
+            parts_done=int(done or 0),
+        )
+
+    def wait(
+        self, progress: bool = False, timeout_s: float | None = None, poll_s: float = 0.25
+    ) -> BatchStatus:
+        """Block until every job is finished; a progress bar (parts done / total) if asked."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        bar = None
+        status = self.status()
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=status.parts_total, desc=self.name, unit="part", dynamic_ncols=True)
+        try:
+            while True:
+                if bar is not None:
+                    bar.n = status.parts_done
+                    bar.set_postfix_str(
+                        f"jobs {status.n_done}/{status.n_jobs}, failed {status.n_failed}",
+                        refresh=True,
+                    )
+                if status.finished:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"batch {self.name!r} not finished after {timeout_s} s: {status.counts}"
+                    )
+                time.sleep(poll_s)
+                status = self.status()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def results(self) -> list[JobResult]:
+        """Every job's result, in submission order, with its latency rows and artifacts."""
+        with self.client.engine.connect() as conn:
+            jobs = (
+                conn.execute(
+                    select(Job.__table__).where(Job.batch_id == self.id).order_by(Job.created_at)
+                )
+                .mappings()
+                .all()
+            )
+            ids = [j["id"] for j in jobs]
+            lat = (
+                conn.execute(
+                    select(LatencySummary.__table__)
+                    .where(LatencySummary.job_id.in_(ids))
+                    .order_by(LatencySummary.model)
+                )
+                .mappings()
+                .all()
+            )
+            arts = (
+                conn.execute(
+                    select(Artifact.__table__).where(Artifact.job_id.in_(ids)).order_by(Artifact.id)
+                )
+                .mappings()
+                .all()
+            )
+        out = []
+        for j in jobs:
+            out.append(
+                JobResult(
+                    job_id=j["id"],
+                    name=j["name"],
+                    kind=j["kind"],
+                    state=j["state"],
+                    error=j["error"],
+                    attempts=j["attempts"],
+                    worker=j["worker"],
+                    started_at=j["started_at"],
+                    finished_at=j["finished_at"],
+                    result=j["result"],
+                    latency=[
+                        LatencyRow.model_validate(dict(r)) for r in lat if r["job_id"] == j["id"]
+                    ],
+                    artifacts=[
+                        ArtifactRef.model_validate(dict(a)) for a in arts if a["job_id"] == j["id"]
+                    ],
+                )
+            )
+        return out

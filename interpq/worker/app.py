@@ -1,0 +1,89 @@
+"""The Celery application: JSON only, late acks, one message per job part, two queues.
+
+- ``api``: I/O-bound calls to model APIs; run with the thread pool and high concurrency.
+- ``compute``: CPU/GPU work; prefork (or solo) with one process per core or GPU.
+
+Results do not go to a Celery result backend: tasks write them to the database. The broker
+carries ``[job_id, part]`` and a label only. ``acks_late`` + ``reject_on_worker_lost`` mean a
+message is acknowledged after its task ends, so a worker that dies mid-task gets its work
+redelivered; tasks are idempotent by job id, so a redelivery never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from interpq.errors import ConfigError
+from interpq.settings import get_settings
+
+log = logging.getLogger(__name__)
+QUEUES = ("api", "compute")
+
+
+def make_app(broker_url: str | None = None) -> Celery:
+    settings = get_settings()
+    url = broker_url or settings.broker_url
+    app = Celery("interpq", set_as_current=False)
+    app.conf.update(
+        broker_url=url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # look for messages of dead workers every few seconds (kombu's default is ~100 s)
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+            "unacked_restore_throttle": 1,
+        },
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_default_queue="compute",
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=True,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    import interpq.worker.tasks  # noqa: F401  (shared tasks bind to this app)
+
+    return app
+
+
+_apps: dict[str, Celery] = {}
+
+
+def get_app(broker_url: str | None = None) -> Celery:
+    """The process-wide app for a broker URL (default: the settings'); ``ConfigError`` if none."""
+    url = broker_url or get_settings().broker_url
+    if not url:
+        raise ConfigError(
+            "INTERPQ_BROKER_URL is not set: start a stack with `interpq up` (it prints the "
+            "variables to export) or point it at your Redis, e.g. redis://localhost:6379/0"
+        )
+    if url not in _apps:
+        _apps[url] = make_app(url)
+    return _apps[url]
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs: object) -> None:
+    from interpq.models.db import dispose_engines
+
+    dispose_engines()
+
+
+def __getattr__(name: str) -> Celery:  # lazy, so importing this module needs no broker
+    if name in ("app", "celery"):
+        return get_app()
+    raise AttributeError(name)

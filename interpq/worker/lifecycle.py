@@ -1,0 +1,190 @@
+"""A job part's life inside a worker: claim, run, complete or fail — each step idempotent.
+
+``run_part`` is what every Celery task calls. It claims the job (and part) with conditional
+UPDATEs, so a message for a job that is already finished or cancelled does nothing; runs the
+kind's runner; then records success. For a job of several parts, the part that completes last
+(counted under the job row's lock) finalises the job. Then the job's dependents are released
+or cancelled. Errors become one-line ``jobs.error`` values, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, update
+
+from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError
+from interpq.models import Job, JobPart, JobState
+from interpq.models.db import get_engine, write
+from interpq.scheduler.dispatch import cancel_dependents, release_dependents
+from interpq.specs import SPEC_TYPES, JobSpec
+
+log = logging.getLogger("interpq.worker")
+MAX_TASK_RETRIES = 3
+
+
+@dataclass
+class JobContext:
+    """What a runner gets: ids, the engine, the worker's name. Runners never see Celery."""
+
+    engine: Engine
+    job_id: str
+    batch_id: str
+    job_name: str
+    part: int
+    n_parts: int
+    worker: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+
+
+def _claim(conn: Connection, job_id: str, part: int, worker: str) -> Any:
+    now = datetime.now(UTC)
+    row = conn.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(_ACTIVE))
+        .values(
+            state=JobState.RUNNING,
+            attempts=Job.attempts + 1,
+            worker=worker,
+            started_at=_coalesce(Job.started_at, now),
+        )
+        .returning(Job.kind, Job.spec, Job.n_parts, Job.batch_id, Job.name, Job.has_dependents)
+    ).first()
+    if row is None or row.n_parts == 1:
+        return row
+    claimed = conn.execute(
+        update(JobPart)
+        .where(JobPart.job_id == job_id, JobPart.part == part, JobPart.state.in_(_ACTIVE))
+        .values(
+            state=JobState.RUNNING, attempts=JobPart.attempts + 1, worker=worker, started_at=now
+        )
+    ).rowcount
+    return row if claimed else None
+
+
+def _coalesce(column: Any, value: Any) -> Any:
+    from sqlalchemy import func
+
+    return func.coalesce(column, value)
+
+
+def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> bool:
+    """Record the part's success; finalise the job if this was its last part."""
+    now = datetime.now(UTC)
+    if ctx.n_parts > 1:
+        done = conn.execute(
+            update(JobPart)
+            .where(
+                JobPart.job_id == ctx.job_id,
+                JobPart.part == ctx.part,
+                JobPart.state == JobState.RUNNING,
+            )
+            .values(state=JobState.SUCCEEDED, finished_at=now)
+        ).rowcount
+        if not done:
+            return False
+        counted = conn.execute(
+            update(Job)
+            .where(Job.id == ctx.job_id)
+            .values(parts_done=Job.parts_done + 1)
+            .returning(Job.parts_done, Job.n_parts)
+        ).one()
+        if counted.parts_done < counted.n_parts:
+            return False
+    result = runner.finalize(conn, ctx, spec)
+    res = conn.execute(
+        update(Job)
+        .where(Job.id == ctx.job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.SUCCEEDED, finished_at=now, result=result, error=None)
+    )
+    return bool(res.rowcount)
+
+
+def fail_job(engine: Engine, job_id: str, part: int, n_parts: int, message: str) -> bool:
+    """Mark the job (and part) failed with a one-line message; True if this call did it."""
+    now = datetime.now(UTC)
+    message = " ".join(message.split())[:2000]
+    with write(engine) as conn:
+        if n_parts > 1:
+            conn.execute(
+                update(JobPart)
+                .where(JobPart.job_id == job_id, JobPart.part == part)
+                .values(state=JobState.FAILED, error=message, finished_at=now)
+            )
+        res = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(_ACTIVE))
+            .values(state=JobState.FAILED, error=message, finished_at=now)
+        )
+        return bool(res.rowcount)
+
+
+def run_part(job_id: str, part: int, task: Any = None) -> str:
+    """Run one part of one job. Returns the outcome word (for logs and tests)."""
+    from interpq.worker.runners import RUNNERS
+
+    engine = get_engine()
+    worker = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
+    t0 = time.perf_counter()
+    with write(engine) as conn:
+        row = _claim(conn, job_id, part, worker)
+    if row is None:
+        log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
+        return "skipped"
+    spec = SPEC_TYPES[row.kind].model_validate(row.spec)
+    ctx = JobContext(engine, job_id, row.batch_id, row.name, part, row.n_parts, worker)
+    runner = RUNNERS[row.kind]
+    try:
+        runner.run_part(ctx, spec)
+        with write(engine) as conn:
+            finished = _complete(conn, ctx, spec, runner)
+    except RetryableJobError as exc:
+        retries = getattr(getattr(task, "request", None), "retries", MAX_TASK_RETRIES)
+        if task is not None and retries < MAX_TASK_RETRIES:
+            countdown = exc.retry_after_s or min(60.0, 2.0**retries)
+            log.warning("job %s part %d: %s; retrying in %.1f s", job_id, part, exc, countdown)
+            _requeue_part(engine, job_id, part, row.n_parts)
+            raise task.retry(exc=exc, countdown=countdown) from None
+        return _failed(engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0)
+    except (JobError, MissingApiKey, InterpqError) as exc:
+        return _failed(engine, ctx, str(exc), t0)
+    except Exception as exc:  # a bug or an unexpected library error: keep it one line
+        log.exception("job %s part %d crashed", job_id, part)
+        return _failed(engine, ctx, f"internal error: {type(exc).__name__}: {exc}", t0)
+    if finished:
+        log.info("job %s (%s) succeeded in %.3f s", row.name, job_id, time.perf_counter() - t0)
+        if row.has_dependents:
+            release_dependents(engine, row.batch_id, job_id)
+        return "succeeded"
+    return "part-done"
+
+
+def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
+    if n_parts > 1:
+        with write(engine) as conn:
+            conn.execute(
+                update(JobPart)
+                .where(JobPart.job_id == job_id, JobPart.part == part)
+                .values(state=JobState.QUEUED)
+            )
+
+
+def _failed(engine: Engine, ctx: JobContext, message: str, t0: float) -> str:
+    if fail_job(engine, ctx.job_id, ctx.part, ctx.n_parts, message):
+        log.warning(
+            "job %s (%s) failed in %.3f s: %s",
+            ctx.job_name,
+            ctx.job_id,
+            time.perf_counter() - t0,
+            message,
+        )
+        cancel_dependents(engine, ctx.batch_id, ctx.job_id, ctx.job_name)
+    return "failed"

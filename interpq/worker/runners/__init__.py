@@ -1,0 +1,23 @@
+"""Runners: what each job kind does inside a worker.
+
+A runner has ``run_part(ctx, spec)`` (do the work of one part; raise ``JobError`` subclasses
+for failures) and ``finalize(conn, ctx, spec) -> dict`` (called once, inside the transaction
+that marks the job succeeded, after its last part; returns the small JSON result).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sqlalchemy import Connection
+
+from interpq.worker.runners import benchmark, noop
+
+
+class Runner(Protocol):
+    def run_part(self, ctx: Any, spec: Any) -> None: ...
+
+    def finalize(self, conn: Connection, ctx: Any, spec: Any) -> dict[str, Any]: ...
+
+
+RUNNERS: dict[str, Runner] = {"noop": noop, "benchmark": benchmark}  # type: ignore[dict-item]
