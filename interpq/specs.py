@@ -54,7 +54,9 @@ class SubmitContext:
 class JobSpec(BaseModel):
     """Base of all job specs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
     kind: str
     name: str = Field(default_factory=lambda: f"job-{uuid.uuid4().hex[:8]}", pattern=_NAME)
@@ -184,7 +186,7 @@ SPEC_TYPES: dict[str, type[JobSpec]] = {"noop": Noop, "benchmark": Benchmark}
 class BatchSpec(BaseModel):
     """A batch file: a name, optional limits, and its jobs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: str = Field(default="batch", min_length=1, max_length=200)
     max_cost_usd: float | None = Field(default=None, gt=0)
     """Calls that would take the batch's spend past this are not made (API jobs)."""

@@ -69,11 +69,11 @@ def get_engine(url: str | None = None, upgrade: bool = True) -> Engine:
     return engine
 
 
-def dispose_engines() -> None:
-    """Forget every engine (after a fork: children must not share the parent's sockets)."""
+def dispose_engines(after_fork: bool = False) -> None:
+    """Close and forget every engine. After a fork, forget without closing the parent's sockets."""
     with _lock:
         for engine in _engines.values():
-            engine.dispose(close=False)
+            engine.dispose(close=not after_fork)
         _engines.clear()
 
 

@@ -80,7 +80,7 @@ def get_app(broker_url: str | None = None) -> Celery:
 def _after_fork(**_kwargs: object) -> None:
     from interpq.models.db import dispose_engines
 
-    dispose_engines()
+    dispose_engines(after_fork=True)
 
 
 def __getattr__(name: str) -> Celery:  # lazy, so importing this module needs no broker
