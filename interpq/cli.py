@@ -61,7 +61,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     workdir = Path(args.workdir)
     print(f"interpq demo: starting an embedded stack in {workdir.resolve()} ...", flush=True)
-    with Stack(workdir, api_concurrency=8, flower=not args.no_flower) as stack:
+    stack = Stack(
+        workdir, api_concurrency=8, flower=not args.no_flower, provider_args=["--preload"]
+    )
+    with stack:
         print(f"  broker   {stack.env['INTERPQ_BROKER_URL']} (embedded Redis)")
         print(f"  database {stack.env['INTERPQ_DATABASE_URL']}")
         print(f"  provider {stack.provider_url} (local models; chat model has random weights)")

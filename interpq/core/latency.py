@@ -89,7 +89,8 @@ def summarize(
     if output_tokens is not None and n_ok:
         out_tok = np.asarray(output_tokens, dtype=np.float64)[okm]
         seconds = lat[okm].sum() / 1000.0
-        tokens_per_s = float(out_tok.sum() / seconds) if seconds > 0 else None
+        if seconds > 0 and out_tok.sum() > 0:  # embeddings produce no output tokens
+            tokens_per_s = float(out_tok.sum() / seconds)
     return LatencySummary(
         n=n,
         n_ok=n_ok,

@@ -123,8 +123,10 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
 
 def finalize(conn: Connection, ctx: Any, spec: Benchmark) -> dict[str, Any]:
     """Latency summaries per provider × model from this job's api_calls rows."""
-    rows = conn.execute(select(ApiCall).where(ApiCall.job_id == ctx.job_id)).scalars().all()
-    by_model: dict[tuple[str, str, str], list[ApiCall]] = defaultdict(list)
+    rows = conn.execute(
+        select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id)
+    ).all()
+    by_model: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
     for r in rows:
         by_model[(r.provider, r.model, r.endpoint)].append(r)
     conn.execute(delete(LatencySummary).where(LatencySummary.job_id == ctx.job_id))
@@ -133,7 +135,7 @@ def finalize(conn: Connection, ctx: Any, spec: Benchmark) -> dict[str, Any]:
     for (provider, model, endpoint), calls in sorted(by_model.items()):
         s = summarize(
             latency_ms=[c.latency_ms for c in calls],
-            ok=[c.ok for c in calls],
+            ok=[c.status_code == 200 and c.error_class is None for c in calls],
             ttft_ms=[c.ttft_ms for c in calls],
             output_tokens=[c.output_tokens for c in calls],
             cost_usd=[c.cost_usd for c in calls],

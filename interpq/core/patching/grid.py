@@ -1,0 +1,119 @@
+"""The result of a patching sweep: a labelled grid of metric values, one cell per patch.
+
+Axes are layers × positions (× heads for ``head_out``). A sweep that patches every position at
+once has a single position column labelled ``"all"``. Values are means over the prompts; the
+per-prompt values are kept too. ``recovery`` is the normalised metric
+``(patched - corrupted) / (clean - corrupted)`` of the prompt means of the primary metric.
+
+Plain numpy and JSON; no torch, no plotting.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PatchGrid:
+    """Metric values per patch, labelled by layer, position (with its tokens) and head."""
+
+    model: str
+    """The model's class name (or the name the caller gave)."""
+    component: str
+    """``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` or ``head_out``."""
+    direction: Literal["denoising", "noising"]
+    """Denoising patches clean activations into the corrupted run; noising the reverse."""
+    mode: Literal["exact", "attribution", "reference"]
+    """``exact`` (fast engine), ``attribution`` (gradient estimate), ``reference`` (one full
+    forward pass per patch, for checking)."""
+    layers: list[int]
+    positions: list[int] | None
+    """Patched positions, one column each; None when all positions were patched at once."""
+    position_labels: list[str]
+    """Per column, the first prompt's token there (``clean→corrupted`` where they differ)."""
+    heads: list[int] | None
+    """Heads (``head_out`` only)."""
+    primary: str
+    """The metric ``recovery`` is normalised from."""
+    values: dict[str, np.ndarray]
+    """Metric -> ``[layers, positions]`` or ``[layers, positions, heads]``, mean over prompts."""
+    per_prompt: dict[str, np.ndarray]
+    """Metric -> the same axes plus a last axis over prompts (no ``recovery``)."""
+    clean: dict[str, float]
+    """Prompt means of each metric on the unpatched clean run."""
+    corrupted: dict[str, float]
+    """Prompt means of each metric on the unpatched corrupted run."""
+    n_prompts: int
+    n_forward_passes: int
+    """Forward passes run (packed or partial passes count one each; the backward counts one)."""
+    tokens: list[list[str]] = field(default_factory=list)
+    """The clean prompts' tokens."""
+    correlation: float | None = None
+    """Attribution mode with ``verify_top_k``: Pearson correlation of the estimated and the
+    exactly patched recovery over the re-checked cells."""
+    verified: list[dict[str, Any]] | None = None
+    """Attribution mode with ``verify_top_k``: the re-checked cells, estimate and exact value."""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return next(iter(self.values.values())).shape
+
+    def cell(self, index: tuple[int, ...]) -> dict[str, Any]:
+        """Labels of one cell: layer, position, token and head."""
+        li, pi = index[0], index[1]
+        row: dict[str, Any] = {
+            "layer": self.layers[li],
+            "position": None if self.positions is None else self.positions[pi],
+            "token": self.position_labels[pi],
+        }
+        if self.heads is not None:
+            row["head"] = self.heads[index[2]]
+        return row
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per patch: its labels and the prompt mean of every metric."""
+        rows = []
+        for index in np.ndindex(*self.shape):
+            row = self.cell(index)
+            row.update({m: _num(v[index]) for m, v in self.values.items()})
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["values"] = {m: v.tolist() for m, v in self.values.items()}
+        out["per_prompt"] = {m: v.tolist() for m, v in self.per_prompt.items()}
+        return _clean_json(out)
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The whole grid as JSON (NaN written as null)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> PatchGrid:
+        data = json.loads(text)
+        for key in ("values", "per_prompt"):
+            data[key] = {m: np.array(v, dtype=float) for m, v in data[key].items()}
+        return cls(**data)
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def _clean_json(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if np.isnan(obj) or np.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean_json(v) for v in obj]
+    return obj

@@ -1,0 +1,57 @@
+"""Sparse autoencoders, pure: config, module, trainer, metrics, I/O, plots, top examples.
+
+One noun per file: ``config`` (SAEConfig), ``sparse_coder`` (the module and its forward
+math), ``kernels`` (sparse decode / sparse backward and their naive twins), ``data``
+(batches from arrays or iterables), ``trainer`` (train, train_many), ``checkpoint``
+(atomic files), ``metrics`` (formulas, evaluate, downstream loss), ``io`` (SAELens
+layout), ``plots`` (PNG) and ``top_examples``. Imports torch, numpy, safetensors,
+matplotlib and tqdm only: no queue, no database, no network.
+"""
+
+from .config import SCHEMA_VERSION, SAEConfig
+from .io import load, save
+from .metrics import (
+    FORMULAS,
+    DownstreamLoss,
+    SAEMetrics,
+    density_histogram,
+    downstream_loss,
+    evaluate,
+    explained_variance,
+    fvu,
+    l0,
+    mse,
+)
+from .plots import plot_density_histogram, plot_training_curves
+from .sparse_coder import ForwardOutput, SparseAutoencoder
+from .top_examples import Example, TopExamples, top_activating_examples
+from .trainer import TrainEvent, TrainResult, geometric_median, train, train_many
+
+__all__ = [
+    "FORMULAS",
+    "SCHEMA_VERSION",
+    "DownstreamLoss",
+    "Example",
+    "ForwardOutput",
+    "SAEConfig",
+    "SAEMetrics",
+    "SparseAutoencoder",
+    "TopExamples",
+    "TrainEvent",
+    "TrainResult",
+    "density_histogram",
+    "downstream_loss",
+    "evaluate",
+    "explained_variance",
+    "fvu",
+    "geometric_median",
+    "l0",
+    "load",
+    "mse",
+    "plot_density_histogram",
+    "plot_training_curves",
+    "save",
+    "top_activating_examples",
+    "train",
+    "train_many",
+]

@@ -1,0 +1,430 @@
+"""Training loop: batches in, trained SAEs, metrics and curves out (SAELens-style).
+
+The trainer knows nothing about language models, storage or logging back-ends: it takes
+activations (see ``data.py`` for the accepted forms), configs and callbacks, and returns
+``TrainResult``s. A Celery task plugs in the dataset, the artifact store and the database
+through the callbacks and ``checkpoint_dir``.
+
+Per step, for each SAE: forward (``SparseAutoencoder.forward``), backward, remove the
+decoder-gradient component parallel to each decoder row, optional gradient clipping, a
+fused Adam step (foreach where fused is unavailable) with linear warm-up then decay,
+renormalise decoder rows, update dead-latent counters — all on the device. Metrics are
+summed on the device and copied to the host every ``log_every_steps`` steps only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SCHEMA_VERSION, SAEConfig
+from .data import BatchSource
+from .sparse_coder import DeadLatents, ForwardOutput, SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+STEP_METRICS = ("loss", "fvu", "mse", "l0", "aux_loss", "sparsity_loss")
+"""Per-step values averaged over each logging window (FVU uses each batch's own mean)."""
+
+
+class TrainEvent(NamedTuple):
+    """What a callback is told: a logging window closed, a checkpoint was written, or the end."""
+
+    kind: Literal["log", "checkpoint", "end"]
+    step: int
+    """Optimiser steps completed."""
+    n_tokens: int
+    """Training rows consumed so far."""
+    sae_index: int
+    """Which SAE of a ``train_many`` sweep (0 for ``train``)."""
+    metrics: dict[str, float]
+    path: Path | None = None
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+@dataclass
+class TrainResult:
+    """A trained SAE (input scale folded in), its final metrics and its curves."""
+
+    sae: SparseAutoencoder
+    config: SAEConfig
+    metrics: dict[str, float]
+    """Last logging window's averages of STEP_METRICS, plus dead_fraction (over the last
+    ``dead_window_tokens`` tokens), explained_variance, n_steps, n_tokens, duration_s and
+    tokens_per_s (of this process's steps)."""
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    """One entry per logging window: step, n_tokens, lr, STEP_METRICS, dead_fraction."""
+    fire_counts: Tensor | None = None
+    """[d_sae] number of training rows on which each latent fired."""
+    n_tokens: int = 0
+
+
+def train(
+    data: Any,
+    config: SAEConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one SAE on ``data`` (tensor, ndarray, iterable of batches, or dataset).
+
+    With ``checkpoint_dir``, a checkpoint is written atomically every
+    ``config.checkpoint_every_steps`` steps and, when ``resume`` is true, training
+    continues from the last one found there: the final weights equal an uninterrupted
+    run's (pass the same data again; iterators are re-created and skipped ahead).
+    """
+    return train_many(
+        data,
+        [config],
+        callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+    )[0]
+
+
+def train_many(
+    data: Any,
+    configs: Sequence[SAEConfig],
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[TrainResult]:
+    """Train several SAEs (a sweep over k, width, ...) on one pass over the same batches.
+
+    The configs must agree on what shapes the data stream: d_in, batch_size, n_steps /
+    n_epochs, shuffle and device; the data order follows ``configs[0].seed``.
+    """
+    if not configs:
+        raise ValueError("train_many needs at least one SAEConfig")
+    _check_compatible(configs)
+    first = configs[0]
+    device = resolve_device(first.device)
+    wide = any(c.dtype == "float64" for c in configs)
+    source = BatchSource(
+        data,
+        first.batch_size,
+        shuffle=first.shuffle,
+        seed=first.seed,
+        device=device,
+        dtype=torch.float64 if wide else torch.float32,
+    )
+    total_steps = _total_steps(first, source)
+    runs = [_Run(cfg, device, total_steps) for cfg in configs]
+    start = 0
+    if checkpoint_dir is not None and resume:
+        start = _restore(checkpoint_dir, runs, source)
+    if start == 0:
+        batch = source.peek()
+        for run in runs:
+            run.init_from_data(batch)
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step")
+    batch_size = first.batch_size
+    for step in range(start, total_steps):
+        x = source.next()
+        for run in runs:
+            run.step(x, step)
+        done = step + 1
+        n_tokens = done * batch_size
+        if done % first.log_every_steps == 0 or done == total_steps:
+            for i, run in enumerate(runs):
+                metrics = run.log(done, n_tokens)
+                _emit(callbacks, TrainEvent("log", done, n_tokens, i, metrics))
+            bar.set_postfix(fvu=f"{runs[0].curves['fvu'][-1]:.4f}", l0=runs[0].curves["l0"][-1])
+        every = first.checkpoint_every_steps
+        if checkpoint_dir is not None and every and done % every == 0 and done < total_steps:
+            path = save_checkpoint(_state(runs, source, done), checkpoint_dir)
+            for i in range(len(runs)):
+                _emit(callbacks, TrainEvent("checkpoint", done, n_tokens, i, {}, path))
+        bar.update(1)
+    bar.close()
+    duration_s = time.perf_counter() - t0
+
+    results = []
+    for i, run in enumerate(runs):
+        result = run.finish(total_steps, total_steps - start, duration_s)
+        _emit(callbacks, TrainEvent("end", total_steps, result.n_tokens, i, result.metrics))
+        logger.info(
+            "trained %s SAE d_in=%d d_sae=%d: %d steps in %.1f s, fvu=%.4f l0=%.1f",
+            run.cfg.architecture,
+            run.cfg.d_in,
+            run.cfg.n_latents,
+            total_steps - start,
+            duration_s,
+            result.metrics["fvu"],
+            result.metrics["l0"],
+        )
+        results.append(result)
+    return results
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_factor(cfg: SAEConfig, step: int, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` for 0-based ``step``: linear warm-up, then the decay.
+
+    warm-up: (step+1)/lr_warmup_steps; linear decay: (total−step)/decay_steps over the last
+    decay_steps steps; cosine: ½(1+cos(π·(step−start)/decay_steps)). The minimum applies.
+    """
+    factor = 1.0
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        factor = (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_decay != "none":
+        decay = cfg.lr_decay_steps
+        if decay is None:
+            decay = total_steps - min(cfg.lr_warmup_steps, total_steps)
+        start = total_steps - decay
+        if decay > 0 and step >= start:
+            if cfg.lr_decay == "linear":
+                factor = min(factor, (total_steps - step) / decay)
+            else:
+                factor = min(factor, 0.5 * (1 + math.cos(math.pi * (step - start) / decay)))
+    return factor
+
+
+def geometric_median(points: Tensor, *, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """argmin_z Σ_i ‖x_i − z‖ by Weiszfeld iterations (started at the mean): [d]."""
+    points = points.to(torch.float64)
+    z = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - z).norm(dim=1).clamp_min(1e-12)
+        z_next = (weights[:, None] * points).sum(0) / weights.sum()
+        moved = float((z_next - z).norm())
+        z = z_next
+        if moved <= tol * max(float(z.norm()), 1e-12):
+            break
+    return z
+
+
+class _Run:
+    """One SAE under training: module, optimiser, counters, running sums, curves."""
+
+    def __init__(self, cfg: SAEConfig, device: torch.device, total_steps: int):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.device = device
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.sae = SparseAutoencoder(cfg, device=device, generator=gen)
+        self.opt = _make_adam(self.sae, cfg, device)
+        d_sae = cfg.n_latents
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.fire_total = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.candidates = torch.zeros(0, dtype=torch.int64, device=device)
+        self.acc = torch.zeros(len(STEP_METRICS), dtype=torch.float64, device=device)
+        self.acc_steps = 0
+        self.curves: dict[str, list[float]] = {
+            k: [] for k in ("step", "n_tokens", "lr", *STEP_METRICS, "dead_fraction")
+        }
+        self.uses_aux = cfg.architecture in ("topk", "batchtopk") and cfg.aux_k_coefficient > 0
+        self.forward: Callable[..., ForwardOutput] = (
+            torch.compile(self.sae) if cfg.compile else self.sae
+        )
+
+    def init_from_data(self, x: Tensor) -> None:
+        """Input scale and decoder bias from the first batch."""
+        cfg, sae = self.cfg, self.sae
+        x64 = x.to(torch.float64)
+        with torch.no_grad():
+            if cfg.normalize_activations == "expected_average_only_in":
+                mean_norm = x64.norm(dim=1).mean().clamp_min(1e-12)
+                sae.input_scale.fill_(float(math.sqrt(cfg.d_in) / mean_norm))
+            xs = x64 * sae.input_scale.to(torch.float64)
+            if cfg.b_dec_init == "geometric_median":
+                sae.b_dec.copy_(geometric_median(xs))
+            elif cfg.b_dec_init == "mean":
+                sae.b_dec.copy_(xs.mean(0))
+
+    def step(self, x: Tensor, step: int) -> None:
+        cfg, sae = self.cfg, self.sae
+        lr = cfg.lr * lr_factor(cfg, step, self.total_steps)  # type: ignore[operator]
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        dead = None
+        if self.uses_aux:
+            dead = DeadLatents(self.tokens_since_fired >= cfg.dead_window_tokens, self.candidates)
+        out = self.forward(x, dead=dead)
+        out.loss.backward()
+        if cfg.normalize_decoder:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if cfg.normalize_decoder:
+                sae.set_decoder_norm_to_unit_norm()
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fire_counts > 0, 0)
+            self.fire_total.add_(out.fire_counts)
+            if cfg.architecture == "batchtopk":
+                sae.update_batchtopk_threshold(out.latent_acts)
+            values = (out.loss, out.fvu, out.mse, out.l0, out.aux_loss, out.sparsity_loss)
+            self.acc.add_(torch.stack([v.detach().to(torch.float64) for v in values]))
+        self.acc_steps += 1
+
+    def log(self, step: int, n_tokens: int) -> dict[str, float]:
+        """Close a logging window: one host copy of the averages; refresh AuxK candidates."""
+        cfg = self.cfg
+        with torch.no_grad():
+            dead = (self.tokens_since_fired >= cfg.dead_window_tokens).to(torch.float64).mean()
+            values = torch.cat([self.acc / max(self.acc_steps, 1), dead[None]]).tolist()
+            if self.uses_aux:
+                # Every latent that can be dead before the next refresh (exact between them).
+                horizon = cfg.dead_window_tokens - cfg.log_every_steps * cfg.batch_size
+                self.candidates = torch.nonzero(self.tokens_since_fired >= horizon).flatten()
+        self.acc.zero_()
+        self.acc_steps = 0
+        lr = cfg.lr * lr_factor(cfg, step - 1, self.total_steps)  # type: ignore[operator]
+        metrics = dict(zip((*STEP_METRICS, "dead_fraction"), values, strict=True))
+        for key, value in (("step", step), ("n_tokens", n_tokens), ("lr", lr), *metrics.items()):
+            self.curves[key].append(float(value))
+        return metrics
+
+    def finish(self, total_steps: int, steps_run: int, duration_s: float) -> TrainResult:
+        self.sae.fold_input_scale()
+        self.sae.eval()
+        metrics = {key: self.curves[key][-1] for key in (*STEP_METRICS, "dead_fraction")}
+        n_tokens = total_steps * self.cfg.batch_size
+        metrics.update(
+            explained_variance=1.0 - metrics["fvu"],
+            n_steps=float(total_steps),
+            n_tokens=float(n_tokens),
+            duration_s=duration_s,
+            tokens_per_s=steps_run * self.cfg.batch_size / max(duration_s, 1e-9),
+        )
+        return TrainResult(
+            sae=self.sae,
+            config=self.cfg,
+            metrics=metrics,
+            curves=self.curves,
+            fire_counts=self.fire_total.cpu(),
+            n_tokens=n_tokens,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "sae": self.sae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "fire_total": self.fire_total,
+            "candidates": self.candidates,
+            "acc": self.acc,
+            "acc_steps": self.acc_steps,
+            "curves": self.curves,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        for name in ("tokens_since_fired", "fire_total", "candidates", "acc"):
+            setattr(self, name, state[name].to(self.device))
+        self.acc_steps = int(state["acc_steps"])
+        self.curves = {k: list(v) for k, v in state["curves"].items()}
+
+
+def _make_adam(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> torch.optim.Adam:
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # fused kernel missing for this device / dtype
+            pass
+    return torch.optim.Adam(sae.parameters(), foreach=True, **kwargs)
+
+
+def _check_compatible(configs: Sequence[SAEConfig]) -> None:
+    shared = ("d_in", "batch_size", "n_steps", "n_epochs", "shuffle", "device")
+    first = configs[0]
+    for i, cfg in enumerate(configs[1:], start=1):
+        for name in shared:
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(
+                    f"train_many: configs[{i}].{name}={getattr(cfg, name)!r} differs from "
+                    f"configs[0].{name}={getattr(first, name)!r}; SAEs trained on one pass of "
+                    "the data must share it"
+                )
+
+
+def _total_steps(cfg: SAEConfig, source: BatchSource) -> int:
+    if cfg.n_steps is not None:
+        return cfg.n_steps
+    per_epoch = source.batches_per_epoch
+    if per_epoch is None:
+        raise ValueError(
+            "SAEConfig.n_epochs needs the number of rows, and this data has no length "
+            "(no len() or n_rows); set SAEConfig.n_steps instead"
+        )
+    assert cfg.n_epochs is not None
+    return max(1, int(cfg.n_epochs * per_epoch))
+
+
+def _state(runs: list[_Run], source: BatchSource, step: int) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "step": step,
+        "data_position": source.position,
+        "rng_torch": torch.get_rng_state(),
+        "runs": [run.state_dict() for run in runs],
+    }
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(directory: str | Path, runs: list[_Run], source: BatchSource) -> int:
+    state = load_checkpoint(directory)
+    if state is None:
+        return 0
+    if state.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"checkpoint in {directory} is from a newer interpq; upgrade to resume")
+    saved = state["runs"]
+    ignore = {"checkpoint_every_steps", "device"}
+    for i, run in enumerate(runs):
+        now = {k: v for k, v in run.cfg.to_dict().items() if k not in ignore}
+        then = (
+            {k: v for k, v in saved[i]["config"].items() if k not in ignore}
+            if i < len(saved)
+            else {}
+        )
+        if len(saved) != len(runs) or now != then:
+            differ = sorted(k for k in now if now.get(k) != then.get(k))
+            raise ValueError(
+                f"checkpoint in {directory} was written for other configs (differing: "
+                f"{differ or 'number of SAEs'}); use another checkpoint_dir or resume=False"
+            )
+    for run, run_state in zip(runs, saved, strict=True):
+        run.load_state_dict(run_state)
+    torch.set_rng_state(state["rng_torch"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    source.seek(int(state["data_position"]))
+    logger.info("resumed SAE training from %s at step %d", directory, state["step"])
+    return int(state["step"])
+
+
+def _emit(callbacks: Sequence[Callback], event: TrainEvent) -> None:
+    for callback in callbacks:
+        callback(event)

@@ -1,0 +1,272 @@
+"""End to end: real Redis, real database, real worker processes, the local provider over HTTP.
+
+Runs once on SQLite and once on PostgreSQL (when INTERPQ_TEST_POSTGRES_URL is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from sqlalchemy import select
+
+from interpq.models import ApiCall, LatencySummary
+from interpq.models.db import get_engine
+from interpq.scheduler.client import Client
+from interpq.settings import Settings
+from interpq.specs import Benchmark, Noop
+from interpq.stack import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+KEY_ENV = "INTERPQ_TEST_WORKER_KEY"
+
+
+@pytest.fixture(scope="module")
+def providers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    f = tmp_path_factory.mktemp("prov") / "providers.toml"
+    f.write_text(
+        f'[providers.keyed]\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_ENV}"\n'
+        "[providers.keyed.models.m]\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n"
+    )
+    return f
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url: str, db_url: str, providers_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    os.environ.pop(KEY_ENV, None)  # the workers must not have it
+    os.environ["INTERPQ_PROVIDERS"] = str(providers_file)
+    st = Stack(
+        tmp_path_factory.mktemp("stack"),
+        api_workers=2,
+        api_concurrency=4,
+        broker_url=redis_url,
+        database_url=db_url,
+        flower=db_url.startswith("sqlite"),
+        provider_args=["--preload"],
+    )
+    with st:
+        yield st
+    os.environ.pop("INTERPQ_PROVIDERS", None)
+
+
+def _client(stack: Stack) -> Client:
+    env = {k[len("INTERPQ_") :].lower(): v for k, v in stack.env.items()}
+    return Client(Settings(**env))
+
+
+def test_benchmark_percentiles_agree_with_numpy_over_api_calls(stack: Stack) -> None:
+    client = _client(stack)
+    jobs = [
+        Benchmark(name="emb", provider="local", models=["all-MiniLM-L6-v2"],
+                  endpoint="embeddings", requests=24, concurrency=3),
+        Benchmark(name="chat", provider="local", models=["tiny-gpt2-random-weights"],
+                  endpoint="chat", requests=16, concurrency=4, max_tokens=8),
+    ]  # fmt: skip
+    batch = client.submit(jobs, name="e2e-bench")
+    status = batch.wait(timeout_s=180)
+    assert status.counts == {"succeeded": 2}, batch.results()
+    assert status.parts_done == status.parts_total == 3 + 4
+    results = {r.name: r for r in batch.results()}
+    engine = get_engine(stack.env["INTERPQ_DATABASE_URL"])
+    with engine.connect() as conn:
+        calls = conn.execute(select(ApiCall.__table__)).all()
+        summaries = conn.execute(select(LatencySummary.__table__)).all()
+    for name, n_requests in (("emb", 24), ("chat", 16)):
+        job = results[name]
+        rows = [c for c in calls if c.job_id == job.job_id]
+        ok = [c for c in rows if c.status_code == 200 and c.error_class is None]
+        assert sorted(c.request_index for c in ok) == list(range(n_requests))
+        (summary,) = [s for s in summaries if s.job_id == job.job_id]
+        lat = np.array([c.latency_ms for c in ok])
+        expected = np.percentile(lat, [50, 90, 95, 99])
+        got = [summary.latency_p50_ms, summary.latency_p90_ms, summary.latency_p95_ms,
+               summary.latency_p99_ms]  # fmt: skip
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        assert summary.n == len(rows) and summary.n_ok == len(ok)
+        assert job.latency[0].latency_p99_ms == pytest.approx(expected[3])
+        assert len({c.worker for c in rows}) >= 1
+    chat_ok = [c for c in calls if c.job_id == results["chat"].job_id]
+    assert all(c.ttft_ms is not None and 0 < c.ttft_ms <= c.latency_ms for c in chat_ok)
+    assert all(c.output_tokens > 0 and c.input_tokens > 0 for c in chat_ok)
+    # the CLI prints the same numbers
+    env = {**os.environ, **stack.env}
+    out = subprocess.run(
+        [sys.executable, "-m", "interpq.cli", "results", batch.id],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert f"{results['emb'].latency[0].latency_p50_ms:.1f}" in out
+    assert "p99 ms" in out and "ttft p50" in out
+    as_json = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "interpq.cli", "results", batch.id, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout  # fmt: skip
+    )
+    assert {j["name"] for j in as_json} == {"emb", "chat"}
+
+
+def test_dependencies_run_in_order_and_failures_cancel_dependents(stack: Stack) -> None:
+    a = Noop(name="a", sleep_s=0.3)
+    b = Noop(name="b", after=[a])
+    f = Noop(name="f", fail=True, on_queue="api")
+    g = Noop(name="g", after=[f])
+    h = Noop(name="h", after=[g])
+    batch = _client(stack).submit([a, b, f, g, h], name="e2e-deps")
+    batch.wait(timeout_s=60)
+    res = {r.name: r for r in batch.results()}
+    assert res["a"].state == res["b"].state == "succeeded"
+    assert res["b"].started_at >= res["a"].finished_at
+    assert (
+        res["f"].state == "failed" and res["f"].error == "failed on purpose (noop with fail=true)"
+    )
+    assert res["g"].state == res["h"].state == "cancelled"
+    assert "'f' did not succeed" in res["g"].error and "'g' did not succeed" in res["h"].error
+
+
+def test_missing_key_in_worker_is_a_one_line_job_error(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-only-the-submitter-has-this")  # passes the submit check
+    client = _client(stack)
+    batch = client.submit([Benchmark(name="k", provider="keyed", models=["m"], requests=2)],
+                          name="e2e-key")  # fmt: skip
+    batch.wait(timeout_s=60)
+    (r,) = batch.results()
+    assert r.state == "failed"
+    assert KEY_ENV in r.error and "is not set" in r.error
+    assert "\n" not in r.error and "Traceback" not in r.error
+
+
+def test_flower_shows_workers_and_tasks_without_secrets(stack: Stack) -> None:
+    if not stack.flower_url:
+        pytest.skip("Flower runs in the SQLite variant of this module only")
+    auth = (stack.flower_user, stack.flower_password)
+    assert requests.get(f"{stack.flower_url}/api/workers", timeout=10).status_code == 401
+    batch = _client(stack).submit([Noop(name="seen-by-flower", on_queue="api")], name="e2e-fl")
+    batch.wait(timeout_s=60)
+    (job,) = batch.results()
+    import time
+
+    deadline = time.monotonic() + 30
+    tasks: dict = {}
+    while time.monotonic() < deadline:
+        workers = requests.get(
+            f"{stack.flower_url}/api/workers", params={"refresh": 1}, auth=auth, timeout=30
+        ).json()
+        tasks = requests.get(f"{stack.flower_url}/api/tasks", auth=auth, timeout=10).json()
+        names = {w.split("@")[0] for w in workers}
+        if any(job.job_id in str(t.get("args")) for t in tasks.values()) and names >= {
+            "api-1",
+            "api-2",
+            "compute-1",
+        }:
+            break
+        time.sleep(0.5)
+    assert names >= {"api-1", "api-2", "compute-1"}, sorted(workers)
+    mine = [t for t in tasks.values() if job.job_id in str(t.get("args"))]
+    assert mine and mine[0]["name"] == "interpq.noop" and mine[0]["state"] == "SUCCESS"
+    assert "seen-by-flower" in str(mine[0].get("kwargs"))  # the label reads well
+    assert "sk-only-the-submitter" not in json.dumps(tasks)
+
+
+def test_submit_refuses_a_bad_batch_whole(stack: Stack) -> None:
+    from interpq.errors import SpecError
+
+    client = _client(stack)
+    before = len(client.batches(1000))
+    good = Noop(name="fine")
+    bad = Benchmark(name="bad", provider="local", models=["no-such-model"])
+    with pytest.raises(SpecError, match=r"jobs\[1\] \(bad\)\.models\[0\]"):
+        client.submit([good, bad], name="e2e-bad")
+    assert len(client.batches(1000)) == before
+
+
+def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL one of two api workers while it runs benchmark slices: its messages come back
+    after the visibility timeout, the other worker finishes them, no request succeeds twice.
+
+    This stack gets its own embedded Redis, so the module's stack (alive meanwhile) cannot
+    take its messages."""
+    import signal
+    import time
+
+    from interpq.models import JobPart
+
+    os.environ["INTERPQ_VISIBILITY_TIMEOUT_S"] = "4"
+    try:
+        st = Stack(tmp_path, api_workers=2, api_concurrency=4, compute_workers=0,
+                   database_url=db_url, flower=False,
+                   provider_args=["--preload", "--added-latency-ms", "150"])  # fmt: skip
+        with st:
+            client = _client(st)
+            batch = client.submit(
+                [Benchmark(name="killme", provider="local", models=["all-MiniLM-L6-v2"],
+                           endpoint="embeddings", requests=48, concurrency=8)],
+                name="e2e-kill",
+            )  # fmt: skip
+            victim = next(p for p in st.procs if p.name == "worker-api-1")
+            deadline = time.monotonic() + 30
+            engine = get_engine(st.env["INTERPQ_DATABASE_URL"])
+            while time.monotonic() < deadline:  # wait until the victim is mid-work
+                with engine.connect() as conn:
+                    busy = conn.execute(
+                        select(JobPart.part).where(
+                            JobPart.state == "running", JobPart.worker.like("api-1@%")
+                        )
+                    ).all()
+                if busy:
+                    break
+                time.sleep(0.05)
+            assert busy, "the victim never started a part"
+            os.killpg(victim.popen.pid, signal.SIGKILL)
+            victim.popen.wait(10)
+            with engine.connect() as conn:  # what the victim had in flight when it died
+                in_flight = {
+                    r.part
+                    for r in conn.execute(
+                        select(JobPart.part).where(
+                            JobPart.state == "running", JobPart.worker.like("api-1@%")
+                        )
+                    )
+                }
+            assert in_flight, "the victim finished everything before it was killed"
+            status = batch.wait(timeout_s=120)
+            assert status.counts == {"succeeded": 1}
+            (job,) = batch.results()
+            with engine.connect() as conn:
+                parts = conn.execute(
+                    select(JobPart.__table__).where(JobPart.job_id == job.job_id)
+                ).all()
+                calls = conn.execute(
+                    select(ApiCall.__table__).where(ApiCall.job_id == job.job_id)
+                ).all()
+        ok = defaultdict(int)
+        for c in calls:
+            if c.status_code == 200:
+                ok[c.request_index] += 1
+        assert sorted(ok) == list(range(48)) and set(ok.values()) == {1}, (
+            "a request succeeded twice"
+        )
+        redone = {p.part for p in parts if p.attempts == 2}
+        assert redone == in_flight, [(p.part, p.worker, p.attempts, p.state) for p in parts]
+        assert all(p.attempts in (1, 2) and p.state == "succeeded" for p in parts)
+        assert all(p.worker.startswith("api-2@") for p in parts if p.part in redone)
+        assert job.latency[0].n == len(calls)
+    finally:
+        os.environ.pop("INTERPQ_VISIBILITY_TIMEOUT_S", None)
