@@ -50,7 +50,6 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_queues=[Queue(q, routing_key=q) for q in QUEUES],
         task_default_queue="compute",
         worker_send_task_events=True,
-        task_send_sent_event=True,
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,

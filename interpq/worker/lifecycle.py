@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, update
+from sqlalchemy import Connection, Engine, bindparam, func, update
 
 from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError
 from interpq.models import Job, JobPart, JobState
@@ -43,37 +43,54 @@ class JobContext:
 
 
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+_jobs = Job.__table__
+_parts = JobPart.__table__
+
+# Hot-path statements, built once (SQLAlchemy caches their compiled form).
+_CLAIM_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state.in_(_ACTIVE))
+    .values(
+        state=JobState.RUNNING,
+        attempts=_jobs.c.attempts + 1,
+        worker=bindparam("worker"),
+        started_at=func.coalesce(_jobs.c.started_at, bindparam("now")),
+    )
+    .returning(
+        _jobs.c.kind, _jobs.c.spec, _jobs.c.n_parts, _jobs.c.batch_id, _jobs.c.name,
+        _jobs.c.has_dependents,
+    )
+)  # fmt: skip
+_CLAIM_PART = (
+    update(_parts)
+    .where(
+        _parts.c.job_id == bindparam("job_id"),
+        _parts.c.part == bindparam("part"),
+        _parts.c.state.in_(_ACTIVE),
+    )
+    .values(
+        state=JobState.RUNNING,
+        attempts=_parts.c.attempts + 1,
+        worker=bindparam("worker"),
+        started_at=bindparam("now"),
+    )
+)
+_FINISH_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == JobState.RUNNING)
+    .values(
+        state=JobState.SUCCEEDED, finished_at=bindparam("now"), result=bindparam("result"),
+        error=None,
+    )
+)  # fmt: skip
 
 
 def _claim(conn: Connection, job_id: str, part: int, worker: str) -> Any:
-    now = datetime.now(UTC)
-    row = conn.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(_ACTIVE))
-        .values(
-            state=JobState.RUNNING,
-            attempts=Job.attempts + 1,
-            worker=worker,
-            started_at=_coalesce(Job.started_at, now),
-        )
-        .returning(Job.kind, Job.spec, Job.n_parts, Job.batch_id, Job.name, Job.has_dependents)
-    ).first()
+    args = {"job_id": job_id, "part": part, "worker": worker, "now": datetime.now(UTC)}
+    row = conn.execute(_CLAIM_JOB, args).first()
     if row is None or row.n_parts == 1:
         return row
-    claimed = conn.execute(
-        update(JobPart)
-        .where(JobPart.job_id == job_id, JobPart.part == part, JobPart.state.in_(_ACTIVE))
-        .values(
-            state=JobState.RUNNING, attempts=JobPart.attempts + 1, worker=worker, started_at=now
-        )
-    ).rowcount
-    return row if claimed else None
-
-
-def _coalesce(column: Any, value: Any) -> Any:
-    from sqlalchemy import func
-
-    return func.coalesce(column, value)
+    return row if conn.execute(_CLAIM_PART, args).rowcount else None
 
 
 def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> bool:
@@ -100,11 +117,7 @@ def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> 
         if counted.parts_done < counted.n_parts:
             return False
     result = runner.finalize(conn, ctx, spec)
-    res = conn.execute(
-        update(Job)
-        .where(Job.id == ctx.job_id, Job.state == JobState.RUNNING)
-        .values(state=JobState.SUCCEEDED, finished_at=now, result=result, error=None)
-    )
+    res = conn.execute(_FINISH_JOB, {"job_id": ctx.job_id, "now": now, "result": result})
     return bool(res.rowcount)
 
 

@@ -83,6 +83,10 @@ class _PrefixKV:
         return key_states, value_states
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has captured what it needs."""
+
+
 class _Unsupported(Exception):
     """A block argument the suffix replay does not know how to slice."""
 
@@ -112,30 +116,16 @@ class Engine:
 
     @torch.no_grad()
     def trace(self, ids: torch.Tensor) -> Trace:
-        """Run the prompts once, keeping residuals, the component's activations and the K/V."""
-        layout, model = self.layout, self.layout.model
+        """Run the prompts once, keeping residuals, the component's activations and the K/V.
+
+        The model's own forward pass is used to capture the blocks' arguments (the first time,
+        also to check the replay against it); after that it stops at the first block.
+        """
+        layout = self.layout
         n, T = ids.shape
-        calls: list[tuple[tuple, dict]] = [((), {})] * layout.n_layers
-        handles = [
-            blk.register_forward_pre_hook(
-                lambda m, a, k, i=i: calls.__setitem__(i, (a, k)), with_kwargs=True
-            )
-            for i, blk in enumerate(layout.blocks)
-        ]
-        last_block_out: list[torch.Tensor] = []
-        handles.append(
-            layout.blocks[-1].register_forward_hook(
-                lambda m, a, o: last_block_out.append(o[0] if isinstance(o, tuple) else o)
-            )
-        )
-        try:
-            extra = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
-            out = model(input_ids=ids, **extra)
-            self.n_forward_passes += 1
-        finally:
-            for h in handles:
-                h.remove()
-        if self._kwargs is None:
+        first = self._kwargs is None
+        calls, out, last = self._capture_calls(ids, stop_at_first_block=not first)
+        if first:
             self._bind(calls, n, T)
         assert self._kwargs is not None
 
@@ -154,8 +144,50 @@ class Engine:
             if cache is not None and cache.recorded is not None:
                 kv.append(cache.recorded)
         self.n_forward_passes += 1
-        self._check_replay(out, last_block_out[0], resid, kv)
+        if first:
+            self._check_replay(out, last, resid, kv)
         return Trace(ids=ids, resid=resid, sites=sites, kv=kv if self.suffix else None)
+
+    def _capture_calls(
+        self, ids: torch.Tensor, stop_at_first_block: bool
+    ) -> tuple[list[tuple[tuple, dict]], Any, torch.Tensor | None]:
+        """The (args, kwargs) each block is called with, the model output and the last block's
+        output, from the model's own forward pass (stopped at block 0 if asked)."""
+        layout, model = self.layout, self.layout.model
+        calls: list[tuple[tuple, dict]] = [((), {})] * layout.n_layers
+        last: list[torch.Tensor] = []
+
+        def keep(module: Any, args: tuple, kwargs: dict, i: int) -> None:
+            calls[i] = (args, kwargs)
+            if stop_at_first_block:
+                raise _Stop
+
+        handles = [
+            blk.register_forward_pre_hook(
+                lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True
+            )
+            for i, blk in enumerate(layout.blocks)
+        ]
+        handles.append(
+            layout.blocks[-1].register_forward_hook(
+                lambda m, a, o: last.append(o[0] if isinstance(o, tuple) else o)
+            )
+        )
+        extra: dict[str, Any] = {}
+        if _accepts(model.forward, "use_cache", strict=False):
+            extra["use_cache"] = False
+        if layout.is_causal and _accepts(model.forward, "logits_to_keep", strict=True):
+            extra["logits_to_keep"] = 1
+        out = None
+        try:
+            out = model(input_ids=ids, **extra)
+            self.n_forward_passes += 1
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return calls, out, last[0] if last else None
 
     def _bind(self, calls: list[tuple[tuple, dict]], n: int, T: int) -> None:
         """Turn the captured block calls into keyword arguments (without the hidden states)."""
@@ -175,10 +207,10 @@ class Engine:
             self.layout.is_causal and self._cache_arg is not None and impl in ("eager", "sdpa")
         )
 
-    def _check_replay(self, out: Any, last: torch.Tensor, resid: list, kv: list) -> None:
+    def _check_replay(self, out: Any, last: torch.Tensor | None, resid: list, kv: list) -> None:
         """The replay of the blocks must reproduce the model's own forward pass."""
         cls = self.layout.model_class
-        if not _close(resid[-1], last):
+        if last is None or not _close(resid[-1], last):
             raise LayoutError(f"cannot replay the blocks of {cls} outside its forward pass")
         if self.layout.is_causal and hasattr(out, "logits"):
             mine = self.readout.logits(resid[-1][:, -1])
@@ -447,9 +479,12 @@ def _site_points(component: str) -> tuple[str, ...]:
     return () if component in ("resid_pre", "resid_post") else (component,)
 
 
-def _accepts(fn: Any, name: str) -> bool:
+def _accepts(fn: Any, name: str, strict: bool) -> bool:
+    """Whether ``fn`` takes keyword ``name`` (or, unless strict, any keyword)."""
     params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if name in params:
+        return True
+    return not strict and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,13 +67,29 @@ class SparsePattern:
     def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
         """(crow [n_cols+1], row index per entry [nnz], permutation [nnz]) sorted by latent."""
         if self._by_col is None:
-            perm = torch.argsort(self.cols, stable=True)
+            perm = _argsort_small_ints(self.cols, self.n_cols)
             counts = torch.zeros(self.n_cols, dtype=torch.int64, device=self.cols.device)
             counts.index_add_(0, self.cols, torch.ones_like(self.cols))
             crow = torch.zeros(self.n_cols + 1, dtype=torch.int64, device=self.cols.device)
             torch.cumsum(counts, 0, out=crow[1:])
             self._by_col = (crow, self.rows[perm], perm)
         return self._by_col
+
+
+def _argsort_small_ints(keys: Tensor, bound: int) -> Tensor:
+    """A permutation sorting ``keys`` (ints in [0, bound)), the same on every call.
+
+    On the CPU numpy's stable sort of 16-bit keys is a radix sort, ~10-100x faster than
+    torch's multi-threaded sort of int64 on a busy two-core machine.
+    """
+    if keys.device.type != "cpu":
+        return torch.argsort(keys)
+    values = keys.numpy()
+    if bound <= 1 << 16:
+        order = np.argsort(values.astype(np.uint16), kind="stable")
+    else:
+        order = np.argsort(values)
+    return torch.from_numpy(order.astype(np.int64, copy=False))
 
 
 def spmm_t(values: Tensor, pattern: SparsePattern, dense: Tensor) -> Tensor:
@@ -91,11 +108,22 @@ def spmm_t(values: Tensor, pattern: SparsePattern, dense: Tensor) -> Tensor:
             (pattern.n_cols, pattern.n_rows),
             check_invariants=False,
         )
-        return s_t @ dense
+        # addmm with beta=0 into a fresh buffer skips the zero-fill and the copy that
+        # `s_t @ dense` makes around the sparse kernel (4x faster on CPU).
+        out = torch.empty(pattern.n_cols, dense.shape[1], dtype=dense.dtype, device=dense.device)
+        return torch.addmm(out, s_t, dense, beta=0.0, out=out)
 
 
 def _per_sample_weight_grad(pattern: SparsePattern, weight: Tensor, grad_out: Tensor) -> Tensor:
     """∂/∂w of Σ_r ⟨grad_out[r], Σ_{n in row r} w_n · weight[cols_n]⟩: one dot per entry."""
+    grad_out = grad_out.to(weight.dtype).contiguous()
+    try:
+        # The kernel embedding_bag's own backward calls; offset2bag is our row index.
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_out, weight, pattern.cols, pattern.offsets, pattern.rows, 0, -1
+        )
+    except (RuntimeError, AttributeError):  # pragma: no cover - private op changed
+        pass
     with torch.enable_grad():
         w = torch.zeros(pattern.cols.shape[0], dtype=weight.dtype, device=weight.device)
         w.requires_grad_(True)

@@ -162,8 +162,10 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             if self._bf16():
                 w = self.W_enc.to(torch.bfloat16)
-                return torch.addmm(self.b_enc.to(torch.bfloat16), xc.to(torch.bfloat16), w.T)
-            return torch.addmm(self.b_enc, xc, self.W_enc.T)
+                return (xc.to(torch.bfloat16) @ w.T).add_(self.b_enc.to(torch.bfloat16))
+            # mm then an in-place bias add: addmm first copies the broadcast bias into the
+            # [batch, d_sae] output, an extra pass over the largest tensor of the step.
+            return (xc @ self.W_enc.T).add_(self.b_enc)
 
     def _forward_sparse(self, xs: Tensor, dead: DeadLatents | None) -> ForwardOutput:
         cfg = self.cfg

@@ -244,7 +244,7 @@ class _Run:
         )
 
     def init_from_data(self, x: Tensor) -> None:
-        """Input scale and decoder bias from the first batch."""
+        """Input scale, decoder bias and encoder scale from the first batch."""
         cfg, sae = self.cfg, self.sae
         x64 = x.to(torch.float64)
         with torch.no_grad():
@@ -256,6 +256,7 @@ class _Run:
                 sae.b_dec.copy_(geometric_median(xs))
             elif cfg.b_dec_init == "mean":
                 sae.b_dec.copy_(xs.mean(0))
+            sae.W_enc.mul_(_encoder_init_scale(sae, xs.to(sae.W_dec.dtype)))
 
     def step(self, x: Tensor, step: int) -> None:
         cfg, sae = self.cfg, self.sae
@@ -343,6 +344,32 @@ class _Run:
             setattr(self, name, state[name].to(self.device))
         self.acc_steps = int(state["acc_steps"])
         self.curves = {k: list(v) for k, v in state["curves"].items()}
+
+
+def _encoder_init_scale(sae: SparseAutoencoder, xs: Tensor, max_rows: int = 4096) -> float:
+    """Least-squares c for W_enc ← c·W_enc on scaled rows xs: argmin_c Σ‖(x−b) − c·x̂‖².
+
+    With b_enc = 0 the latents are positively homogeneous in W_enc, so scaling changes no
+    selection, only magnitudes: the SAE starts at its best FVU for the initial directions
+    instead of overshooting (k unit directions with O(1) activations each).
+    """
+    with torch.no_grad():
+        xc = xs[:max_rows] - sae.b_dec  # [rows, d_in]
+        pre = xc @ sae.W_enc.T + sae.b_enc  # [rows, d_sae]
+        arch = sae.cfg.architecture
+        if arch == "topk":
+            vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+            latents = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        elif arch == "batchtopk":
+            flat = pre.relu().flatten()
+            top = flat.topk(min(sae.cfg.k * pre.shape[0], flat.numel()), sorted=False)
+            latents = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
+        else:
+            latents = pre.relu()
+        recon = latents @ sae.W_dec  # [rows, d_in]
+        denom = float(recon.pow(2).sum())
+        c = float((xc * recon).sum()) / denom if denom > 0 else 1.0
+    return c if c > 0 else 1.0
 
 
 def _make_adam(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> torch.optim.Adam:
