@@ -100,10 +100,12 @@ def test_benchmark_percentiles_agree_with_numpy_over_api_calls(stack: Stack) -> 
     assert all(c.output_tokens > 0 and c.input_tokens > 0 for c in chat_ok)
     # the CLI prints the same numbers
     env = {**os.environ, **stack.env}
-    out = subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "interpq.cli", "results", batch.id],
-        env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert f"{results['emb'].latency[0].latency_p50_ms:.1f}" in out
     assert "p99 ms" in out and "ttft p50" in out
     as_json = json.loads(

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, update
 from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
+from interpq.models.tables import UTCDateTime
 from interpq.scheduler.dispatch import cancel_dependents, release_dependents
 from interpq.specs import SPEC_TYPES, JobSpec
 
@@ -49,12 +50,12 @@ _parts = JobPart.__table__
 # Hot-path statements, built once (SQLAlchemy caches their compiled form).
 _CLAIM_JOB = (
     update(_jobs)
-    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state.in_(_ACTIVE))
+    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.state.in_(_ACTIVE))
     .values(
         state=JobState.RUNNING,
         attempts=_jobs.c.attempts + 1,
-        worker=bindparam("worker"),
-        started_at=func.coalesce(_jobs.c.started_at, bindparam("now")),
+        worker=bindparam("b_worker"),
+        started_at=func.coalesce(_jobs.c.started_at, bindparam("b_now", type_=UTCDateTime())),
     )
     .returning(
         _jobs.c.kind, _jobs.c.spec, _jobs.c.n_parts, _jobs.c.batch_id, _jobs.c.name,
@@ -64,29 +65,29 @@ _CLAIM_JOB = (
 _CLAIM_PART = (
     update(_parts)
     .where(
-        _parts.c.job_id == bindparam("job_id"),
-        _parts.c.part == bindparam("part"),
+        _parts.c.job_id == bindparam("b_job_id"),
+        _parts.c.part == bindparam("b_part"),
         _parts.c.state.in_(_ACTIVE),
     )
     .values(
         state=JobState.RUNNING,
         attempts=_parts.c.attempts + 1,
-        worker=bindparam("worker"),
-        started_at=bindparam("now"),
+        worker=bindparam("b_worker"),
+        started_at=bindparam("b_now", type_=UTCDateTime()),
     )
 )
 _FINISH_JOB = (
     update(_jobs)
-    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == JobState.RUNNING)
+    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.state == JobState.RUNNING)
     .values(
-        state=JobState.SUCCEEDED, finished_at=bindparam("now"), result=bindparam("result"),
+        state=JobState.SUCCEEDED, finished_at=bindparam("b_now", type_=UTCDateTime()), result=bindparam("b_result"),
         error=None,
     )
 )  # fmt: skip
 
 
 def _claim(conn: Connection, job_id: str, part: int, worker: str) -> Any:
-    args = {"job_id": job_id, "part": part, "worker": worker, "now": datetime.now(UTC)}
+    args = {"b_job_id": job_id, "b_part": part, "b_worker": worker, "b_now": datetime.now(UTC)}
     row = conn.execute(_CLAIM_JOB, args).first()
     if row is None or row.n_parts == 1:
         return row
@@ -117,7 +118,7 @@ def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> 
         if counted.parts_done < counted.n_parts:
             return False
     result = runner.finalize(conn, ctx, spec)
-    res = conn.execute(_FINISH_JOB, {"job_id": ctx.job_id, "now": now, "result": result})
+    res = conn.execute(_FINISH_JOB, {"b_job_id": ctx.job_id, "b_now": now, "b_result": result})
     return bool(res.rowcount)
 
 
@@ -147,8 +148,14 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     engine = get_engine()
     worker = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
     t0 = time.perf_counter()
-    with write(engine) as conn:
-        row = _claim(conn, job_id, part, worker)
+    try:
+        with write(engine) as conn:
+            row = _claim(conn, job_id, part, worker)
+    except Exception as exc:  # database unreachable or locked for too long: try again later
+        if task is None or task.request.retries >= MAX_TASK_RETRIES:
+            raise
+        log.warning("job %s part %d: cannot claim (%s); retrying", job_id, part, exc)
+        raise task.retry(exc=exc, countdown=2.0**task.request.retries) from None
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         return "skipped"

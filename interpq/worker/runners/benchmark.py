@@ -123,9 +123,7 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
 
 def finalize(conn: Connection, ctx: Any, spec: Benchmark) -> dict[str, Any]:
     """Latency summaries per provider × model from this job's api_calls rows."""
-    rows = conn.execute(
-        select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id)
-    ).all()
+    rows = conn.execute(select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id)).all()
     by_model: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
     for r in rows:
         by_model[(r.provider, r.model, r.endpoint)].append(r)
