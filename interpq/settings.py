@@ -10,6 +10,7 @@
 | INTERPQ_FLOWER_USER/PASSWORD  | (generated and printed)          | Flower basic auth                      |
 | INTERPQ_VISIBILITY_TIMEOUT_S  | 3600                             | unacked messages of a dead worker come |
 |                               |                                  | back after this long (Redis broker)    |
+| INTERPQ_SAFETY_MARGIN         | 0.97                             | fraction of rpm/tpm the limiter allows |
 
 This module reads the environment; nothing under ``interpq/core`` does.
 """
@@ -52,6 +53,8 @@ class Settings(BaseSettings):
     """Threads of an ``api`` worker (I/O-bound calls)."""
     compute_concurrency: int = 1
     """Processes of a ``compute`` worker (CPU/GPU work)."""
+    safety_margin: float = 0.97
+    """Fraction of each provider's rpm/tpm the global limiter lets through."""
 
     def resolved_database_url(self) -> str:
         """The database URL with a relative SQLite path made absolute (workers may chdir)."""

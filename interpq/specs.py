@@ -134,8 +134,10 @@ class Benchmark(JobSpec):
     """Chat: stream the answer (needed to measure time to first token)."""
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """Per-request timeout."""
-    max_attempts: int = Field(default=3, ge=1, le=20)
+    max_attempts: int = Field(default=5, ge=1, le=50)
     """Attempts per request before it counts as failed."""
+    max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
+    """Time from a request's first attempt after which it is not retried any more."""
 
     queue: ClassVar[Queue] = "api"
 

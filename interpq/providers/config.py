@@ -24,10 +24,14 @@ _PLACEHOLDER = re.compile(
 
 
 class ModelPrice(BaseModel):
-    """Price of one model in USD per million tokens."""
+    """Price of one model in USD per million tokens, and optional limits of its own."""
 
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
+    rpm: int | None = Field(default=None, gt=0)
+    """Requests per minute for this model alone (besides the provider's)."""
+    tpm: int | None = Field(default=None, gt=0)
+    """Tokens per minute for this model alone (besides the provider's)."""
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """What a call with these token counts costs."""
@@ -50,6 +54,8 @@ class Provider(BaseModel):
     """Tokens per minute the provider allows."""
     max_concurrency: int = Field(default=8, gt=0)
     """Calls in flight at once, over every worker."""
+    safety_margin: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of rpm/tpm to use (default: INTERPQ_SAFETY_MARGIN, 0.97)."""
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
     def api_key(self) -> str | None:

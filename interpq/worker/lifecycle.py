@@ -27,6 +27,9 @@ from interpq.specs import SPEC_TYPES, JobSpec
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
+"""Retries of a part that failed to claim (database unreachable)."""
+MAX_RUNNER_RETRIES = 200
+"""Safety net: runners bound their own retries (attempts per call, total time)."""
 
 
 @dataclass
@@ -155,7 +158,9 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
         if task is None or task.request.retries >= MAX_TASK_RETRIES:
             raise
         log.warning("job %s part %d: cannot claim (%s); retrying", job_id, part, exc)
-        raise task.retry(exc=exc, countdown=2.0**task.request.retries) from None
+        raise task.retry(
+            exc=exc, countdown=2.0**task.request.retries, max_retries=MAX_TASK_RETRIES
+        ) from None
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         return "skipped"
@@ -167,12 +172,13 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
         with write(engine) as conn:
             finished = _complete(conn, ctx, spec, runner)
     except RetryableJobError as exc:
-        retries = getattr(getattr(task, "request", None), "retries", MAX_TASK_RETRIES)
-        if task is not None and retries < MAX_TASK_RETRIES:
-            countdown = exc.retry_after_s or min(60.0, 2.0**retries)
+        retries = getattr(getattr(task, "request", None), "retries", MAX_RUNNER_RETRIES)
+        if task is not None and retries < MAX_RUNNER_RETRIES:
+            countdown = exc.retry_after_s if exc.retry_after_s is not None else 2.0**retries
+            countdown = min(60.0, countdown)
             log.warning("job %s part %d: %s; retrying in %.1f s", job_id, part, exc, countdown)
             _requeue_part(engine, job_id, part, row.n_parts)
-            raise task.retry(exc=exc, countdown=countdown) from None
+            raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RUNNER_RETRIES) from None
         return _failed(engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0)
     except (JobError, MissingApiKey, InterpqError) as exc:
         return _failed(engine, ctx, str(exc), t0)

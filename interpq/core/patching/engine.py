@@ -59,7 +59,9 @@ class Trace:
     """What the engine keeps of one unpatched run (of all prompts)."""
 
     ids: torch.Tensor  # [n, pos]
-    resid: list[torch.Tensor]  # n_layers + 1 entries: resid_pre of each layer, then final [n, pos, d]
+    resid: list[
+        torch.Tensor
+    ]  # n_layers + 1 entries: resid_pre of each layer, then final [n, pos, d]
     sites: dict[tuple[str, int], torch.Tensor]  # component activations [n, pos, D]
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer keys, values [n, h, pos, d_head]
     metrics: dict[str, torch.Tensor] | None = None  # [n] per metric, set by the caller
@@ -163,9 +165,7 @@ class Engine:
                 raise _Stop
 
         handles = [
-            blk.register_forward_pre_hook(
-                lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True
-            )
+            blk.register_forward_pre_hook(lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True)
             for i, blk in enumerate(layout.blocks)
         ]
         handles.append(
@@ -278,9 +278,7 @@ class Engine:
     # ---- patched runs ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(
-        self, patches: Sequence[Patch], base: Trace, source: Trace
-    ) -> dict[str, torch.Tensor]:
+    def run(self, patches: Sequence[Patch], base: Trace, source: Trace) -> dict[str, torch.Tensor]:
         """Metrics of every patched run: ``{metric: [len(patches), n_prompts]}``."""
         assert base.metrics is not None and source.metrics is not None
         n, T = base.ids.shape
@@ -386,7 +384,9 @@ class Engine:
             a = 0 if h is None else h.shape[0]
             b = int((layer0 <= i).sum())
             if b > a:
-                new = self._init_rows(i, prompt[a:b], k_idx[a:b], pos_masks[a:b], start, patches, base, source)
+                new = self._init_rows(
+                    i, prompt[a:b], k_idx[a:b], pos_masks[a:b], start, patches, base, source
+                )
                 h = new if h is None else torch.cat([h, new])
             if i == lay.n_layers or h is None:
                 break
@@ -489,4 +489,4 @@ def _accepts(fn: Any, name: str, strict: bool) -> bool:
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float(), b.float()
-    return a.shape == b.shape and bool(((a - b).abs().max() <= 1e-4 * (1 + b.abs().max())))
+    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * (1 + b.abs().max()))

@@ -65,6 +65,8 @@ def run_reference(
                 x[:, pos, head] = src[:, pos, head]
             return x
 
-        for name, vals in outputs(layout, readout, base_ids, {(component, patch.layer): edit}).items():
+        for name, vals in outputs(
+            layout, readout, base_ids, {(component, patch.layer): edit}
+        ).items():
             results.setdefault(name, []).append(vals)
     return {k: torch.stack(v) for k, v in results.items()}, len(patches) + 1

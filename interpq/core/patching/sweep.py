@@ -151,7 +151,9 @@ def _patch(
         readout.set_clean(clean_tr.resid[-1])
         for tr in (clean_tr, corrupt_tr):
             tr.metrics = readout(tr.resid[-1], torch.arange(n, device=device))
-        base, source = (corrupt_tr, clean_tr) if direction == "denoising" else (clean_tr, corrupt_tr)
+        base, source = (
+            (corrupt_tr, clean_tr) if direction == "denoising" else (clean_tr, corrupt_tr)
+        )
         base_m, source_m = _metrics(base), _metrics(source)
         if mode == "exact":
             results = engine.run(patches, base, source)
@@ -167,14 +169,33 @@ def _patch(
                 passes += extra
     clean_m, corrupt_m = (source_m, base_m) if direction == "denoising" else (base_m, source_m)
     grid = _assemble(
-        layout, tokenizer, component, direction, mode, primary, results, clean_m, corrupt_m,
-        clean_ids, corrupt_ids, layer_list, pos_list, head_list, passes,
+        layout,
+        tokenizer,
+        component,
+        direction,
+        mode,
+        primary,
+        results,
+        clean_m,
+        corrupt_m,
+        clean_ids,
+        corrupt_ids,
+        layer_list,
+        pos_list,
+        head_list,
+        passes,
     )
     grid.verified, grid.correlation = verified, correlation
     log.info(
         "patched %s %s (%s, %s): %d patches x %d prompts in %.2f s, %d forward passes",
-        layout.model_class, component, direction, mode, len(patches), n,
-        time.perf_counter() - t0, passes,
+        layout.model_class,
+        component,
+        direction,
+        mode,
+        len(patches),
+        n,
+        time.perf_counter() - t0,
+        passes,
     )
     return grid
 
@@ -229,7 +250,9 @@ def _answer_ids(
         answers = answers.tolist()
     items = [answers] * n if isinstance(answers, int | str) else list(answers)
     if len(items) != n:
-        raise PatchingInputError(f"{what}: got {len(items)} for {n} prompts; give one or one per prompt")
+        raise PatchingInputError(
+            f"{what}: got {len(items)} for {n} prompts; give one or one per prompt"
+        )
     ids = []
     for a in items:
         if isinstance(a, str):
@@ -272,7 +295,9 @@ def _metric_names(
         raise PatchingInputError(f"metrics {bad} do not apply here; choose from {allowed}")
     if custom is not None:
         return names, CUSTOM
-    primary = "cosine" if not layout.is_causal else ("logit_diff" if wrong is not None else "logprob")
+    primary = (
+        "cosine" if not layout.is_causal else ("logit_diff" if wrong is not None else "logprob")
+    )
     if primary not in names:
         names = [primary, *names]
     return names, primary
@@ -321,7 +346,9 @@ def _verify(
         rows.append(
             {"layer": p.layer, "position": position, "head": p.head, "attribution": est, "exact": e}
         )
-    corr = _pearson(np.array([r["attribution"] for r in rows]), np.array([r["exact"] for r in rows]))
+    corr = _pearson(
+        np.array([r["attribution"] for r in rows]), np.array([r["exact"] for r in rows])
+    )
     return rows, corr, engine.n_forward_passes - before
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -19,32 +18,39 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from interpq.core.latency import summarize
-from interpq.errors import ConfigError, PermanentJobError
+from interpq.errors import ConfigError, PermanentJobError, RetryableJobError
 from interpq.models import ApiCall, LatencySummary
+from interpq.models import Batch as BatchRow
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
 from interpq.providers.config import get_provider
+from interpq.settings import get_settings
 from interpq.specs import Benchmark
+from interpq.worker.limiter import Limiter, estimate_tokens, redis_for
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
 
 
-def _previous_attempts(ctx: Any) -> tuple[set[int], dict[int, int]]:
-    """Request indices already answered, and the last attempt number of each index."""
+def _previous_attempts(ctx: Any) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
+    """Request indices already answered; last attempt number and first start of each index."""
     with ctx.engine.connect() as conn:
         rows = conn.execute(
             select(
-                ApiCall.request_index, ApiCall.attempt, ApiCall.status_code, ApiCall.error_class
+                ApiCall.request_index, ApiCall.attempt, ApiCall.status_code,
+                ApiCall.error_class, ApiCall.started_at,
             ).where(ApiCall.job_id == ctx.job_id, ApiCall.part == ctx.part)
-        ).all()
+        ).all()  # fmt: skip
     done = {r.request_index for r in rows if r.status_code == 200 and r.error_class is None}
     last: dict[int, int] = defaultdict(int)
+    first: dict[int, datetime] = {}
     for r in rows:
         last[r.request_index] = max(last[r.request_index], r.attempt)
-    return done, last
+        if r.request_index not in first or r.started_at < first[r.request_index]:
+            first[r.request_index] = r.started_at
+    return done, last, first
 
 
 def _payload(spec: Benchmark, model: str) -> dict[str, Any]:
@@ -66,7 +72,21 @@ def backoff_s(attempt: int, retry_after_s: float | None) -> float:
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
 
+def _batch_budget(ctx: Any) -> float | None:
+    with ctx.engine.connect() as conn:
+        return conn.execute(
+            select(BatchRow.max_cost_usd).where(BatchRow.id == ctx.batch_id)
+        ).scalar()
+
+
 def run_part(ctx: Any, spec: Benchmark) -> None:
+    """Make this slice's requests under the global limits; every attempt is a row.
+
+    A retryable failure (429, 5xx, timeout, bad body) raises ``RetryableJobError`` so Celery
+    retries the part (Flower shows a retry); the retried part skips what already succeeded.
+    A request that used up ``max_attempts`` or ``max_retry_time_s`` counts as failed and the
+    slice moves on; a permanent error (401, 400, 404, budget) fails the job.
+    """
     model, slice_index = spec.part_of(ctx.part)
     try:
         provider = get_provider(spec.provider)
@@ -74,14 +94,27 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
         price = provider.price(model)
     except ConfigError as exc:
         raise PermanentJobError(str(exc)) from exc
-    done, last_attempt = _previous_attempts(ctx)
+    settings = get_settings()
+    limiter = Limiter(
+        _redis(settings.broker_url), provider, provider.safety_margin or settings.safety_margin
+    )
+    budget = _batch_budget(ctx)
+    done, last_attempt, first_start = _previous_attempts(ctx)
     payload = _payload(spec, model)
+    est_in = estimate_tokens(spec.prompt)
+    est_out = spec.max_tokens if spec.endpoint == "chat" else 0
     for index in spec.request_indices(slice_index):
         if index in done:
             continue
         attempt = last_attempt.get(index, 0)
-        while attempt < spec.max_attempts:
-            attempt += 1
+        if attempt >= spec.max_attempts or _out_of_time(first_start.get(index), spec):
+            continue  # this request has failed for good; the summary counts its attempts
+        attempt += 1
+        estimate_usd = price.cost_usd(est_in, est_out)
+        if budget is not None:
+            limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
+        with limiter.permit(lease_s=spec.timeout_s + 30):
+            limiter.wait_for_slot(model, est_in + est_out)
             out = openai_http.attempt(
                 provider.base_url,
                 spec.endpoint,
@@ -90,35 +123,67 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
                 key_env=provider.api_key_env,
                 timeout_s=spec.timeout_s,
             )
-            row = {
-                "job_id": ctx.job_id,
-                "part": ctx.part,
-                "request_index": index,
-                "attempt": attempt,
-                "provider": spec.provider,
-                "model": model,
-                "endpoint": openai_http.PATHS[spec.endpoint],
-                "started_at": out.started_at,
-                "latency_ms": out.latency_ms,
-                "ttft_ms": out.ttft_ms,
-                "status_code": out.status_code,
-                "error_class": out.error_class,
-                "error": out.error,
-                "input_tokens": out.input_tokens,
-                "output_tokens": out.output_tokens,
-                "cost_usd": price.cost_usd(out.input_tokens, out.output_tokens),
-                "worker": ctx.worker,
-            }
-            with write(ctx.engine) as conn:
-                insert_ignore(conn, ApiCall.__table__, [row])
-            if out.ok:
-                break
-            if not out.retryable:
-                raise PermanentJobError(
-                    f"{spec.provider}/{model}: {out.error} (not retried: {out.error_class})"
-                )
-            if attempt < spec.max_attempts:
-                time.sleep(backoff_s(attempt, out.retry_after_s))
+        limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
+        cost = price.cost_usd(out.input_tokens, out.output_tokens)
+        if budget is not None:
+            limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
+        _record(ctx, spec, model, index, attempt, out, cost)
+        if out.ok:
+            continue
+        if out.error_class == "rate_limited":
+            limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
+        if not out.retryable:
+            raise PermanentJobError(
+                f"{spec.provider}/{model}: {out.error} (not retried: {out.error_class})"
+            )
+        if attempt < spec.max_attempts:
+            raise RetryableJobError(
+                f"{spec.provider}/{model} request {index}: {out.error_class}: {out.error}",
+                retry_after_s=backoff_s(attempt, out.retry_after_s),
+            )
+
+
+def _out_of_time(first: datetime | None, spec: Benchmark) -> bool:
+    if first is None:
+        return False
+    if first.tzinfo is None:
+        first = first.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - first).total_seconds() > spec.max_retry_time_s
+
+
+def _record(
+    ctx: Any, spec: Benchmark, model: str, index: int, attempt: int, out: Any, cost: float
+) -> None:
+    row = {
+        "job_id": ctx.job_id,
+        "part": ctx.part,
+        "request_index": index,
+        "attempt": attempt,
+        "provider": spec.provider,
+        "model": model,
+        "endpoint": openai_http.PATHS[spec.endpoint],
+        "started_at": out.started_at,
+        "latency_ms": out.latency_ms,
+        "ttft_ms": out.ttft_ms,
+        "status_code": out.status_code,
+        "error_class": out.error_class,
+        "error": out.error,
+        "input_tokens": out.input_tokens,
+        "output_tokens": out.output_tokens,
+        "cost_usd": cost,
+        "worker": ctx.worker,
+    }
+    with write(ctx.engine) as conn:
+        insert_ignore(conn, ApiCall.__table__, [row])
+
+
+_redis_clients: dict[str, Any] = {}
+
+
+def _redis(url: str | None) -> Any:
+    if url not in _redis_clients:
+        _redis_clients[url] = redis_for(url or "redis://localhost:6379/0")
+    return _redis_clients[url]
 
 
 def finalize(conn: Connection, ctx: Any, spec: Benchmark) -> dict[str, Any]:

@@ -1,0 +1,288 @@
+"""The global rate limiter: one set of limits per provider and per (provider, model), in Redis.
+
+Celery's ``rate_limit`` is per worker instance; this is shared by every worker on every
+machine that uses the same Redis. Three limits, each atomic in a Lua script:
+
+- **requests/min and tokens/min** — GCRA (a "theoretical arrival time" per scope): a call
+  reserves the earliest start that every scope allows, the scopes' clocks advance by one
+  request interval and by ``tokens × token interval``, and the caller *sleeps until that
+  slot* (no polling). Reservations are first come, first served across all workers, so a
+  small batch's calls interleave with a big batch's instead of waiting behind it. Token use
+  is estimated before the call and reconciled with the usage the response reports.
+- **concurrency** — leases in a sorted set, scored by expiry: a killed worker's permit comes
+  back when its lease expires. A release wakes one waiter through a list (BLPOP).
+- **cool-down** — a 429 sets ``cooldown_until`` for that provider/model; every reservation
+  starts after it, in every worker.
+
+``safety_margin`` (default 0.97) scales the limits so the achieved rate stays just under the
+provider's. Budgets (``max_cost_usd`` per batch) are reserved the same way: an estimate before
+the call, the actual cost after; a call that would pass the budget is not made.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from interpq.errors import PermanentJobError
+
+PREFIX = "interpq:limit"
+BUDGET_PREFIX = "interpq:budget"
+DEFAULT_SAFETY_MARGIN = 0.97
+KEY_TTL_MS = 15 * 60 * 1000
+
+# KEYS: per scope (tat_requests, tat_tokens, cooldown_until); ARGV[1]: tokens,
+# then per scope (request interval s, token interval s). Returns seconds to wait (string).
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local tokens = tonumber(ARGV[1])
+local start = now
+for i = 1, #KEYS, 3 do
+  local tr = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local tt = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+  local cd = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
+  start = math.max(start, tr, tt, cd)
+end
+for i = 1, #KEYS, 3 do
+  local s = (i - 1) / 3
+  local ri = tonumber(ARGV[2 + 2 * s])
+  local ti = tonumber(ARGV[3 + 2 * s])
+  redis.call('SET', KEYS[i], tostring(start + ri), 'PX', ARGV[#ARGV])
+  local tt = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+  redis.call('SET', KEYS[i + 1], tostring(math.max(tt, start) + tokens * ti), 'PX', ARGV[#ARGV])
+end
+return tostring(start - now)
+"""
+
+# KEYS: tat_tokens per scope; ARGV: token delta, then the token interval per scope.
+_RECONCILE = """
+local delta = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('INCRBYFLOAT', KEYS[i], tostring(delta * tonumber(ARGV[i + 1])))
+  end
+end
+return 1
+"""
+
+# KEYS: cooldown keys; ARGV: seconds. Extends, never shortens, the shared pause.
+_COOLDOWN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local untilt = now + tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if untilt > cur then
+    redis.call('SET', KEYS[i], tostring(untilt), 'PX', math.floor(tonumber(ARGV[1]) * 1000) + 1000)
+  end
+end
+return tostring(untilt)
+"""
+
+# KEYS[1]: lease zset; ARGV: lease id, max, ttl s. Returns "ok" or seconds to the next expiry.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000) + 60000)
+  return 'ok'
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return tostring(tonumber(first[2]) - now)
+"""
+
+# KEYS: spent key; ARGV: estimate, budget. Reserve if it fits: returns new total or "over".
+_BUDGET = """
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+local est = tonumber(ARGV[1])
+if spent + est > tonumber(ARGV[2]) then return 'over' end
+redis.call('SET', KEYS[1], tostring(spent + est), 'PX', 7 * 24 * 3600 * 1000)
+return tostring(spent + est)
+"""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One set of limits: a provider, or a provider's model."""
+
+    key: str
+    rpm: float
+    tpm: float
+
+    def intervals(self, margin: float) -> tuple[float, float]:
+        """Seconds per request and per token at ``margin`` of the limits."""
+        return 60.0 / (self.rpm * margin), 60.0 / (self.tpm * margin)
+
+
+class BudgetExceeded(PermanentJobError):
+    """The batch's ``max_cost_usd`` would be passed by this call; it is not made."""
+
+
+class Limiter:
+    """Global limits for one provider (and its models) over a Redis connection."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        provider: Any,
+        safety_margin: float = DEFAULT_SAFETY_MARGIN,
+    ) -> None:
+        if not 0 < safety_margin <= 1:
+            raise ValueError(f"safety_margin must be in (0, 1], got {safety_margin}")
+        self.r = client
+        self.provider = provider
+        self.margin = safety_margin
+        self._reserve = client.register_script(_RESERVE)
+        self._reconcile = client.register_script(_RECONCILE)
+        self._cooldown = client.register_script(_COOLDOWN)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._budget = client.register_script(_BUDGET)
+
+    # -- scopes ------------------------------------------------------------------------------
+    def scopes(self, model: str) -> list[Scope]:
+        p = self.provider
+        out = [Scope(f"{PREFIX}:{p.name}", p.rpm, p.tpm)]
+        info = p.models.get(model)
+        if info is not None and (info.rpm or info.tpm):
+            out.append(Scope(f"{PREFIX}:{p.name}:{model}", info.rpm or p.rpm, info.tpm or p.tpm))
+        return out
+
+    def cooldown_keys(self, model: str) -> list[str]:
+        return [
+            f"{PREFIX}:{self.provider.name}:cooldown",
+            f"{PREFIX}:{self.provider.name}:{model}:cooldown",
+        ]
+
+    # -- rate --------------------------------------------------------------------------------
+    def reserve(self, model: str, tokens: int) -> float:
+        """Reserve a start slot for a call of ``tokens`` estimated tokens; seconds to wait."""
+        keys: list[str] = []
+        argv: list[Any] = [tokens]
+        cds = self.cooldown_keys(model)
+        for i, s in enumerate(self.scopes(model)):
+            ri, ti = s.intervals(self.margin)
+            keys += [f"{s.key}:tat_req", f"{s.key}:tat_tok", cds[min(i, 1)]]
+            argv += [repr(ri), repr(ti)]
+        if len(keys) == 3:  # no model scope: still honour a model-level cool-down
+            keys += [f"{PREFIX}:{self.provider.name}:{model}:none_req",
+                     f"{PREFIX}:{self.provider.name}:{model}:none_tok", cds[1]]  # fmt: skip
+            argv += ["0", "0"]
+        argv.append(KEY_TTL_MS)
+        return max(0.0, float(self._reserve(keys=keys, args=argv)))
+
+    def wait_for_slot(self, model: str, tokens: int) -> float:
+        """Reserve and sleep until the slot; returns the seconds slept.
+
+        A cool-down that began while this call slept (another worker got a 429) moves the
+        call behind it: it reserves again, so the calls held up do not burst at its end.
+        """
+        slept = 0.0
+        while True:
+            wait = self.reserve(model, tokens)
+            if wait > 0:
+                time.sleep(wait)
+                slept += wait
+            remaining = self.cooldown_remaining(model)
+            if remaining <= 0:
+                return slept
+            time.sleep(remaining)
+            slept += remaining
+
+    def cooldown_remaining(self, model: str) -> float:
+        """Seconds left of any cool-down on this provider or model (0 if none)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.mget(self.cooldown_keys(model))
+        pipe.time()  # Redis's clock, the one the scripts use (workers' clocks may differ)
+        values, (sec, usec) = pipe.execute()
+        until = max((float(v) for v in values if v is not None), default=0.0)
+        return until - (sec + usec / 1e6)
+
+    def reconcile(self, model: str, estimated: int, actual: int) -> None:
+        """Correct the token clocks once the response says how many tokens were used."""
+        if actual <= 0 or actual == estimated:
+            return
+        scopes = self.scopes(model)
+        keys = [f"{s.key}:tat_tok" for s in scopes]
+        argv = [actual - estimated] + [repr(s.intervals(self.margin)[1]) for s in scopes]
+        self._reconcile(keys=keys, args=argv)
+
+    def cool_down(self, model: str, seconds: float) -> float:
+        """Pause this provider/model for every worker; returns the unix time it ends."""
+        return float(self._cooldown(keys=self.cooldown_keys(model)[1:], args=[max(0.0, seconds)]))
+
+    # -- concurrency -------------------------------------------------------------------------
+    @contextmanager
+    def permit(self, lease_s: float) -> Iterator[None]:
+        """Hold one of the provider's ``max_concurrency`` permits (expires after lease_s)."""
+        zkey = f"{PREFIX}:{self.provider.name}:leases"
+        wake = f"{PREFIX}:{self.provider.name}:wake"
+        lease = uuid.uuid4().hex
+        while True:
+            got = self._acquire(keys=[zkey], args=[lease, self.provider.max_concurrency, lease_s])
+            if got in (b"ok", "ok"):
+                break
+            self.r.blpop([wake], timeout=max(0.05, min(1.0, float(got))))
+        try:
+            yield
+        finally:
+            pipe = self.r.pipeline()
+            pipe.zrem(zkey, lease)
+            pipe.lpush(wake, 1)
+            pipe.ltrim(wake, 0, 63)
+            pipe.expire(wake, 60)
+            pipe.execute()
+
+    # -- budget ------------------------------------------------------------------------------
+    @staticmethod
+    def budget_key(batch_id: str) -> str:
+        return f"{BUDGET_PREFIX}:{batch_id}:spent_usd"
+
+    def reserve_budget(self, batch_id: str, estimate_usd: float, budget_usd: float) -> None:
+        """Reserve ``estimate_usd`` of the batch's budget or raise ``BudgetExceeded``."""
+        got = self._budget(
+            keys=[self.budget_key(batch_id)], args=[repr(estimate_usd), repr(budget_usd)]
+        )
+        if got in (b"over", "over"):
+            raise BudgetExceeded(
+                f"budget exceeded: batch max_cost_usd={budget_usd:g} would be passed by the next "
+                f"call (estimated ${estimate_usd:.6f}); no more calls are made"
+            )
+
+    def settle_budget(self, batch_id: str, estimate_usd: float, actual_usd: float) -> None:
+        """Replace a call's estimate by its actual cost."""
+        self.r.incrbyfloat(self.budget_key(batch_id), actual_usd - estimate_usd)
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap input-token estimate (about 4 characters per token, at least 1)."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def redis_for(url: str) -> redis.Redis:
+    """A Redis client for a broker URL (``redis://`` or ``redis+socket://``)."""
+    if url.startswith("redis+socket://"):
+        return redis.Redis(unix_socket_path=url[len("redis+socket://") :])
+    return redis.Redis.from_url(url)
+
+
+def snapshot(client: redis.Redis, provider: str) -> dict[str, Any]:
+    """What the limiter holds now for a provider: calls in flight and any cool-down."""
+    now = time.time()
+    zkey = f"{PREFIX}:{provider}:leases"
+    in_flight = client.zcount(zkey, now, "+inf")
+    cool: dict[str, float] = {}
+    for key in client.scan_iter(f"{PREFIX}:{provider}*cooldown"):
+        until = float(client.get(key) or 0)
+        if until > now:
+            name = key.decode().removeprefix(f"{PREFIX}:").removesuffix(":cooldown")
+            cool[name] = until - now
+    return {"in_flight": int(in_flight), "cooldown_s": cool}
