@@ -179,12 +179,15 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
             log.warning("job %s part %d: %s; retrying in %.1f s", job_id, part, exc, countdown)
             _requeue_part(engine, job_id, part, row.n_parts)
             raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RUNNER_RETRIES) from None
-        return _failed(engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0)
+        return _failed(
+            engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0, runner, spec
+        )
     except (JobError, MissingApiKey, InterpqError) as exc:
-        return _failed(engine, ctx, str(exc), t0)
+        return _failed(engine, ctx, str(exc), t0, runner, spec)
     except Exception as exc:  # a bug or an unexpected library error: keep it one line
         log.exception("job %s part %d crashed", job_id, part)
-        return _failed(engine, ctx, f"internal error: {type(exc).__name__}: {exc}", t0)
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return _failed(engine, ctx, message, t0, runner, spec)
     if finished:
         log.info("job %s (%s) succeeded in %.3f s", row.name, job_id, time.perf_counter() - t0)
         if row.has_dependents:
@@ -203,8 +206,14 @@ def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
             )
 
 
-def _failed(engine: Engine, ctx: JobContext, message: str, t0: float) -> str:
+def _failed(
+    engine: Engine, ctx: JobContext, message: str, t0: float, runner: Any, spec: JobSpec
+) -> str:
     if fail_job(engine, ctx.job_id, ctx.part, ctx.n_parts, message):
+        on_failure = getattr(runner, "on_failure", None)
+        if on_failure is not None:  # e.g. latency summaries of the calls that were made
+            with write(engine) as conn:
+                on_failure(conn, ctx, spec)
         log.warning(
             "job %s (%s) failed in %.3f s: %s",
             ctx.job_name,

@@ -160,12 +160,14 @@ class SparseAutoencoder(nn.Module):
 
     def _dense_preacts_no_grad(self, xc: Tensor) -> Tensor:
         with torch.no_grad():
+            w, b = self.W_enc, self.b_enc
             if self._bf16():
-                w = self.W_enc.to(torch.bfloat16)
-                return (xc.to(torch.bfloat16) @ w.T).add_(self.b_enc.to(torch.bfloat16))
-            # mm then an in-place bias add: addmm first copies the broadcast bias into the
-            # [batch, d_sae] output, an extra pass over the largest tensor of the step.
-            return (xc @ self.W_enc.T).add_(self.b_enc)
+                w, b, xc = w.to(torch.bfloat16), b.to(torch.bfloat16), xc.to(torch.bfloat16)
+            if xc.is_cuda:
+                return torch.addmm(b, xc, w.T)  # cuBLAS adds the bias in the GEMM epilogue
+            # On the CPU addmm first copies the broadcast bias into the [batch, d_sae]
+            # output, an extra pass over the step's largest tensor: add it afterwards.
+            return (xc @ w.T).add_(b)
 
     def _forward_sparse(self, xs: Tensor, dead: DeadLatents | None) -> ForwardOutput:
         cfg = self.cfg

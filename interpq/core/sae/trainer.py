@@ -264,7 +264,7 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = None
-        if self.uses_aux:
+        if self.uses_aux and self.candidates.numel() > 0:
             dead = DeadLatents(self.tokens_since_fired >= cfg.dead_window_tokens, self.candidates)
         out = self.forward(x, dead=dead)
         out.loss.backward()

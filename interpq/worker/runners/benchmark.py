@@ -218,3 +218,7 @@ def finalize(conn: Connection, ctx: Any, spec: Benchmark) -> dict[str, Any]:
             k: flat[k] for k in ("n", "n_ok", "latency_p50_ms", "latency_p99_ms", "cost_usd")
         }
     return out
+
+
+on_failure = finalize
+"""A failed benchmark still gets summaries of the attempts it made."""

@@ -1,0 +1,204 @@
+"""The artifact store: where arrays, weights and plots go, behind one small interface.
+
+An artifact is named by a URI under the store's root (``file:///srv/interpq-artifacts/...``).
+Jobs ask the store for URIs (``uri_for("activations", "shards", name)``), write through
+``put_atomic`` and read through ``open`` / ``local_path``; they never build paths themselves,
+so an object store (``s3://...``) can be added as another class with the same five methods
+without touching a job.
+
+``put_atomic`` writes into a temporary file under ``<root>/.tmp/`` and then renames it into
+place: a reader (or a worker started after another was killed) sees either no artifact or a
+complete one, never a torn file. With ``overwrite=False`` the first complete writer wins and
+later writers keep what is there (content-addressed files are written once).
+
+Only ``file://`` roots exist today. This module knows nothing about what the bytes mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+from urllib.parse import unquote, urljoin, urlparse
+
+from interpq.errors import ConfigError
+
+TMP_DIR = ".tmp"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What ``put_atomic`` wrote (or found, when the artifact was already complete)."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    created: bool
+    """False when ``overwrite=False`` and a complete artifact was already there."""
+
+
+class ArtifactStore(Protocol):
+    """The interface every store implements (``FileStore`` today)."""
+
+    root_url: str
+
+    def uri_for(self, *parts: str) -> str: ...
+    def exists(self, uri: str) -> bool: ...
+    def open(self, uri: str) -> IO[bytes]: ...
+    def local_path(self, uri: str) -> Path: ...
+    def put_atomic(
+        self, uri: str, write: Callable[[Path], None] | bytes, *, overwrite: bool = True
+    ) -> Stored: ...
+    def delete(self, uri: str) -> None: ...
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(base_uri: str, ref: str) -> str:
+    """A reference relative to ``base_uri`` (as written in manifests) made absolute."""
+    return urljoin(base_uri, ref)
+
+
+def relative(from_uri: str, to_uri: str) -> str:
+    """The reference from the artifact ``from_uri`` to ``to_uri`` (same root), for manifests."""
+    base, target = urlparse(from_uri), urlparse(to_uri)
+    if (base.scheme, base.netloc) != (target.scheme, target.netloc):
+        return to_uri
+    return posixpath.relpath(target.path, posixpath.dirname(base.path))
+
+
+class FileStore:
+    """Artifacts as files under a local (or mounted shared) directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        raw = str(root)
+        path = _file_url_path(raw) if raw.startswith("file:") else Path(raw)
+        self.root = path.resolve()
+        self.root_url = self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"FileStore({self.root_url!r})"
+
+    def uri_for(self, *parts: str) -> str:
+        """The URI of ``<root>/part/part/...`` (parts may hold slashes; no ``..``)."""
+        rel = posixpath.join(*parts) if parts else ""
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"artifact names are relative and stay under the root: {rel!r}")
+        return (self.root / rel).as_uri()
+
+    def local_path(self, uri: str) -> Path:
+        """The file behind ``uri`` (for memory-mapping); it must lie under the root."""
+        if not uri.startswith("file:"):
+            raise ConfigError(f"{uri!r} is not a file:// URI; this store's root is {self.root_url}")
+        path = _file_url_path(uri)
+        if path != self.root and self.root not in path.parents:
+            raise ConfigError(f"{uri} lies outside the artifact root {self.root_url}")
+        return path
+
+    def exists(self, uri: str) -> bool:
+        return self.local_path(uri).is_file()
+
+    def open(self, uri: str) -> IO[bytes]:
+        return open(self.local_path(uri), "rb")
+
+    def delete(self, uri: str) -> None:
+        """Remove a file, or a directory with everything under it; absent is fine."""
+        path = self.local_path(uri)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def put_atomic(
+        self, uri: str, write: Callable[[Path], None] | bytes, *, overwrite: bool = True
+    ) -> Stored:
+        """Write the artifact: ``write(tmp_path)`` (or the bytes) to a temporary file, fsync,
+        then rename to ``uri``. Returns its sha256 and size.
+
+        ``overwrite=False``: if a complete file is already there (another writer finished
+        first), keep it and return its digest with ``created=False``.
+        """
+        final = self.local_path(uri)
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f"{uuid.uuid4().hex}-{final.name}"
+        try:
+            if isinstance(write, bytes | bytearray | memoryview):
+                tmp.write_bytes(write)
+            else:
+                write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest, size = sha256_file(tmp), tmp.stat().st_size
+            created = _publish(tmp, final, overwrite)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        if not created:
+            digest, size = sha256_file(final), final.stat().st_size
+        return Stored(uri, digest, size, created)
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> bool:
+    """Make ``tmp`` visible as ``final`` in one step; False if kept an existing ``final``."""
+    if overwrite:
+        os.replace(tmp, final)
+        return True
+    try:
+        os.link(tmp, final)  # fails if ``final`` exists: the first complete writer wins
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links
+        if final.exists():
+            return False
+        os.replace(tmp, final)
+    return True
+
+
+def _file_url_path(url: str) -> Path:
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ConfigError(f"{url!r}: file:// URLs name a local path (file:///abs/path)")
+    return Path(unquote(parsed.path))
+
+
+def _is_local(root_url: str) -> bool:
+    scheme = urlparse(root_url).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # a path (or a Windows drive letter)
+
+
+def open_store(root_url: str) -> ArtifactStore:
+    """The store for a root: a path or ``file://`` URL (object stores: not yet)."""
+    if _is_local(root_url):
+        return FileStore(root_url)
+    raise ConfigError(
+        f"INTERPQ_ARTIFACTS_DIR={root_url!r}: only local paths and file:// URLs are supported "
+        "(mount shared storage and give its path)"
+    )
+
+
+def get_store() -> ArtifactStore:
+    """The store named by the settings (``INTERPQ_ARTIFACTS_DIR``)."""
+    from interpq.settings import get_settings
+
+    settings = get_settings()
+    if _is_local(settings.artifacts_dir):
+        return FileStore(settings.artifacts_path())  # relative paths: from the working directory
+    return open_store(settings.artifacts_dir)

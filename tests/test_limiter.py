@@ -1,0 +1,109 @@
+"""The global limiter against a real Redis: pacing, cool-downs, leases, budgets."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from interpq.providers.config import ModelPrice, Provider
+from interpq.worker.limiter import BudgetExceeded, Limiter, redis_for, snapshot
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def provider() -> Provider:
+    name = f"p{uuid.uuid4().hex[:8]}"  # fresh keys per test
+    return Provider(
+        name=name, base_url="http://127.0.0.1:1/v1", rpm=600, tpm=60_000, max_concurrency=2,
+        models={"m": ModelPrice(input_usd_per_mtok=1e6, output_usd_per_mtok=1e6),
+                "slow": ModelPrice(input_usd_per_mtok=0, output_usd_per_mtok=0, rpm=60)},
+    )  # fmt: skip
+
+
+def test_reservations_are_paced_at_the_limit(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    waits = [lim.reserve("m", tokens=1) for _ in range(5)]
+    # 600 rpm = one request per 100 ms: slots at 0, .1, .2, ... (minus the time spent reserving)
+    for i, w in enumerate(waits):
+        assert w == pytest.approx(0.1 * i, abs=0.02)
+
+
+def test_tokens_per_minute_can_be_the_binding_limit(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    first = lim.reserve("m", tokens=500)  # 60k tpm: 500 tokens take 0.5 s of budget
+    second = lim.reserve("m", tokens=500)
+    assert first == pytest.approx(0.0, abs=0.02)
+    assert second == pytest.approx(0.5, abs=0.03)
+    lim.reconcile("m", estimated=500, actual=100)  # the response used fewer: give back 0.4 s
+    assert lim.reserve("m", tokens=1) == pytest.approx(0.6, abs=0.05)
+
+
+def test_model_limits_apply_besides_the_providers(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    assert lim.reserve("slow", 1) == pytest.approx(0.0, abs=0.02)
+    assert lim.reserve("slow", 1) == pytest.approx(1.0, abs=0.03)  # 60 rpm for this model
+
+
+def test_a_cool_down_delays_every_later_reservation(redis_url: str, provider: Provider) -> None:
+    r = redis_for(redis_url)
+    lim_a, lim_b = Limiter(r, provider), Limiter(redis_for(redis_url), provider)
+    lim_a.cool_down("m", 1.0)
+    assert lim_b.reserve("m", 1) == pytest.approx(1.0, abs=0.05)
+    assert lim_b.cooldown_remaining("m") > 0.8
+    assert "m" in " ".join(snapshot(r, provider.name)["cooldown_s"])
+    t0 = time.monotonic()
+    lim_b.wait_for_slot("m", 1)
+    assert time.monotonic() - t0 >= 0.9
+
+
+def test_concurrency_permits_block_and_expire(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with lim.permit(lease_s=30):
+            held.set()
+            release.wait(10)
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    held.wait(5)
+    time.sleep(0.1)
+    assert snapshot(lim.r, provider.name)["in_flight"] == 2
+    got_third = threading.Event()
+
+    def third() -> None:
+        with lim.permit(lease_s=30):
+            got_third.set()
+
+    t3 = threading.Thread(target=third)
+    t3.start()
+    assert not got_third.wait(0.5), "a third permit was granted beyond max_concurrency=2"
+    release.set()
+    assert got_third.wait(5)
+    for t in [*threads, t3]:
+        t.join(5)
+    # a lease whose holder died comes back after its expiry
+    zkey = f"interpq:limit:{provider.name}:leases"
+    lim._acquire(keys=[zkey], args=["dead-1", 2, 0.3])
+    lim._acquire(keys=[zkey], args=["dead-2", 2, 0.3])
+    t0 = time.monotonic()
+    with lim.permit(lease_s=5):
+        waited = time.monotonic() - t0
+    assert 0.2 <= waited < 2.0
+
+
+def test_budget_refuses_the_call_that_would_pass_it(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider)
+    batch = uuid.uuid4().hex
+    lim.reserve_budget(batch, 0.6, budget_usd=1.0)
+    with pytest.raises(BudgetExceeded, match="budget exceeded"):
+        lim.reserve_budget(batch, 0.6, budget_usd=1.0)
+    lim.settle_budget(batch, estimate_usd=0.6, actual_usd=0.2)  # it cost less than estimated
+    lim.reserve_budget(batch, 0.6, budget_usd=1.0)
