@@ -196,7 +196,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         s = b.status()
         rows.append([b.name, b.id, s.n_jobs, *(s.counts.get(k, 0) for k in _STATES)])
     print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
+    providers = provider_activity(client)
+    if providers:
+        print("\nproviders, last 60 s (in flight and cool-downs from the global limiter)")
+        print(table(("provider", "calls/min", "tokens/min", "429s", "in flight", "cool-down s"),
+                    providers))  # fmt: skip
     return 0
+
+
+def provider_activity(client: object) -> list[list[object]]:
+    """Per provider: calls and tokens in the last minute (database), in flight and cool-down."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import case, func, select
+
+    from interpq.models import ApiCall
+    from interpq.settings import get_settings
+    from interpq.worker.limiter import redis_for, snapshot
+
+    since = datetime.now(UTC) - timedelta(seconds=60)
+    with client.engine.connect() as conn:  # type: ignore[attr-defined]
+        rows = conn.execute(
+            select(
+                ApiCall.provider,
+                func.count(),
+                func.sum(ApiCall.input_tokens + ApiCall.output_tokens),
+                func.sum(case((ApiCall.status_code == 429, 1), else_=0)),
+            )
+            .where(ApiCall.started_at >= since)
+            .group_by(ApiCall.provider)
+        ).all()
+    out: list[list[object]] = []
+    url = get_settings().broker_url
+    r = redis_for(url) if url else None
+    for provider, calls, tokens, n429 in rows:
+        snap = snapshot(r, provider) if r is not None else {"in_flight": "-", "cooldown_s": {}}
+        cool = max(snap["cooldown_s"].values(), default=0.0)
+        out.append([provider, calls, int(tokens or 0), int(n429 or 0), snap["in_flight"],
+                    f"{cool:.1f}" if cool else "-"])  # fmt: skip
+    return out
 
 
 _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")

@@ -164,3 +164,19 @@ def test_budget_guard_stops_calls_past_max_cost(stack: Stack) -> None:
     assert job.state == "failed" and job.error.startswith("budget exceeded"), job.error
     assert job.latency[0].n == 1  # one call fitted; the next would have passed the budget
     assert job.latency[0].cost_usd <= 20.0
+
+
+def test_status_shows_provider_activity(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    batch = _client(stack).submit([_embeddings("visible", 5, concurrency=1)], name="visible")
+    batch.wait(timeout_s=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "interpq.cli", "status"], env={**os.environ, **stack.env},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "calls/min" in proc.stdout and "in flight" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("local "))
+    assert int(line.split()[1]) >= 5
