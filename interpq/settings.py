@@ -10,6 +10,7 @@
 | INTERPQ_FLOWER_USER/PASSWORD  | (generated and printed)          | Flower basic auth                      |
 | INTERPQ_VISIBILITY_TIMEOUT_S  | 3600                             | unacked messages of a dead worker come |
 |                               |                                  | back after this long (Redis broker)    |
+| INTERPQ_PART_LEASE_S          | 30                               | run lease of a job part (see leases.py)|
 | INTERPQ_SAFETY_MARGIN         | 0.97                             | fraction of rpm/tpm the limiter allows |
 
 This module reads the environment; nothing under ``interpq/core`` does.
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     """Flower basic-auth password; generated when unset."""
     visibility_timeout_s: int = 3600
     """Seconds before a message taken by a worker that died is delivered again."""
+    part_lease_s: float = 30.0
+    """A running job part's lease in Redis, renewed while it runs; a dead worker's lapses."""
     api_concurrency: int = 16
     """Threads of an ``api`` worker (I/O-bound calls)."""
     compute_concurrency: int = 1

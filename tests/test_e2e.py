@@ -211,6 +211,7 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     from interpq.models import JobPart
 
     os.environ["INTERPQ_VISIBILITY_TIMEOUT_S"] = "4"
+    os.environ["INTERPQ_PART_LEASE_S"] = "3"
     try:
         st = Stack(tmp_path, api_workers=2, api_concurrency=4, compute_workers=0,
                    database_url=db_url, flower=False,
@@ -272,3 +273,4 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
         assert job.latency[0].n == len(calls)
     finally:
         os.environ.pop("INTERPQ_VISIBILITY_TIMEOUT_S", None)
+        os.environ.pop("INTERPQ_PART_LEASE_S", None)

@@ -6,7 +6,9 @@
 Results do not go to a Celery result backend: tasks write them to the database. The broker
 carries ``[job_id, part]`` and a label only. ``acks_late`` + ``reject_on_worker_lost`` mean a
 message is acknowledged after its task ends, so a worker that dies mid-task gets its work
-redelivered; tasks are idempotent by job id, so a redelivery never duplicates rows.
+redelivered; tasks are idempotent by job id, so a redelivery never duplicates rows. The one
+exception is ``interpq.scheduled_batch`` (``interpq.beat``), acknowledged on receipt: a periodic
+batch is submitted at most once per tick.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def make_app(broker_url: str | None = None) -> Celery:
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
+    import interpq.beat  # noqa: F401  (interpq.scheduled_batch: what beat's ticks run)
     import interpq.worker.tasks  # noqa: F401  (shared tasks bind to this app)
 
     return app
@@ -78,8 +81,10 @@ def get_app(broker_url: str | None = None) -> Celery:
 @worker_process_init.connect
 def _after_fork(**_kwargs: object) -> None:
     from interpq.models.db import dispose_engines
+    from interpq.worker.leases import forget_after_fork
 
     dispose_engines(after_fork=True)
+    forget_after_fork()
 
 
 def __getattr__(name: str) -> Celery:  # lazy, so importing this module needs no broker

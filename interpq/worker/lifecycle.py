@@ -23,7 +23,9 @@ from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
 from interpq.scheduler.dispatch import cancel_dependents, release_dependents
+from interpq.settings import get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
+from interpq.worker.leases import leases_for
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
@@ -145,7 +147,26 @@ def fail_job(engine: Engine, job_id: str, part: int, n_parts: int, message: str)
 
 
 def run_part(job_id: str, part: int, task: Any = None) -> str:
-    """Run one part of one job. Returns the outcome word (for logs and tests)."""
+    """Run one part of one job under a run lease. Returns the outcome word (for logs/tests).
+
+    Called by a Celery task (``task`` given), the part first takes a run lease in Redis; if a
+    live worker holds it (the broker redelivered a slow worker's message), the message is
+    retried later instead of running the part a second time at once.
+    """
+    settings = get_settings()
+    if task is None or not settings.broker_url:
+        return _run(job_id, part, task)
+    leases = leases_for(settings.broker_url, settings.part_lease_s)
+    if not leases.acquire(job_id, part):
+        log.info("job %s part %d: another live worker runs it; checking again later", job_id, part)
+        raise task.retry(countdown=settings.part_lease_s / 2, max_retries=MAX_RUNNER_RETRIES)
+    try:
+        return _run(job_id, part, task)
+    finally:
+        leases.release(job_id, part)
+
+
+def _run(job_id: str, part: int, task: Any) -> str:
     from interpq.worker.runners import RUNNERS
 
     engine = get_engine()
