@@ -105,8 +105,32 @@ def autocast(device: torch.device, enabled: bool):
 # --------------------------------------------------------------------------- interpq
 
 
+def import_bypassing_init(package: str, module: str) -> types.ModuleType:
+    """``import module``; if the package's ``__init__`` fails on a missing dependency, load
+    the package as a bare namespace (its ``__init__`` not run) and import ``module`` alone.
+
+    interpq's ``__init__`` pulls in the queue (pydantic, celery, ...) and sparsify's its LM
+    trainer (datasets, ...): a GPU box with torch alone can still run the SAE code.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    except ImportError:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
+        bare = types.ModuleType(package)
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules[package] = bare
+        return importlib.import_module(module)
+
+
 def run_interpq(args, device, pool, held_out) -> Outcome:
-    from interpq.sae import SAEConfig, train
+    sae_module = import_bypassing_init("interpq", "interpq.core.sae")
+    SAEConfig, train = sae_module.SAEConfig, sae_module.train
 
     cfg = SAEConfig(
         d_in=args.d_in,
@@ -154,35 +178,11 @@ def run_interpq(args, device, pool, held_out) -> Outcome:
 # -------------------------------------------------------------------------- sparsify
 
 
-def import_sparsify_coder():
-    """``sparsify.sparse_coder`` without running ``sparsify/__init__`` when that fails.
-
-    The package's ``__init__`` imports its LM trainer (``datasets``, ``schedulefree``...);
-    the SAE itself needs only ``config``, ``sparse_coder``, ``fused_encoder`` and ``utils``.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from sparsify.config import SparseCoderConfig
-            from sparsify.sparse_coder import SparseCoder
-        return SparseCoder, SparseCoderConfig
-    except ImportError:
-        spec = importlib.util.find_spec("sparsify")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        for name in [m for m in sys.modules if m == "sparsify" or m.startswith("sparsify.")]:
-            del sys.modules[name]
-        package = types.ModuleType("sparsify")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["sparsify"] = package
-        from sparsify.config import SparseCoderConfig
-        from sparsify.sparse_coder import SparseCoder
-
-        return SparseCoder, SparseCoderConfig
-
-
 def run_sparsify(args, device, pool, held_out) -> Outcome:
-    SparseCoder, SparseCoderConfig = import_sparsify_coder()
+    import_bypassing_init("sparsify", "sparsify.sparse_coder")
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
+
     torch.manual_seed(args.seed)
     cfg = SparseCoderConfig(num_latents=args.d_sae, k=args.k)
     sae = SparseCoder(args.d_in, cfg, device=device, dtype=torch.float32)

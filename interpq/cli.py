@@ -22,6 +22,7 @@ provider names (e.g. HOLYSHEEP_API_KEY) and never stored.
 quick start:  interpq demo            (everything embedded, ends by itself)
               interpq up              (same stack, kept running; prints the exports)
               interpq submit batch.yaml --wait
+              interpq results --since 24h --provider P --plot latency.png
 """
 
 
@@ -241,9 +242,16 @@ _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from interpq.errors import SpecError
     from interpq.report import jobs_table, latency_table
     from interpq.scheduler.client import Client
 
+    if args.since is not None:
+        return _results_since(args)
+    if args.batch is None:
+        raise SpecError("results: give a BATCH (id or name), or --since 24h for latency over time")
+    if args.provider or args.plot:
+        raise SpecError("results: --provider and --plot go with --since (latency over time)")
     results = Client().batch(args.batch).results()
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
@@ -252,6 +260,44 @@ def cmd_results(args: argparse.Namespace) -> int:
     if any(r.latency for r in results):
         print()
         print(latency_table(results))
+    return 0
+
+
+def _results_since(args: argparse.Namespace) -> int:
+    from interpq.history import history_table, latency_history, parse_since, plot_history
+    from interpq.scheduler.client import Client
+
+    since = parse_since(args.since)
+    rows = latency_history(Client().engine, since, provider=args.provider, batch=args.batch)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+    else:
+        print(f"latency per run since {since:%Y-%m-%d %H:%M:%S} UTC (ms; percentiles over "
+              "successful calls)")  # fmt: skip
+        print(history_table(rows))
+    if args.plot:
+        if not rows:
+            print("no plot written: nothing to plot", file=sys.stderr)
+            return 1
+        path = plot_history(rows, args.plot)
+        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from interpq.beat import load_schedule, run_beat
+
+    if args.check:
+        from interpq.providers.config import load_providers
+        from interpq.settings import get_settings
+
+        entries = load_schedule(args.schedule, load_providers(get_settings()))
+        for e in entries:
+            when = f"every {e.every}" if e.every else f"cron {e.cron!r} (UTC)"
+            print(f"{e.name}: {when}, batch {e.batch['name']!r}, "
+                  f"{len(e.batch.get('jobs') or [])} jobs")  # fmt: skip
+        return 0
+    run_beat(args.schedule, args.state, args.loglevel)
     return 0
 
 
@@ -326,10 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10)
     st.set_defaults(fn=cmd_status)
 
-    r = sub.add_parser("results", help="a batch's jobs and latency percentiles per model")
-    r.add_argument("batch", help="batch id or name (the newest batch of that name)")
+    r = sub.add_parser("results", help="a batch's jobs and latency percentiles per model, "
+                       "or (--since) latency over time")  # fmt: skip
+    r.add_argument("batch", nargs="?",
+                   help="batch id or name (the newest batch of that name); with --since: "
+                   "only the batches of that id or name, optional")  # fmt: skip
     r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--since", default=None,
+                   help="latency percentiles of every run since then: 24h, 7d, or an ISO "
+                   "date/time (UTC)")  # fmt: skip
+    r.add_argument("--provider", default=None, help="with --since: only this provider")
+    r.add_argument("--plot", metavar="FILE", default=None,
+                   help="with --since: also write a PNG of p50/p95 over time per model")  # fmt: skip
     r.set_defaults(fn=cmd_results)
+
+    b = sub.add_parser("beat", help="run Celery beat: periodic batches from a schedule file")
+    b.add_argument("--schedule", required=True, metavar="FILE",
+                   help="YAML/JSON: entries of {name, every: 1h | cron: '0 * * * *', batch}")  # fmt: skip
+    b.add_argument("--state", default="interpq-beat-schedule", metavar="FILE",
+                   help="where beat remembers each entry's last run (a writable path)")  # fmt: skip
+    b.add_argument("--check", action="store_true",
+                   help="check the schedule file, print its entries and exit")  # fmt: skip
+    b.add_argument("--loglevel", "-l", default="INFO")
+    b.set_defaults(fn=cmd_beat)
 
     db = sub.add_parser("db", help="database migrations")
     dbs = db.add_subparsers(dest="db_command", required=True)

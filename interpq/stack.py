@@ -79,6 +79,8 @@ class Stack:
     """Use this Redis instead of starting one."""
     database_url: str | None = None
     """Use this database instead of SQLite in ``workdir``."""
+    beat_schedule: Path | None = None
+    """Also run ``interpq beat`` with this schedule file (periodic batches)."""
     flower_user: str = "interpq"
     flower_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     procs: list[Proc] = field(default_factory=list)
@@ -118,6 +120,8 @@ class Stack:
             if self.flower:
                 self._start_flower()
             self.wait_for_workers(self._n_workers)
+            if self.beat_schedule is not None:
+                self._start_beat()
         except BaseException:
             self.stop()
             raise
@@ -204,6 +208,32 @@ class Stack:
             "--address=127.0.0.1", f"--port={port}",
         ]  # fmt: skip
         self._spawn("flower", argv, env=env)
+
+    def _start_beat(self) -> None:
+        assert self.beat_schedule is not None
+        argv = [
+            sys.executable, "-m", "interpq.cli", "beat",
+            "--schedule", str(Path(self.beat_schedule).resolve()),
+            "--state", str(self.workdir / "beat-schedule"),
+        ]  # fmt: skip
+        self._spawn("beat", argv)
+
+    def stop_worker(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 120) -> int:
+        """Send ``sig`` to one worker's main process and wait for it to exit (scale down).
+
+        This is what ``docker compose stop`` or scaling down does to a container. With SIGTERM
+        Celery shuts down warm: it stops taking messages, finishes the tasks it runs, gives back
+        the messages it holds unstarted, and exits 0. ``name`` is the worker's name (``api-1``)
+        or its process name (``worker-api-1``; ``beat`` stops the scheduler). Returns the exit
+        status; the process leaves ``procs``.
+        """
+        proc = next((p for p in self.procs if p.name in (name, f"worker-{name}")), None)
+        if proc is None:
+            raise KeyError(f"no process named {name!r} (have {[p.name for p in self.procs]})")
+        proc.popen.send_signal(sig)
+        code = proc.popen.wait(timeout_s)
+        self.procs.remove(proc)
+        return code
 
     def wait_for_workers(self, n: int, timeout_s: float = 60) -> None:
         """Block until ``n`` workers answer a ping."""

@@ -17,6 +17,7 @@ Each fast function has a naive dense twin (``naive_*``) that the tests compare i
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -48,9 +49,7 @@ class SparsePattern:
     def from_topk(cls, indices: Tensor, n_cols: int) -> SparsePattern:
         """From per-row top-k indices [batch, k]."""
         n_rows, k = indices.shape
-        device = indices.device
-        rows = torch.arange(n_rows, device=device).repeat_interleave(k)
-        offsets = torch.arange(0, n_rows * k, k, device=device)
+        rows, offsets = _topk_layout(n_rows, k, indices.device)
         return cls(rows, indices.reshape(-1), offsets, n_rows, n_cols)
 
     @classmethod
@@ -74,6 +73,14 @@ class SparsePattern:
             torch.cumsum(counts, 0, out=crow[1:])
             self._by_col = (crow, self.rows[perm], perm)
         return self._by_col
+
+
+@functools.lru_cache(maxsize=16)
+def _topk_layout(n_rows: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(row of each entry, start of each row) for k entries per row; read-only, reused."""
+    rows = torch.arange(n_rows, device=device).repeat_interleave(k)
+    offsets = torch.arange(0, n_rows * k, k, device=device)
+    return rows, offsets
 
 
 def _argsort_small_ints(keys: Tensor, bound: int) -> Tensor:

@@ -109,13 +109,17 @@ class SAEMetrics:
 
 
 @torch.no_grad()
-def evaluate(sae: Any, data: Iterable[Any] | Tensor, *, batch_size: int = 4096) -> SAEMetrics:
+def evaluate(
+    sae: Any, data: Iterable[Any] | Tensor | np.ndarray, *, batch_size: int = 4096
+) -> SAEMetrics:
     """Stream ``data`` through ``sae`` (encode then decode) and compute ``SAEMetrics``.
 
     Sums are kept in float64: Σ‖x − x̂‖², Σx and Σ‖x‖², so that
     Σ‖x − x̄‖² = Σ‖x‖² − N‖x̄‖² uses the mean of the whole set, not of each batch.
     """
     param = next(sae.parameters())
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
     batches: Iterable[Any] = data.split(batch_size) if isinstance(data, Tensor) else data
     sq_err = sum_x = sum_sq = None
     n = 0

@@ -60,6 +60,11 @@ class DeadLatents(NamedTuple):
 class SparseAutoencoder(nn.Module):
     """A TopK / ReLU / BatchTopK / JumpReLU sparse autoencoder (see ``SAEConfig``)."""
 
+    input_scale: Tensor  # [] buffer: inputs are multiplied by it (1 once folded)
+    threshold: Tensor  # [d_sae] buffer, batchtopk only
+    log_threshold: nn.Parameter  # [d_sae], jumprelu only
+    _zero: Tensor  # [] non-persistent buffer
+
     def __init__(
         self,
         cfg: SAEConfig,
@@ -82,6 +87,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
+        # A ready zero for losses that do not apply (saves a kernel launch per step).
+        self.register_buffer("_zero", torch.zeros((), device=device, dtype=dtype), persistent=False)
         if cfg.architecture == "batchtopk":
             # Global threshold (EMA of the smallest selected activation), stored per latent
             # because that is the JumpReLU layout it is saved in.
@@ -160,7 +167,8 @@ class SparseAutoencoder(nn.Module):
 
     def _dense_preacts_no_grad(self, xc: Tensor) -> Tensor:
         with torch.no_grad():
-            w, b = self.W_enc, self.b_enc
+            w: Tensor = self.W_enc
+            b: Tensor = self.b_enc
             if self._bf16():
                 w, b, xc = w.to(torch.bfloat16), b.to(torch.bfloat16), xc.to(torch.bfloat16)
             if xc.is_cuda:
@@ -188,9 +196,10 @@ class SparseAutoencoder(nn.Module):
 
         err = xs - xs_hat
         total_var = (xs - xs.mean(0)).pow(2).sum()
-        fvu = err.pow(2).sum() / total_var
+        sq_err = err.pow(2).sum()
+        fvu = sq_err / total_var
         aux = self._auxk_loss(xc, pre, err, total_var, dead)
-        loss = fvu + cfg.aux_k_coefficient * aux if cfg.aux_k_coefficient > 0 else fvu
+        loss = fvu if aux is None else fvu + cfg.aux_k_coefficient * aux
 
         with torch.no_grad():
             active = (acts > 0).to(xs.dtype)
@@ -205,18 +214,17 @@ class SparseAutoencoder(nn.Module):
             fire_counts=fire_counts,
             l0=l0,
             fvu=fvu,
-            mse=err.detach().pow(2).mean() / self.input_scale**2,
-            aux_loss=aux,
-            sparsity_loss=torch.zeros((), device=xs.device, dtype=xs.dtype),
+            mse=sq_err.detach() / (err.numel() * self.input_scale**2),
+            aux_loss=self._zero if aux is None else aux,
+            sparsity_loss=self._zero,
             loss=loss,
         )
 
     def _auxk_loss(
         self, xc: Tensor, pre: Tensor, err: Tensor, total_var: Tensor, dead: DeadLatents | None
-    ) -> Tensor:
-        zero = torch.zeros((), device=xc.device, dtype=xc.dtype)
+    ) -> Tensor | None:
         if dead is None or self.cfg.aux_k_coefficient == 0 or dead.candidates.numel() == 0:
-            return zero
+            return None
         k_aux = min(self.cfg.aux_k or 1, dead.candidates.numel())
         with torch.no_grad():
             cand_pre = pre.index_select(1, dead.candidates)  # [batch, n_candidates]
@@ -270,7 +278,7 @@ class SparseAutoencoder(nn.Module):
             l0=l0,
             fvu=sq.detach() / total_var,
             mse=err.detach().pow(2).mean() / self.input_scale**2,
-            aux_loss=torch.zeros((), device=xs.device, dtype=xs.dtype),
+            aux_loss=self._zero,
             sparsity_loss=sparsity,
             loss=loss,
         )

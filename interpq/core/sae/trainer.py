@@ -282,7 +282,7 @@ class _Run:
             if cfg.architecture == "batchtopk":
                 sae.update_batchtopk_threshold(out.latent_acts)
             values = (out.loss, out.fvu, out.mse, out.l0, out.aux_loss, out.sparsity_loss)
-            self.acc.add_(torch.stack([v.detach().to(torch.float64) for v in values]))
+            self.acc.add_(torch.stack([v.detach() for v in values]))  # float64 += float32
         self.acc_steps += 1
 
     def log(self, step: int, n_tokens: int) -> dict[str, float]:
