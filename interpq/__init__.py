@@ -20,7 +20,7 @@ from interpq.errors import (
     SpecError,
 )
 from interpq.scheduler import Batch, BatchStatus, Client, JobResult, LatencyRow, load_batch_file
-from interpq.specs import BatchSpec, Benchmark, JobSpec, Noop, Ref
+from interpq.specs import BatchSpec, Benchmark, Extract, JobSpec, Noop, Patch, Ref, TrainSAE
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "EnqueueError",
+    "Extract",
     "InterpqError",
     "JobError",
     "JobResult",
@@ -39,9 +40,11 @@ __all__ = [
     "LatencyRow",
     "MissingApiKey",
     "Noop",
+    "Patch",
     "PermanentJobError",
     "Ref",
     "RetryableJobError",
     "SpecError",
+    "TrainSAE",
     "load_batch_file",
 ]

@@ -6,10 +6,11 @@ Jobs ask the store for URIs (``uri_for("activations", "shards", name)``), write 
 so an object store (``s3://...``) can be added as another class with the same five methods
 without touching a job.
 
-``put_atomic`` writes into a temporary file under ``<root>/.tmp/`` and then renames it into
-place: a reader (or a worker started after another was killed) sees either no artifact or a
-complete one, never a torn file. With ``overwrite=False`` the first complete writer wins and
-later writers keep what is there (content-addressed files are written once).
+``put_atomic`` writes into a temporary file under ``<root>/.tmp/`` (named after the writing
+process id) and then renames it into place: a reader (or a worker started after another was
+killed) sees either no artifact or a complete one, never a torn file. With
+``overwrite=False`` the first complete writer wins and later writers keep what is there
+(content-addressed files are written once). ``delete`` removes a file or a folder.
 
 Only ``file://`` roots exist today. This module knows nothing about what the bytes mean.
 """
@@ -55,7 +56,7 @@ class ArtifactStore(Protocol):
     def open(self, uri: str) -> IO[bytes]: ...
     def local_path(self, uri: str) -> Path: ...
     def put_atomic(
-        self, uri: str, write: Callable[[Path], None] | bytes, *, overwrite: bool = True
+        self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored: ...
     def delete(self, uri: str) -> None: ...
 
@@ -126,7 +127,7 @@ class FileStore:
                 path.unlink()
 
     def put_atomic(
-        self, uri: str, write: Callable[[Path], None] | bytes, *, overwrite: bool = True
+        self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored:
         """Write the artifact: ``write(tmp_path)`` (or the bytes) to a temporary file, fsync,
         then rename to ``uri``. Returns its sha256 and size.
@@ -138,7 +139,7 @@ class FileStore:
         tmp_dir = self.root / TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{uuid.uuid4().hex}-{final.name}"
+        tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{final.name}"  # who wrote it
         try:
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)
@@ -170,6 +171,14 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> bool:
             return False
         os.replace(tmp, final)
     return True
+
+
+def to_local_path(uri_or_path: str | Path) -> Path:
+    """The local file behind a ``file://`` URI or a plain path (other schemes: ConfigError)."""
+    raw = str(uri_or_path)
+    if not _is_local(raw):
+        raise ConfigError(f"{raw!r}: only local paths and file:// URIs can be read here")
+    return _file_url_path(raw) if raw.startswith("file:") else Path(raw)
 
 
 def _file_url_path(url: str) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import random
 import re
 import sysconfig
@@ -36,7 +37,8 @@ _SKIP_DIRS = {
     "turtledemo", "ensurepip", "__pycache__", "config-3", "pydoc_data",
 }  # fmt: skip
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;'()\-]*[a-z0-9)]\.")
+_SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'\"()\-_./%]*[a-z0-9)]\.")
+_CODE = re.compile(r"\w[._]\w|\(\)|::|\.\.")
 _MIN_WORDS, _MAX_WORDS = 5, 40
 
 
@@ -140,13 +142,12 @@ def _stdlib_sentences(n: int, seed: int) -> tuple[str, ...]:
 
 
 def _stdlib_files(seed: int) -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
-        and not p.name.startswith("test_")
-    )
+    root = sysconfig.get_paths()["stdlib"]
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+        files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("test")]
+    files.sort()
     random.Random(seed).shuffle(files)
     return files
 
@@ -166,7 +167,9 @@ def _file_sentences(path: Path) -> Iterator[str]:
             if paragraph.lstrip().startswith(">>>"):
                 continue
             for sentence in _SPLIT.split(" ".join(paragraph.split())):
-                if _SENTENCE.fullmatch(sentence) and (
-                    _MIN_WORDS <= len(sentence.split()) <= _MAX_WORDS
+                if (
+                    _SENTENCE.fullmatch(sentence)
+                    and not _CODE.search(sentence)
+                    and _MIN_WORDS <= len(sentence.split()) <= _MAX_WORDS
                 ):
                     yield sentence

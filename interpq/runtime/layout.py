@@ -85,7 +85,7 @@ class Layout:
     out_projs: list[nn.Module]
     """Per block, the attention output projection; its input holds the per-head outputs."""
     mlps: list[nn.Module]
-    """Per block, the MLP (for BERT: ``intermediate``; its output projection is ``output.dense``)."""
+    """Per block, the MLP (BERT: ``intermediate``, whose projection back is ``output.dense``)."""
     pre_mlp_norms: list[nn.Module] | None
     """Per block, the norm whose input is ``resid_mid`` (None where there is no resid_mid)."""
     final_norm: nn.Module | None

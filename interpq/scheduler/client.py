@@ -25,7 +25,7 @@ from interpq.providers.config import load_providers
 from interpq.scheduler.batch import Batch
 from interpq.scheduler.dispatch import Dispatch, cancel_jobs, publish
 from interpq.settings import Settings, get_settings
-from interpq.specs import BatchSpec, JobSpec, SubmitContext
+from interpq.specs import SPEC_TYPES, BatchSpec, JobSpec, SubmitContext
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     for p in err["loc"]:
         if isinstance(p, int):
             parts[-1:] = [f"{parts[-1]}[{p}]" if parts else f"[{p}]"]
-        elif p in ("noop", "benchmark") and parts and parts[-1].endswith("]"):
+        elif p in SPEC_TYPES and parts and parts[-1].endswith("]"):
             continue  # discriminator tag pydantic adds to the path
         else:
             parts.append(str(p))

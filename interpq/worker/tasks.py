@@ -24,3 +24,6 @@ def _define(kind: str) -> Any:
 
 noop = _define("noop")
 benchmark = _define("benchmark")
+extract = _define("extract")
+train_sae = _define("train_sae")
+patch = _define("patch")

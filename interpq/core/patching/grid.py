@@ -11,6 +11,7 @@ Plain numpy and JSON; no torch, no plotting.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -97,11 +98,52 @@ class PatchGrid:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
+    def merge(cls, grids: list[PatchGrid]) -> PatchGrid:
+        """One grid from sweeps of the same prompts split by layers (e.g. run on several
+        workers): layers are concatenated in order, forward passes added up."""
+        if not grids:
+            raise ValueError("nothing to merge")
+        first = grids[0]
+        same = ("model", "component", "direction", "mode", "positions", "heads", "primary")
+        for g in grids[1:]:
+            for key in same:
+                if getattr(g, key) != getattr(first, key):
+                    raise ValueError(f"cannot merge grids whose {key} differ")
+            if not (_close(g.clean, first.clean) and _close(g.corrupted, first.corrupted)):
+                raise ValueError("cannot merge grids of different prompts (baselines differ)")
+        order = sorted(range(len(grids)), key=lambda i: grids[i].layers[0])
+        parts = [grids[i] for i in order]
+        layers = [layer for g in parts for layer in g.layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError("cannot merge grids with overlapping layers")
+        return cls(
+            **{
+                **asdict(first),
+                "layers": layers,
+                "values": {m: np.concatenate([g.values[m] for g in parts]) for m in first.values},
+                "per_prompt": {
+                    m: np.concatenate([g.per_prompt[m] for g in parts]) for m in first.per_prompt
+                },
+                "n_forward_passes": sum(g.n_forward_passes for g in parts),
+                "correlation": None,
+                "verified": None,
+            }
+        )
+
+    @classmethod
     def from_json(cls, text: str) -> PatchGrid:
         data = json.loads(text)
         for key in ("values", "per_prompt"):
             data[key] = {m: np.array(v, dtype=float) for m, v in data[key].items()}
         return cls(**data)
+
+
+def _close(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6)
+        or (math.isnan(a[k]) and math.isnan(b[k]))
+        for k in a
+    )
 
 
 def _num(x: Any) -> float | None:

@@ -33,6 +33,7 @@ class PatchingInputError(ValueError):
     """The prompts, answers or sweep options cannot be patched as given."""
 
 
+@torch.no_grad()
 def patch(
     model: Any,
     tokenizer: Any,
@@ -84,30 +85,6 @@ def patch(
             effect by exact patching and report the correlation.
         add_special_tokens: Passed to the tokenizer for string prompts.
     """
-    with torch.no_grad():
-        return _patch(**locals())
-
-
-def _patch(
-    model: Any,
-    tokenizer: Any,
-    clean: Prompts,
-    corrupted: Prompts,
-    answers: Answers,
-    wrong_answers: Answers,
-    metric: CustomMetric | None,
-    component: str,
-    layers: Sequence[int] | None,
-    positions: Sequence[int] | Literal["all"] | None,
-    heads: Sequence[int] | None,
-    direction: Literal["denoising", "noising"],
-    mode: Literal["exact", "attribution", "reference"],
-    metrics: Sequence[str] | None,
-    batch_size: int | None,
-    memory_budget_mb: float,
-    verify_top_k: int,
-    add_special_tokens: bool,
-) -> PatchGrid:
     t0 = time.perf_counter()
     layout = locate(model)
     if component not in layout.points():

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
-from interpq.worker.runners import benchmark, noop
+from interpq.worker.runners import benchmark, extract, noop, patch, train_sae
 
 
 class Runner(Protocol):
@@ -20,4 +20,10 @@ class Runner(Protocol):
     def finalize(self, conn: Connection, ctx: Any, spec: Any) -> dict[str, Any]: ...
 
 
-RUNNERS: dict[str, Runner] = {"noop": noop, "benchmark": benchmark}  # type: ignore[dict-item]
+RUNNERS: dict[str, Runner] = {  # type: ignore[dict-item]
+    "noop": noop,
+    "benchmark": benchmark,
+    "extract": extract,
+    "train_sae": train_sae,
+    "patch": patch,
+}

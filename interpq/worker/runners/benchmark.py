@@ -24,7 +24,7 @@ from interpq.models import Batch as BatchRow
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
-from interpq.providers.config import get_provider
+from interpq.providers.config import ModelPrice, Provider, get_provider
 from interpq.settings import get_settings
 from interpq.specs import Benchmark
 from interpq.worker.limiter import Limiter, estimate_tokens, redis_for
@@ -72,7 +72,8 @@ def backoff_s(attempt: int, retry_after_s: float | None) -> float:
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
 
-def _batch_budget(ctx: Any) -> float | None:
+def batch_budget(ctx: Any) -> float | None:
+    """The batch's ``max_cost_usd`` (None: no budget)."""
     with ctx.engine.connect() as conn:
         return conn.execute(
             select(BatchRow.max_cost_usd).where(BatchRow.id == ctx.batch_id)
@@ -94,11 +95,8 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
         price = provider.price(model)
     except ConfigError as exc:
         raise PermanentJobError(str(exc)) from exc
-    settings = get_settings()
-    limiter = Limiter(
-        _redis(settings.broker_url), provider, provider.safety_margin or settings.safety_margin
-    )
-    budget = _batch_budget(ctx)
+    limiter = make_limiter(provider)
+    budget = batch_budget(ctx)
     done, last_attempt, first_start = _previous_attempts(ctx)
     payload = _payload(spec, model)
     est_in = estimate_tokens(spec.prompt)
@@ -110,28 +108,13 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
         if attempt >= spec.max_attempts or _out_of_time(first_start.get(index), spec):
             continue  # this request has failed for good; the summary counts its attempts
         attempt += 1
-        estimate_usd = price.cost_usd(est_in, est_out)
-        if budget is not None:
-            limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
-        with limiter.permit(lease_s=spec.timeout_s + 30):
-            limiter.wait_for_slot(model, est_in + est_out)
-            out = openai_http.attempt(
-                provider.base_url,
-                spec.endpoint,
-                payload,
-                api_key=api_key,
-                key_env=provider.api_key_env,
-                timeout_s=spec.timeout_s,
-            )
-        limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
-        cost = price.cost_usd(out.input_tokens, out.output_tokens)
-        if budget is not None:
-            limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
-        _record(ctx, spec, model, index, attempt, out, cost)
+        out = limited_attempt(
+            ctx, limiter, provider, model, spec.endpoint, payload,
+            api_key=api_key, price=price, budget=budget, request_index=index,
+            attempt=attempt, est_tokens=(est_in, est_out), timeout_s=spec.timeout_s,
+        )  # fmt: skip
         if out.ok:
             continue
-        if out.error_class == "rate_limited":
-            limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
         if not out.retryable:
             raise PermanentJobError(
                 f"{spec.provider}/{model}: {out.error} (not retried: {out.error_class})"
@@ -151,17 +134,69 @@ def _out_of_time(first: datetime | None, spec: Benchmark) -> bool:
     return (datetime.now(UTC) - first).total_seconds() > spec.max_retry_time_s
 
 
-def _record(
-    ctx: Any, spec: Benchmark, model: str, index: int, attempt: int, out: Any, cost: float
-) -> None:
+def make_limiter(provider: Provider) -> Limiter:
+    """The global limiter for ``provider``, on the broker's Redis."""
+    settings = get_settings()
+    margin = provider.safety_margin or settings.safety_margin
+    return Limiter(_redis(settings.broker_url), provider, margin)
+
+
+def limited_attempt(
+    ctx: Any,
+    limiter: Limiter,
+    provider: Provider,
+    model: str,
+    endpoint: openai_http.Endpoint,
+    payload: dict[str, Any],
+    *,
+    api_key: str | None,
+    price: ModelPrice,
+    budget: float | None,
+    request_index: int,
+    attempt: int,
+    est_tokens: tuple[int, int],
+    timeout_s: float,
+) -> openai_http.CallOutcome:
+    """One HTTP attempt under the global limits (and the batch's budget), recorded as one
+    ``api_calls`` row; a 429 cools the model down for every worker. Retrying is the caller's.
+    Shared by the runners that call APIs."""
+    est_in, est_out = est_tokens
+    estimate_usd = price.cost_usd(est_in, est_out)
+    if budget is not None:
+        limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
+    with limiter.permit(lease_s=timeout_s + 30):
+        limiter.wait_for_slot(model, est_in + est_out)
+        out = openai_http.attempt(
+            provider.base_url,
+            endpoint,
+            payload,
+            api_key=api_key,
+            key_env=provider.api_key_env,
+            timeout_s=timeout_s,
+        )
+    limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
+    cost = price.cost_usd(out.input_tokens, out.output_tokens)
+    if budget is not None:
+        limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
+    record_attempt(ctx, provider.name, model, endpoint, request_index, attempt, out, cost)
+    if out.error_class == "rate_limited":
+        limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
+    return out
+
+
+def record_attempt(
+    ctx: Any, provider: str, model: str, endpoint: str, index: int, attempt: int, out: Any,
+    cost: float,
+) -> None:  # fmt: skip
+    """One ``api_calls`` row for one HTTP attempt (a redelivered part never duplicates it)."""
     row = {
         "job_id": ctx.job_id,
         "part": ctx.part,
         "request_index": index,
         "attempt": attempt,
-        "provider": spec.provider,
+        "provider": provider,
         "model": model,
-        "endpoint": openai_http.PATHS[spec.endpoint],
+        "endpoint": openai_http.PATHS[endpoint],
         "started_at": out.started_at,
         "latency_ms": out.latency_ms,
         "ttft_ms": out.ttft_ms,

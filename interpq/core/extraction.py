@@ -1,0 +1,212 @@
+"""Reading a local model's activations at chosen hook points, batch by batch, without gradients.
+
+``extract(model, layout, token_ids, points, ...)`` runs the model over already-tokenized texts
+and yields, per batch, the activations at each ``(hook point, layer)`` reduced to rows:
+
+- ``"all"``: one row per real token (padding masked out), in position order;
+- ``"last"``: one row per text, its last real token;
+- ``"mean"``: one row per text, the mean over its real tokens.
+
+Texts are grouped into batches of similar length (fewer pad tokens), padded on the left or
+the right with an attention mask and explicit position ids, so a text's activations do not
+depend on its batch (padding invariance, up to float rounding). The forward pass stops right
+after the last requested hook point (a private exception raised from a hook), so extracting
+layer 3 of a 24-layer model runs 4 blocks.
+
+This module imports torch only: it knows nothing about tokenizers, files or jobs. Hook
+points are located by ``interpq.runtime.layout``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from interpq.runtime.layout import Layout
+
+Reduction = Literal["all", "last", "mean"]
+PaddingSide = Literal["left", "right"]
+Point = tuple[str, int]
+"""A hook point and its layer, e.g. ``("resid_pre", 6)``."""
+EXTRACTABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested activation is captured."""
+
+
+@dataclass
+class ExtractedBatch:
+    """The rows of one batch. Texts are named by their index in the ``token_ids`` given."""
+
+    text_index: list[int]
+    """The texts of this batch, in the order their rows appear."""
+    rows_per_text: list[int]
+    """Rows of each text (its token count for ``"all"``, else 1)."""
+    acts: dict[Point, Tensor]
+    """Per hook point ``[rows, d]`` on the CPU, in ``out_dtype``."""
+    positions: Tensor
+    """``[rows]`` token position in its text (-1 for ``"mean"``)."""
+    token_ids: Tensor
+    """``[rows]`` the token at that position (-1 for ``"mean"``)."""
+
+
+def rows_per_text(lengths: Sequence[int], reduction: Reduction) -> list[int]:
+    """Rows each text contributes: its length for ``"all"``, else 1."""
+    return list(lengths) if reduction == "all" else [1] * len(lengths)
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, sort_by_length: bool = True
+) -> list[list[int]]:
+    """Text indices grouped into batches; longest first when sorting (stable for ties)."""
+    order = list(range(len(lengths)))
+    if sort_by_length:
+        order.sort(key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(
+    token_ids: Sequence[Sequence[int]], pad_id: int, side: PaddingSide = "right"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, position_ids)``, each ``[batch, pos]``.
+
+    Position ids count real tokens only (0 at each text's first token), so left padding
+    does not shift positions.
+    """
+    width = max(len(t) for t in token_ids)
+    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, toks in enumerate(token_ids):
+        n = len(toks)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.as_tensor(list(toks), dtype=torch.long)
+        mask[row, cols] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def reduce_tokens(act: Tensor, mask: Tensor, reduction: Reduction) -> Tensor:
+    """``act [batch, pos, d]`` → rows ``[rows, d]`` (masked positions never contribute)."""
+    keep = mask.bool()
+    if reduction == "all":
+        return act[keep]  # row-major: text by text, positions ascending
+    if reduction == "last":
+        last = _last_index(mask)  # [batch]
+        return act[torch.arange(act.shape[0], device=act.device), last]
+    weights = mask.to(act.dtype).unsqueeze(-1)  # [batch, pos, 1]
+    summed = (act * weights).sum(dim=1, dtype=torch.float32)
+    return (summed / weights.sum(dim=1).float().clamp(min=1)).to(act.dtype)
+
+
+def _last_index(mask: Tensor) -> Tensor:
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), pos, -1).amax(dim=1)
+
+
+def accepts_position_ids(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``position_ids`` (every supported family does)."""
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_capture(
+    model: nn.Module,
+    layout: Layout,
+    points: Sequence[Point],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None = None,
+) -> dict[Point, Tensor]:
+    """One forward pass that records ``points`` and stops after the last of them.
+
+    Returns ``[batch, pos, d]`` per point. Runs under ``torch.inference_mode``.
+    """
+    for point, layer in points:
+        if point not in EXTRACTABLE:
+            raise ValueError(f"cannot extract {point!r}; choose one of {EXTRACTABLE}")
+        layout.site(point, layer)  # LayoutError names the model class and the range
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    with torch.inference_mode(), layout.capture(points) as acts:
+        stop = _register_stop(layout, points)
+        try:
+            model(**kwargs)
+        except _StopForward:
+            pass
+        finally:
+            stop.remove()
+    missing = [p for p in points if p not in acts]
+    assert not missing, f"hooks did not fire for {missing}"
+    return {p: acts[p] for p in points}
+
+
+def _register_stop(layout: Layout, points: Sequence[Point]) -> Any:
+    """A hook registered after the capture hooks: it runs last at the last needed block."""
+    last = max(layer for _, layer in points)
+    block = layout.blocks[last]
+
+    def stop(*_args: Any) -> None:
+        raise _StopForward
+
+    if all(p == "resid_pre" for p, layer in points if layer == last):
+        return block.register_forward_pre_hook(stop)  # the block's input is all we need
+    return block.register_forward_hook(stop)
+
+
+def extract(
+    model: nn.Module,
+    layout: Layout,
+    token_ids: Sequence[Sequence[int]],
+    points: Sequence[Point],
+    *,
+    reduction: Reduction = "all",
+    batch_size: int = 32,
+    pad_id: int = 0,
+    padding_side: PaddingSide = "right",
+    out_dtype: torch.dtype | None = None,
+    sort_by_length: bool = True,
+) -> Iterator[ExtractedBatch]:
+    """Activations of every text at ``points``, one ``ExtractedBatch`` per forward pass.
+
+    ``token_ids``: one list of ids per text (non-empty; truncate beforehand). The model's
+    device is used for the forward pass; rows come back on the CPU as ``out_dtype``
+    (default: the model's dtype).
+    """
+    if any(len(t) == 0 for t in token_ids):
+        empty = next(i for i, t in enumerate(token_ids) if len(t) == 0)
+        raise ValueError(f"text {empty} has no tokens")
+    device = next(model.parameters()).device
+    with_positions = accepts_position_ids(model)
+    lengths = [len(t) for t in token_ids]
+    for batch in plan_batches(lengths, batch_size, sort_by_length):
+        ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        acts = forward_capture(
+            model, layout, points, ids, mask, positions if with_positions else None
+        )
+        rows = {
+            p: reduce_tokens(a, mask, reduction).to(dtype=out_dtype or a.dtype).cpu()
+            for p, a in acts.items()
+        }
+        if reduction == "mean":
+            pos_rows = torch.full((len(batch),), -1, dtype=torch.long)
+            tok_rows = pos_rows.clone()
+        else:
+            pos_rows = reduce_tokens(positions.unsqueeze(-1), mask, reduction).squeeze(-1)
+            tok_rows = reduce_tokens(ids.unsqueeze(-1), mask, reduction).squeeze(-1)
+        yield ExtractedBatch(
+            text_index=batch,
+            rows_per_text=rows_per_text([lengths[i] for i in batch], reduction),
+            acts=rows,
+            positions=pos_rows.cpu(),
+            token_ids=tok_rows.cpu(),
+        )

@@ -1,0 +1,62 @@
+"""Job specs: one validated pydantic class per job kind.
+
+A spec is data: what to run, never how. Each kind names its queue (``api`` for I/O-bound
+calls, ``compute`` for CPU/GPU work) and how many parts it splits into (parts run on several
+workers at once). Jobs of one batch refer to each other with ``Ref``: in Python pass the spec
+object itself (``TrainSAE(activations=acts)``), in a batch file write ``"@name"``. A job runs
+only after every job it refers to (and every job in its ``after`` list) has succeeded.
+
+New kinds subclass ``JobSpec``, set ``kind: Literal[...]`` and register in ``SPEC_TYPES``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from interpq.specs.api import Benchmark, Noop
+from interpq.specs.base import SPEC_SCHEMA_VERSION, JobSpec, Queue, Ref, SubmitContext
+from interpq.specs.extract import Extract
+from interpq.specs.science import Patch, TrainSAE
+
+AnySpec = Annotated[Noop | Benchmark | Extract | TrainSAE | Patch, Field(discriminator="kind")]
+SPEC_TYPES: dict[str, type[JobSpec]] = {
+    "noop": Noop,
+    "benchmark": Benchmark,
+    "extract": Extract,
+    "train_sae": TrainSAE,
+    "patch": Patch,
+}
+
+__all__ = [
+    "SPEC_SCHEMA_VERSION",
+    "SPEC_TYPES",
+    "AnySpec",
+    "BatchSpec",
+    "Benchmark",
+    "Extract",
+    "JobSpec",
+    "Noop",
+    "Patch",
+    "Queue",
+    "Ref",
+    "SubmitContext",
+    "TrainSAE",
+    "json_schema",
+]
+
+
+class BatchSpec(BaseModel):
+    """A batch file: a name, optional limits, and its jobs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    name: str = Field(default="batch", min_length=1, max_length=200)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """Calls that would take the batch's spend past this are not made (API jobs)."""
+    jobs: list[AnySpec] = Field(min_length=1)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of a batch file (and so of every job kind)."""
+    return BatchSpec.model_json_schema()

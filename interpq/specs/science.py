@@ -1,0 +1,161 @@
+"""Specs of the SAE training and patching jobs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from interpq.specs.base import JobSpec, Queue, Ref, SubmitContext
+from interpq.specs.extract import _API_MODEL
+
+
+class TrainSAE(JobSpec):
+    """Sparse autoencoders trained on an activation dataset (one per value of a sweep).
+
+    ``activations`` is an ``Extract`` job of the same batch (the spec object, or ``"@name"``)
+    or the URI of an existing dataset manifest. ``k`` and ``expansion_factor`` may be lists:
+    every combination is trained over one shared pass of the data.
+    """
+
+    kind: Literal["train_sae"] = "train_sae"
+    activations: Ref | str
+    """The Extract job (``@name`` or the spec) or a dataset manifest URI/path."""
+    hook: str | None = None
+    """Which hook point of the dataset (needed when it holds several, e.g. ``resid_post.3``)."""
+    architecture: Literal["topk", "relu", "batchtopk", "jumprelu"] = "topk"
+    """TopK (default), ReLU + L1, BatchTopK or JumpReLU."""
+    k: int | list[int] = 32
+    """Active latents per row (TopK/BatchTopK); a list trains one SAE per value."""
+    expansion_factor: int | list[int] = 8
+    """d_sae / d_in; a list trains one SAE per value."""
+    l1_coefficient: float = Field(default=5.0, ge=0)
+    """ReLU only: weight of the decoder-norm-weighted L1 penalty."""
+    lr: float | None = Field(default=None, gt=0)
+    """Adam learning rate (default: scaled by 1/sqrt(d_sae / 16384), as sparsify does)."""
+    batch_size: int = Field(default=4096, ge=1)
+    """Rows per step."""
+    n_steps: int | None = Field(default=None, ge=1)
+    """Training steps; unset: ``n_epochs`` passes over the data."""
+    n_epochs: float = Field(default=1.0, gt=0)
+    """Passes over the data when ``n_steps`` is unset."""
+    lr_warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
+    autocast_bf16: bool = False
+    """Train under bf16 autocast on CUDA."""
+    checkpoint_every_steps: int = Field(default=200, ge=1)
+    """A killed worker's redelivered job resumes from the last checkpoint."""
+
+    queue: ClassVar[Queue] = "compute"
+
+    @field_validator("activations", mode="before")
+    @classmethod
+    def _ref_or_uri(cls, value: Any) -> Any:
+        if isinstance(value, JobSpec) or (isinstance(value, str) and value.startswith("@")):
+            return Ref.model_validate(value)
+        return value
+
+    def sweep(self) -> list[tuple[int, int]]:
+        ks = self.k if isinstance(self.k, list) else [self.k]
+        xs = (
+            self.expansion_factor
+            if isinstance(self.expansion_factor, list)
+            else [self.expansion_factor]
+        )
+        return [(k, x) for k in ks for x in xs]
+
+    def configs(self, d_in: int) -> list[Any]:
+        """One ``SAEConfig`` per sweep point (ValueError naming the setting if invalid)."""
+        from interpq.sae import SAEConfig
+
+        return [
+            SAEConfig(
+                d_in=d_in, architecture=self.architecture, k=k, expansion_factor=x,
+                l1_coefficient=self.l1_coefficient, lr=self.lr, batch_size=self.batch_size,
+                n_steps=self.n_steps, n_epochs=None if self.n_steps else self.n_epochs,
+                lr_warmup_steps=self.lr_warmup_steps, seed=self.seed, device=self.device,
+                autocast_bf16=self.autocast_bf16,
+                checkpoint_every_steps=self.checkpoint_every_steps,
+            )
+            for k, x in self.sweep()
+        ]  # fmt: skip
+
+    def label(self) -> str:
+        return f"train_sae {self.architecture} × {len(self.sweep())}"
+
+
+class Patch(JobSpec):
+    """Activation patching of a local model over layers × positions (× heads).
+
+    With ``model="provider:model"`` the job is a *counterfactual prompt comparison* through
+    the API's logprobs instead (total effects at the input only; not activation patching).
+    """
+
+    kind: Literal["patch"] = "patch"
+    model: str
+    """A local model (``tiny-gpt2-random-weights``, ``all-MiniLM-L6-v2``, a Hugging Face id or
+    path), or ``provider:model`` for a counterfactual prompt comparison through an API."""
+    clean: list[str] = Field(min_length=1)
+    """Clean prompts."""
+    corrupted: list[str] = Field(min_length=1)
+    """Corrupted prompts, one per clean prompt, with the same number of tokens."""
+    answers: str | int | list[str | int] | None = None
+    """The answer token (one for all prompts, or one per prompt); causal LMs need it."""
+    wrong_answers: str | int | list[str | int] | None = None
+    """The wrong-answer token(s): adds the logit difference."""
+    component: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+                       "head_out"] = "resid_pre"  # fmt: skip
+    """What to patch; ``head_out`` is per attention head."""
+    layers: list[int] | None = None
+    """Layers to patch (default all)."""
+    heads: list[int] | None = None
+    """Heads for ``head_out`` (default all)."""
+    direction: Literal["denoising", "noising"] = "denoising"
+    """denoising: clean activations into the corrupted run; noising: the reverse."""
+    mode: Literal["exact", "attribution"] = "exact"
+    """exact patching, or attribution patching (gradient approximation, 2 forwards + 1 backward)."""
+    verify_top_k: int = Field(default=0, ge=0)
+    """attribution mode: re-check the top-k cells by exact patching and report the correlation."""
+    chunks: int = Field(default=1, ge=1, le=64)
+    """Split the layers into this many parts that run on several workers."""
+    device: str = "cpu"
+    top_logprobs: int = Field(default=5, ge=1, le=20)
+    """API mode: how many top logprobs to read per prompt."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Patch:
+        if len(self.clean) != len(self.corrupted):
+            raise ValueError(
+                f"corrupted: {len(self.corrupted)} prompts for {len(self.clean)} clean prompts"
+            )
+        return self
+
+    @property
+    def is_api(self) -> bool:
+        return bool(_API_MODEL.match(self.model))
+
+    def job_queue(self) -> Queue:
+        return "api" if self.is_api else "compute"
+
+    def n_parts(self) -> int:
+        return 1 if self.is_api else self.chunks
+
+    def check(self, ctx: SubmitContext) -> None:
+        if self.is_api:
+            provider_name = self.model.split(":", 1)[0]
+            provider = ctx.providers.get(provider_name)
+            if provider is None:
+                raise ValueError(f"model: unknown provider {provider_name!r}")
+            provider.api_key()
+            if self.answers is None:
+                raise ValueError("answers: a counterfactual prompt comparison needs answers")
+
+    def heatmap_metric(self, grid: Any) -> str:
+        return "recovery" if "recovery" in grid.values else grid.primary
+
+    def label(self) -> str:
+        what = "counterfactual prompt comparison" if self.is_api else f"patch {self.component}"
+        return f"{what} {self.model}"

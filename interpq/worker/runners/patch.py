@@ -1,0 +1,174 @@
+"""The patching job: real activation patching on a local model, or — for a model reachable only
+through an API — a counterfactual prompt comparison, named as such.
+
+Local models (``compute`` queue): the layers are split into ``chunks`` parts that run on
+several workers; each part patches its layers and stores its grid; the last part merges them
+into one grid (JSON) and a heatmap PNG (layers × positions with the tokens as labels, a
+diverging colour map centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted
+pair is compared through the answer's top-k logprobs from ``/v1/completions``; it measures
+total effects at the input only, and answers outside the top-k are reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection
+
+from interpq.artifacts import get_store
+from interpq.errors import ConfigError, PermanentJobError
+from interpq.models import Artifact
+from interpq.models.db import write
+from interpq.models.ops import insert_ignore
+from interpq.specs import Patch
+
+log = logging.getLogger(__name__)
+PATCH_DIR = "patching"
+_models: dict[str, Any] = {}
+
+
+def _model(name: str, device: str) -> Any:
+    from interpq.runtime.models import load_model
+
+    key = f"{name}@{device}"
+    if key not in _models:
+        _models.clear()  # one model per process at a time
+        _models[key] = load_model(name, device=device)
+    return _models[key]
+
+
+def _dir(ctx: Any) -> Path:
+    store = get_store()
+    path = Path(store.local_path(store.uri_for(PATCH_DIR, ctx.job_id)))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_part(ctx: Any, spec: Patch) -> None:
+    if spec.is_api:
+        _run_counterfactual(ctx, spec)
+        return
+    from interpq.patching import PatchingInputError, patch
+    from interpq.runtime.layout import LayoutError, locate
+
+    loaded = _model(spec.model, spec.device)
+    try:
+        n_layers = locate(loaded.model).n_layers
+    except LayoutError as exc:
+        raise PermanentJobError(str(exc)) from None
+    layers = spec.layers if spec.layers is not None else list(range(n_layers))
+    mine = [int(x) for x in np.array_split(np.asarray(layers), ctx.n_parts)[ctx.part]]
+    if not mine:
+        return
+    try:
+        grid = patch(
+            loaded.model, loaded.tokenizer, spec.clean, spec.corrupted,
+            answers=spec.answers, wrong_answers=spec.wrong_answers, component=spec.component,
+            layers=mine, heads=spec.heads, direction=spec.direction, mode=spec.mode,
+            verify_top_k=spec.verify_top_k,
+        )  # fmt: skip
+    except (PatchingInputError, LayoutError, ValueError) as exc:
+        raise PermanentJobError(f"{type(exc).__name__}: {exc}") from None
+    out = _dir(ctx) / f"part-{ctx.part}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(grid.to_json())
+    tmp.replace(out)  # visible only complete
+
+
+def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
+    if spec.is_api:
+        return dict(ctx.extra.get("result", {}))
+    from interpq.core.patching.grid import PatchGrid
+    from interpq.patching import plot_heatmap
+
+    root = _dir(ctx)
+    grids = [PatchGrid.from_json((root / f"part-{p}.json").read_text())
+             for p in range(ctx.n_parts) if (root / f"part-{p}.json").exists()]  # fmt: skip
+    grid = PatchGrid.merge(grids) if len(grids) > 1 else grids[0]
+    grid_path = root / "grid.json"
+    grid_path.write_text(grid.to_json())
+    png = plot_heatmap(grid, root / "heatmap.png", metric=spec.heatmap_metric(grid),
+                       title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
+    rows = [
+        {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_path.as_uri(),
+         "meta": {"component": spec.component, "method": "activation patching"}},
+        {"job_id": ctx.job_id, "kind": "plot", "uri": Path(png).as_uri(),
+         "meta": {"what": "patching heatmap"}},
+    ]  # fmt: skip
+    insert_ignore(conn, Artifact.__table__, rows)
+    values = np.asarray(grid.values[grid.primary], dtype=float)
+    flat = int(np.nanargmax(np.abs(values))) if values.size else 0
+    where = np.unravel_index(flat, values.shape) if values.size else ()
+    return {
+        "method": "activation patching",
+        "component": spec.component,
+        "direction": spec.direction,
+        "metric": grid.primary,
+        "shape": list(values.shape),
+        "largest_effect": {
+            "layer": grid.layers[where[0]] if where else None,
+            "position": int(where[1]) if len(where) > 1 else None,
+            "value": float(values[where]) if where else None,
+        },  # fmt: skip
+        "clean": grid.clean,
+        "corrupted": grid.corrupted,
+        "n_forward_passes": grid.n_forward_passes,
+        "correlation_with_exact": grid.correlation,
+        "heatmap": Path(png).as_uri(),
+        "grid": grid_path.as_uri(),
+    }
+
+
+# ---- API-only models: counterfactual prompt comparison ------------------------------------
+
+
+def _run_counterfactual(ctx: Any, spec: Patch) -> None:
+    from interpq.patching import compare_prompts
+    from interpq.providers import openai_http
+    from interpq.providers.config import get_provider
+
+    provider_name, model = spec.model.split(":", 1)
+    try:
+        provider = get_provider(provider_name)
+        key = provider.api_key()
+    except ConfigError as exc:
+        raise PermanentJobError(str(exc)) from exc
+
+    def logprobs_fn(prompt: str) -> dict[str, float]:
+        out = openai_http.attempt(
+            provider.base_url, "completions",
+            {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+             "logprobs": spec.top_logprobs},
+            api_key=key, key_env=provider.api_key_env, timeout_s=60,
+        )  # fmt: skip
+        if not out.ok or out.body is None:
+            raise PermanentJobError(f"{spec.model}: {out.error}")
+        top = out.body["choices"][0]["logprobs"]["top_logprobs"][0]
+        return {tok: float(lp) for tok, lp in top.items()}
+
+    comparisons = []
+    for i, (clean, corrupted) in enumerate(zip(spec.clean, spec.corrupted, strict=True)):
+        answer = spec.answers[i] if isinstance(spec.answers, list) else spec.answers
+        wrong = (
+            spec.wrong_answers[i] if isinstance(spec.wrong_answers, list) else spec.wrong_answers
+        )
+        comparisons.append(compare_prompts(clean, corrupted, str(answer), logprobs_fn,
+                                           wrong_answer=None if wrong is None else str(wrong)))  # fmt: skip
+    path = _dir(ctx) / "counterfactual.json"
+    payload = [json.loads(c.to_json()) for c in comparisons]
+    path.write_text(json.dumps(payload, default=str, indent=1))
+    with write(ctx.engine) as conn:
+        insert_ignore(conn, Artifact.__table__, [
+            {"job_id": ctx.job_id, "kind": "counterfactual_comparison", "uri": path.as_uri(),
+             "meta": {"method": "counterfactual prompt comparison"}}])  # fmt: skip
+    ctx.extra["result"] = {
+        "method": "counterfactual prompt comparison (not activation patching)",
+        "limits": "total effects at the input only; needs logprobs; answers outside the "
+        "top-k are reported as missing",
+        "n_pairs": len(comparisons),
+        "artifact": path.as_uri(),
+    }

@@ -1,0 +1,340 @@
+"""Extraction without the queue: hooks vs hidden states, padding, datasets, storage, specs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from interpq.artifacts import FileStore, relative, resolve, sha256_file
+from interpq.core.extraction import extract, forward_capture, pad
+from interpq.corpus import TextSourceError, count_texts, load_texts, stdlib_sentences
+from interpq.datasets import (
+    ActivationDataset,
+    DatasetError,
+    HookInfo,
+    Manifest,
+    ShardInfo,
+    write_shard,
+)
+from interpq.providers.config import load_providers
+from interpq.runtime.layout import LayoutError, locate
+from interpq.runtime.models import LoadedModel, load_minilm, tiny_gpt2
+from interpq.settings import Settings
+from interpq.specs import Extract, SubmitContext
+
+pytestmark = pytest.mark.timeout(60)
+TEXTS = [
+    "Sparse autoencoders find features.",
+    "A cat sat on the mat, twice, and then it sat on the mat once more for good measure.",
+    "x",
+    "Residual streams carry information between the blocks of a transformer.",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LoadedModel]:
+    return {"gpt2": tiny_gpt2(seed=0, n_layer=3), "minilm": load_minilm()}
+
+
+def _rows_by_text(batches: list, point: tuple[str, int]) -> dict[int, torch.Tensor]:
+    out = {}
+    for b in batches:
+        at = 0
+        for t, n in zip(b.text_index, b.rows_per_text, strict=True):
+            out[t] = b.acts[point][at : at + n]
+            at += n
+    return out
+
+
+# ---- the residual stream is the model's own hidden states -----------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "minilm"])
+def test_residual_stream_equals_output_hidden_states(models: dict, name: str) -> None:
+    lm = models[name]
+    layout = locate(lm.model)
+    ids = lm.tokenizer(TEXTS)["input_ids"]
+    n = layout.n_layers
+    points = [("resid_pre", i) for i in range(n)] + [("resid_post", i) for i in range(n)]
+    batches = list(extract(lm.model, layout, ids, points, batch_size=2))
+    for t, toks in enumerate(ids):
+        with torch.no_grad():
+            hidden = lm.model(torch.tensor([toks]), output_hidden_states=True).hidden_states
+        for i in range(n):
+            pre = _rows_by_text(batches, ("resid_pre", i))[t]
+            torch.testing.assert_close(pre, hidden[i][0], rtol=0, atol=1e-5)
+            post = _rows_by_text(batches, ("resid_post", i))[t]
+            if i < n - 1 or layout.final_norm is None:
+                torch.testing.assert_close(post, hidden[i + 1][0], rtol=0, atol=1e-5)
+            else:  # GPT-2's last hidden state is after the final LayerNorm
+                torch.testing.assert_close(layout.final_norm(post), hidden[n][0], rtol=0, atol=1e-5)
+
+
+def test_forward_stops_after_the_last_requested_block(models: dict) -> None:
+    lm = models["gpt2"]
+    layout = locate(lm.model)
+    ran: list[int] = []
+    handles = [
+        b.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+        for i, b in enumerate(layout.blocks)
+    ]
+    ids, mask, pos = pad(lm.tokenizer(TEXTS[:2])["input_ids"], pad_id=0)
+    try:
+        forward_capture(lm.model, layout, [("resid_pre", 1)], ids, mask, pos)
+        assert ran == [0, 1]  # block 1's input is read, block 1 never runs
+        ran.clear()
+        forward_capture(lm.model, layout, [("mlp_out", 1), ("resid_pre", 0)], ids, mask, pos)
+        assert ran == [0, 1]
+    finally:
+        for h in handles:
+            h.remove()
+    with pytest.raises(LayoutError, match="GPT2LMHeadModel has 3 layers"):
+        forward_capture(lm.model, layout, [("resid_pre", 7)], ids, mask, pos)
+
+
+# ---- padding invariance ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["gpt2", "minilm"])
+@pytest.mark.parametrize("reduction", ["all", "last", "mean"])
+def test_a_text_alone_equals_it_inside_a_padded_batch(
+    models: dict, name: str, side: str, reduction: str
+) -> None:
+    lm = models[name]
+    layout = locate(lm.model)
+    ids = lm.tokenizer(TEXTS)["input_ids"]
+    points = [("resid_post", 1), ("attn_out", 0), ("mlp_out", 1)]
+    together = list(
+        extract(lm.model, layout, ids, points, reduction=reduction, batch_size=len(ids),
+                padding_side=side, sort_by_length=False)
+    )  # fmt: skip
+    assert len(together) == 1 and together[0].text_index == [0, 1, 2, 3]
+    for t, toks in enumerate(ids):
+        alone = next(extract(lm.model, layout, [toks], points, reduction=reduction))
+        for p in points:
+            got = _rows_by_text(together, p)[t]
+            # 1e-5 absolute, and relative for MiniLM's few large (~100) dimensions
+            torch.testing.assert_close(got, alone.acts[p], rtol=1e-5, atol=1e-5)
+        b = together[0]
+        if reduction != "mean":
+            start = sum(b.rows_per_text[:t])
+            rows = slice(start, start + b.rows_per_text[t])
+            want = toks if reduction == "all" else toks[-1:]
+            assert b.token_ids[rows].tolist() == want
+            first = 0 if reduction == "all" else len(toks) - 1
+            assert b.positions[rows].tolist() == list(range(first, len(toks)))
+
+
+def test_last_and_mean_reduce_the_token_rows(models: dict) -> None:
+    lm = models["minilm"]
+    layout = locate(lm.model)
+    ids = lm.tokenizer(TEXTS)["input_ids"]
+    p = ("resid_pre", 2)
+    every = _rows_by_text(list(extract(lm.model, layout, ids, [p])), p)
+    last = _rows_by_text(list(extract(lm.model, layout, ids, [p], reduction="last")), p)
+    mean = _rows_by_text(list(extract(lm.model, layout, ids, [p], reduction="mean")), p)
+    for t in range(len(ids)):
+        torch.testing.assert_close(last[t][0], every[t][-1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mean[t][0], every[t].mean(0), rtol=0, atol=1e-5)
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    text_index: list[int]
+    rows_per_text: list[int]
+    acts: dict[str, np.ndarray]
+    positions: np.ndarray
+    token_ids: np.ndarray
+
+
+def _write_dataset(root: Path, rows_per_shard: list[list[int]], d: int, dtype: str) -> tuple[
+    str, np.ndarray
+]:  # fmt: skip
+    """Shards of random rows (written from batches in scrambled text order) and a manifest."""
+    store = FileStore(root)
+    rng = np.random.default_rng(0)
+    manifest_uri = store.uri_for("activations/datasets/job/manifest.json")
+    shards, everything, offset = [], [], 0
+    for s, per_text in enumerate(rows_per_shard):
+        x = rng.standard_normal((sum(per_text), d)).astype(dtype)
+        everything.append(x)
+        starts = np.concatenate([[0], np.cumsum(per_text)])
+        order = list(reversed(range(len(per_text))))  # batches arrive in another order
+        batches = [
+            _Batch([t], [per_text[t]], {"h": x[starts[t] : starts[t + 1]]},
+                   np.arange(per_text[t]), np.full(per_text[t], 7))
+            for t in order
+        ]  # fmt: skip
+        texts = [f"text {offset + t}" for t in range(len(per_text))]
+        uri = store.uri_for(f"activations/shards/s{s}.safetensors")
+        meta = {"cache_key": f"k{s}", "texts": json.dumps(texts)}
+        stored = store.put_atomic(
+            uri,
+            lambda tmp, p=per_text, b=batches, m=meta: write_shard(
+                tmp, widths={"h": d}, rows_per_text=p, batches=b, dtype=dtype, metadata=m
+            ),
+        )
+        shards.append(
+            ShardInfo(uri=relative(manifest_uri, uri), sha256=stored.sha256,
+                      size_bytes=stored.size_bytes, n_rows=sum(per_text), n_texts=len(per_text),
+                      text_offset=offset, n_tokens=sum(per_text), cache_key=f"k{s}")
+        )  # fmt: skip
+        offset += len(per_text)
+    manifest = Manifest(
+        model="m", source="local", weights="sha256:0", hooks=[HookInfo(name="h", d=d)],
+        dtype=dtype, tokens="all", n_texts=offset, n_rows=sum(map(sum, rows_per_shard)),
+        shards=shards,
+    )  # fmt: skip
+    store.put_atomic(manifest_uri, manifest.to_json())
+    return manifest_uri, np.concatenate(everything)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dataset_round_trip_is_memory_mapped_and_checked(tmp_path: Path, dtype: str) -> None:
+    uri, expected = _write_dataset(tmp_path, [[3, 1, 4], [1, 5], [9, 2, 6, 5]], d=8, dtype=dtype)
+    ds = ActivationDataset.open(uri)
+    assert ds.shape == expected.shape == (36, 8) and len(ds) == 36
+    ds.verify()
+    # our shard files are ordinary safetensors files, rows in text order
+    first = load_file(str(FileStore(tmp_path).local_path(ds.shard_uris[0])))
+    np.testing.assert_array_equal(first["h"], expected[:8])
+    assert first["text_id"].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert isinstance(ds.shard(0).tensors["h"], np.memmap)
+
+    batches = list(ds.iter_batches(5))
+    assert [tuple(b.shape) for b in batches] == [(5, 8)] * 7 + [(1, 8)]
+    assert batches[0].dtype == getattr(torch, dtype)
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), expected)
+    assert len(list(ds.iter_batches(5, drop_last=True))) == 7
+
+    shuffled = list(ds.iter_batches(5, shuffle=True, seed=3, as_numpy=True))
+    again = list(ds.iter_batches(5, shuffle=True, seed=3, as_numpy=True))
+    order = np.random.default_rng(3).permutation(36)
+    np.testing.assert_array_equal(np.concatenate(shuffled), expected[order])
+    np.testing.assert_array_equal(np.concatenate(again), np.concatenate(shuffled))
+
+    x, meta = next(ds.iter_batches(36, with_metadata=True))
+    assert meta["text_id"].tolist() == np.repeat(np.arange(9), [3, 1, 4, 1, 5, 9, 2, 6, 5]).tolist()
+    assert meta["token_id"].unique().tolist() == [7]
+    assert ds.texts()[8] == "text 8"
+
+    path = FileStore(tmp_path).local_path(ds.shard_uris[1])
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="shard 1 does not match its sha256"):
+        ds.verify()
+    with pytest.raises(DatasetError, match="no hook 'nope'"):
+        ActivationDataset.open(uri, hook="nope")
+
+
+def test_sae_trainer_consumes_a_dataset(tmp_path: Path) -> None:
+    from interpq.core.sae.data import BatchSource
+
+    uri, expected = _write_dataset(tmp_path, [[4, 4], [8]], d=4, dtype="float32")
+    source = BatchSource(ActivationDataset.open(uri), batch_size=6, shuffle=False)
+    assert source.n_rows == 16
+    got = torch.cat([source.next() for _ in range(2)])
+    np.testing.assert_array_equal(got.numpy(), expected[:12])
+
+
+# ---- the artifact store ---------------------------------------------------------------------
+
+
+def test_put_atomic_shows_only_complete_files(tmp_path: Path) -> None:
+    store = FileStore(f"file://{tmp_path}/root")
+    uri = store.uri_for("a/b.bin")
+    assert uri == (tmp_path / "root/a/b.bin").as_uri()
+
+    def crash(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        store.put_atomic(uri, crash)
+    assert not store.exists(uri) and not any((tmp_path / "root/.tmp").iterdir())
+    first = store.put_atomic(uri, b"first", overwrite=False)
+    second = store.put_atomic(uri, b"second!", overwrite=False)
+    assert first.created and not second.created
+    assert second.sha256 == first.sha256 == sha256_file(store.local_path(uri))
+    with store.open(uri) as f:
+        assert f.read() == b"first"
+    assert store.put_atomic(uri, b"third").created
+    assert store.local_path(uri).read_bytes() == b"third"
+    assert resolve(uri, relative(uri, store.uri_for("c/d"))) == store.uri_for("c/d")
+    with pytest.raises(ValueError, match="stay under the root"):
+        store.uri_for("../escape")
+
+
+# ---- texts ----------------------------------------------------------------------------------
+
+
+def test_builtin_corpus_is_seeded_and_prefix_stable() -> None:
+    a = stdlib_sentences(60, seed=0)
+    assert a == stdlib_sentences(60, seed=0) and len(set(a)) == 60
+    assert stdlib_sentences(20, seed=0) == a[:20]
+    assert stdlib_sentences(60, seed=1) != a
+    assert all(s[0].isupper() and s.endswith(".") and len(s.split()) >= 5 for s in a)
+    src = "corpus:stdlib-docstrings"
+    assert load_texts(src, 60, start=10, stop=20) == a[10:20]
+    assert count_texts(src, None) == 1000
+    with pytest.raises(TextSourceError, match="unknown built-in corpus 'nope'"):
+        load_texts("corpus:nope")
+
+
+def test_text_and_jsonl_files(tmp_path: Path) -> None:
+    txt = tmp_path / "t.txt"
+    txt.write_text("one\n\ntwo\nthree\n")
+    assert load_texts(str(txt)) == ["one", "two", "three"]
+    assert load_texts(str(txt), 2, start=1) == ["two"] and count_texts(str(txt), None) == 3
+    jl = tmp_path / "t.jsonl"
+    jl.write_text('{"text": "a"}\n{"text": "b", "id": 4}\n')
+    assert load_texts(str(jl)) == ["a", "b"]
+    jl.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(TextSourceError, match=r"t.jsonl:2: no non-empty string under 'text'"):
+        load_texts(str(jl))
+
+
+# ---- the spec -------------------------------------------------------------------------------
+
+
+def test_extract_spec_parts_queues_and_refusals(tmp_path: Path) -> None:
+    ctx = SubmitContext(providers=load_providers(Settings(providers=None)))
+    local = Extract(model="gpt2", texts=["a"] * 10, layers=[6], shard_size=4)
+    assert (local.n_parts(), local.job_queue(), local.hooks) == (3, "compute", ["resid_pre"])
+    api = Extract(model="local:all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings", n_texts=200)
+    assert (api.n_parts(), api.job_queue(), api.api_batch_size) == (1, "api", 64)
+    api.check(ctx)
+    rel = Extract(model="gpt2", texts="data/x.jsonl", layers=[0])
+    assert Path(rel.texts).is_absolute()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="texts: texts file .* does not exist"):
+        rel.check(ctx)
+    with pytest.raises(ValueError, match=r"layers\n.*give at least one layer"):
+        Extract(model="gpt2", texts=["a"])
+    with pytest.raises(ValueError, match="is an API model: it gives one embedding per text"):
+        Extract(model="local:all-MiniLM-L6-v2", texts=["a"], layers=[1])
+    with pytest.raises(ValueError, match=r"api_batch_size\n.*multiple of api_batch_size"):
+        Extract(model="local:all-MiniLM-L6-v2", texts=["a"], shard_size=100)
+    with pytest.raises(ValueError, match="model: 'nope' is not listed for provider 'local'"):
+        Extract(model="local:nope", texts=["a"]).check(ctx)
+    with pytest.raises(ValueError, match="model: unknown provider 'nowhere'"):
+        Extract(model="nowhere:m", texts=["a"]).check(ctx)

@@ -1,0 +1,376 @@
+"""Activation patching (interpq.patching) on a tiny random GPT-2 and the real MiniLM encoder.
+
+The fast engine is checked against the naive reference (one full forward pass per patch) and
+against hooks written by hand; the counterfactual prompt comparison runs over real logprobs of
+the tiny GPT-2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import interpq.patching as patching
+from interpq.patching import (
+    PatchGrid,
+    PatchingInputError,
+    build_variants,
+    compare_prompts,
+    patch,
+    plot_heatmap,
+)
+from interpq.runtime.models import load_minilm, tiny_gpt2
+
+# Two prompt pairs differing in one token, at the same position (9) in both.
+GPT2_CLEAN = [
+    "when mary and john went to the store , john gave a drink to",
+    "when tom and anna went to the park , tom gave a ball to",
+]
+GPT2_CORRUPT = [
+    "when mary and john went to the store , mary gave a drink to",
+    "when tom and anna went to the park , anna gave a ball to",
+]
+GPT2_DIFF = 9
+ANSWERS, WRONG = ["mary", "anna"], ["john", "tom"]
+
+# Two sentence pairs differing in one word, at the same position (6 with [CLS]).
+MINILM_CLEAN = ["a man is playing a guitar on the street", "a woman is reading a book in the park"]
+MINILM_CORRUPT = [
+    "a man is playing a violin on the street",
+    "a woman is reading a letter in the park",
+]
+MINILM_DIFF = 6
+
+COMPONENTS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out"]
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    lm = tiny_gpt2(seed=0, n_layer=2, d_model=64, n_head=4)
+    ids = lm.tokenizer(GPT2_CLEAN + GPT2_CORRUPT, add_special_tokens=False)["input_ids"]
+    for a, b in zip(ids[:2], ids[2:], strict=True):
+        assert len(a) == len(b) and [i for i in range(len(a)) if a[i] != b[i]] == [GPT2_DIFF]
+    return lm
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    lm = load_minilm()
+    ids = lm.tokenizer(MINILM_CLEAN + MINILM_CORRUPT)["input_ids"]
+    for a, b in zip(ids[:2], ids[2:], strict=True):
+        assert len(a) == len(b) and [i for i in range(len(a)) if a[i] != b[i]] == [MINILM_DIFF]
+    return lm
+
+
+def run_gpt2(lm, **kwargs) -> PatchGrid:
+    kwargs.setdefault("answers", ANSWERS)
+    kwargs.setdefault("wrong_answers", WRONG)
+    return patch(
+        lm.model, lm.tokenizer, GPT2_CLEAN, GPT2_CORRUPT, add_special_tokens=False, **kwargs
+    )
+
+
+def run_minilm(lm, **kwargs) -> PatchGrid:
+    return patch(lm.model, lm.tokenizer, MINILM_CLEAN, MINILM_CORRUPT, **kwargs)
+
+
+def assert_grids_close(a: PatchGrid, b: PatchGrid, atol: float = 1e-5) -> None:
+    assert a.per_prompt.keys() == b.per_prompt.keys()
+    for name in a.per_prompt:
+        np.testing.assert_allclose(a.per_prompt[name], b.per_prompt[name], rtol=0, atol=atol)
+
+
+# ---- issue 6, point 4 ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("model", ["gpt2", "minilm"])
+def test_normalised_metric_is_exactly_one_clean_zero_corrupted(model, request) -> None:
+    lm = request.getfixturevalue(model)
+    run = run_gpt2 if model == "gpt2" else run_minilm
+    denoise = run(lm, positions="all", layers=[0])
+    noise = run(lm, positions="all", layers=[0], direction="noising")
+    assert denoise.clean["recovery"] == 1.0 and denoise.corrupted["recovery"] == 0.0
+    # patching every position of the input makes the run the source run
+    assert denoise.values["recovery"][0, 0] == 1.0
+    assert noise.values["recovery"][0, 0] == 0.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("model", ["gpt2", "minilm"])
+def test_layer0_resid_pre_agreeing_positions_zero_differing_one(model, request) -> None:
+    lm = request.getfixturevalue(model)
+    grid = (run_gpt2 if model == "gpt2" else run_minilm)(lm, layers=[0])
+    diff = GPT2_DIFF if model == "gpt2" else MINILM_DIFF
+    recovery = grid.values["recovery"][0]
+    assert recovery[diff] == 1.0
+    assert np.all(np.delete(recovery, diff) == 0.0)
+    assert "→" in grid.position_labels[diff]
+
+
+@pytest.mark.timeout(60)
+def test_last_layer_resid_post_at_last_position_is_one(gpt2) -> None:
+    grid = run_gpt2(gpt2, component="resid_post")
+    assert grid.values["recovery"][-1, -1] == 1.0
+    assert np.all(grid.values["recovery"][-1, :-1] == 0.0)  # other positions are never read
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_batched_equals_one_patch_at_a_time_gpt2(gpt2, component: str) -> None:
+    assert_grids_close(
+        run_gpt2(gpt2, component=component), run_gpt2(gpt2, component=component, batch_size=1)
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "head_out"])
+def test_batched_equals_one_patch_at_a_time_minilm(minilm, component: str) -> None:
+    kw = {"component": component, "layers": [0, 3, 5], "positions": [0, MINILM_DIFF, 9]}
+    assert_grids_close(run_minilm(minilm, **kw), run_minilm(minilm, batch_size=1, **kw))
+
+
+def _logits_with_attn_out(lm, ids: torch.Tensor, layer: int, pos: int, value: torch.Tensor):
+    """Last-position logits with attention output of ``layer`` at ``pos`` replaced, by hand."""
+
+    def hook(module, args, out):
+        o = out[0].clone()
+        o[:, pos] = value
+        return (o, *out[1:])
+
+    handle = lm.model.transformer.h[layer].attn.register_forward_hook(hook)
+    try:
+        return lm.model(ids).logits[:, -1]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.timeout(60)
+def test_denoising_and_noising_match_their_definitions_by_hand(gpt2) -> None:
+    tok = gpt2.tokenizer
+    clean = torch.tensor(tok(GPT2_CLEAN, add_special_tokens=False)["input_ids"])
+    corrupt = torch.tensor(tok(GPT2_CORRUPT, add_special_tokens=False)["input_ids"])
+    ans = torch.tensor(tok.convert_tokens_to_ids(ANSWERS))
+    wrong = torch.tensor(tok.convert_tokens_to_ids(WRONG))
+    layer, pos, rows = 1, 11, torch.arange(2)
+    attn_out = {}
+    with torch.no_grad():
+        for name, ids in (("clean", clean), ("corrupt", corrupt)):
+            h = gpt2.model.transformer.h[layer].attn.register_forward_hook(
+                lambda m, a, o, name=name: attn_out.__setitem__(name, o[0][:, pos])
+            )
+            logits = gpt2.model(ids).logits[:, -1]
+            h.remove()
+            attn_out[name + "_ld"] = logits[rows, ans] - logits[rows, wrong]
+        # denoising: the corrupted run with the clean activation; noising: the reverse
+        den = _logits_with_attn_out(gpt2, corrupt, layer, pos, attn_out["clean"])
+        noi = _logits_with_attn_out(gpt2, clean, layer, pos, attn_out["corrupt"])
+    den_ld, noi_ld = den[rows, ans] - den[rows, wrong], noi[rows, ans] - noi[rows, wrong]
+    c, k = attn_out["clean_ld"].mean(), attn_out["corrupt_ld"].mean()
+
+    g_den = run_gpt2(gpt2, component="attn_out", direction="denoising")
+    g_noi = run_gpt2(gpt2, component="attn_out", direction="noising")
+    np.testing.assert_allclose(g_den.per_prompt["logit_diff"][layer, pos], den_ld, atol=1e-5)
+    np.testing.assert_allclose(g_noi.per_prompt["logit_diff"][layer, pos], noi_ld, atol=1e-5)
+    for g, ld in ((g_den, den_ld), (g_noi, noi_ld)):
+        assert g.clean["logit_diff"] == pytest.approx(float(c), abs=1e-5)
+        assert g.corrupted["logit_diff"] == pytest.approx(float(k), abs=1e-5)
+        expected = float((ld.mean() - k) / (c - k))
+        assert g.values["recovery"][layer, pos] == pytest.approx(expected, abs=1e-4)
+
+
+# ---- the fast engine against the naive reference ----------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("positions", [None, "all"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_fast_equals_naive_gpt2(gpt2, component, positions, direction) -> None:
+    kw = {"component": component, "positions": positions, "direction": direction}
+    fast, naive = run_gpt2(gpt2, **kw), run_gpt2(gpt2, mode="reference", **kw)
+    assert_grids_close(fast, naive)
+    assert fast.n_forward_passes < naive.n_forward_passes
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "component, positions",
+    [
+        ("resid_pre", None),
+        ("resid_post", None),
+        ("attn_out", None),
+        ("mlp_out", None),
+        ("head_out", "all"),
+        ("head_out", [1, MINILM_DIFF]),
+    ],
+)
+def test_fast_equals_naive_minilm(minilm, component, positions) -> None:
+    positions = [0, MINILM_DIFF, 9] if positions is None else positions
+    kw = {"component": component, "positions": positions, "layers": [0, 2, 5]}
+    assert_grids_close(run_minilm(minilm, **kw), run_minilm(minilm, mode="reference", **kw))
+
+
+def _tiny(arch: str):
+    small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 64}
+    if arch == "llama":  # rotary embeddings, grouped-query attention
+        return LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **small))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(num_attention_heads=4, **small))  # parallel attention
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_fast_equals_naive_other_architectures(arch: str) -> None:
+    model = _tiny(arch).eval()
+    gen = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 64, (2, 8), generator=gen)
+    corrupt = clean.clone()
+    corrupt[0, 2], corrupt[1, 5] = (clean[0, 2] + 1) % 64, (clean[1, 5] + 1) % 64
+    points = ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
+    points += ["resid_mid"] if arch == "llama" else []
+    for component in points:
+        kw = {"answers": [1, 2], "wrong_answers": [3, 4], "component": component}
+        fast = patch(model, None, clean, corrupt, **kw)
+        naive = patch(model, None, clean, corrupt, mode="reference", **kw)
+        assert_grids_close(fast, naive)
+
+
+# ---- attribution, inputs, outputs ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_attribution_with_verified_top_k(gpt2) -> None:
+    exact = run_gpt2(gpt2, component="resid_pre")
+    attr = run_gpt2(gpt2, component="resid_pre", mode="attribution", verify_top_k=6)
+    assert attr.mode == "attribution" and attr.values["logit_diff"].shape == (2, 14)
+    assert attr.verified is not None and len(attr.verified) == 6
+    assert attr.correlation is None or -1.0 <= attr.correlation <= 1.0
+    for row in attr.verified:
+        expected = exact.values["logit_diff"][row["layer"], row["position"]]
+        assert row["exact"] == pytest.approx(float(expected), abs=1e-5)
+    # patching where the prompts agree is a no-op, so its estimate is exactly zero too
+    np.testing.assert_array_equal(
+        attr.values["recovery"][0, :GPT2_DIFF], np.zeros(GPT2_DIFF, dtype=np.float32)
+    )
+
+
+@pytest.mark.timeout(60)
+def test_attribution_heads_on_minilm(minilm) -> None:
+    grid = run_minilm(minilm, component="head_out", positions="all", mode="attribution")
+    assert grid.values["recovery"].shape == (6, 1, 12)
+    assert np.isfinite(grid.values["recovery"]).all()
+
+
+@pytest.mark.timeout(60)
+def test_unequal_token_lengths_are_refused(gpt2) -> None:
+    with pytest.raises(PatchingInputError, match="clean prompt 0 has 14 tokens but corrupted"):
+        patch(
+            gpt2.model,
+            gpt2.tokenizer,
+            GPT2_CLEAN[:1],
+            ["when mary went to the store"],
+            answers="mary",
+            wrong_answers="john",
+            add_special_tokens=False,
+        )
+    with pytest.raises(PatchingInputError, match="is 2 tokens"):
+        run_gpt2(gpt2, answers="mary had", wrong_answers=None)
+    with pytest.raises(PatchingInputError, match="layers: 5 out of range"):
+        run_gpt2(gpt2, layers=[5])
+
+
+@pytest.mark.timeout(60)
+def test_missing_component_names_the_model(minilm) -> None:
+    with pytest.raises(ValueError, match="BertModel has no resid_mid"):
+        run_minilm(minilm, component="resid_mid")
+
+
+@pytest.mark.timeout(60)
+def test_grid_rows_json_and_heatmaps(gpt2, tmp_path) -> None:
+    grid = run_gpt2(gpt2, component="head_out", layers=[1], positions=[GPT2_DIFF, 13])
+    rows = grid.to_rows()
+    assert len(rows) == 1 * 2 * 4
+    assert rows[0]["layer"] == 1 and rows[0]["position"] == GPT2_DIFF and rows[0]["head"] == 0
+    assert {"logit_diff", "logprob", "prob", "kl", "recovery"} <= rows[0].keys()
+    back = PatchGrid.from_json(grid.to_json())
+    np.testing.assert_allclose(back.values["kl"], grid.values["kl"])
+    assert json.loads(grid.to_json())["schema_version"] == 1
+    for g, name in ((grid, "heads.png"), (run_gpt2(gpt2), "resid.png")):
+        path = plot_heatmap(g, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(60)
+def test_sweep_split_by_layers_merges_into_the_whole(gpt2) -> None:
+    whole = run_gpt2(gpt2, component="mlp_out")
+    parts = [run_gpt2(gpt2, component="mlp_out", layers=[i]) for i in (1, 0)]
+    merged = PatchGrid.merge(parts)
+    assert merged.layers == [0, 1]
+    assert_grids_close(merged, whole)
+    np.testing.assert_allclose(merged.values["recovery"], whole.values["recovery"], atol=1e-5)
+    with pytest.raises(ValueError, match="component differ"):
+        PatchGrid.merge([whole, run_gpt2(gpt2, component="attn_out", layers=[0])])
+
+
+@pytest.mark.timeout(60)
+def test_public_api_is_exported() -> None:
+    for name in patching.__all__:
+        assert getattr(patching, name) is not None
+
+
+# ---- counterfactual prompt comparison over real logprobs -----------------------------------
+
+
+def _top_logprobs(lm, k: int):
+    """``prompt -> {token: logprob}``: the tiny GPT-2's top-k next-token log-probabilities."""
+
+    def logprobs(prompt: str) -> dict[str, float]:
+        ids = torch.tensor([lm.tokenizer.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            lp = lm.model(ids).logits[0, -1].log_softmax(-1)
+        top = lp.topk(k)
+        tokens = lm.tokenizer.convert_ids_to_tokens(top.indices.tolist())
+        return dict(zip(tokens, top.values.tolist(), strict=True))
+
+    return logprobs
+
+
+@pytest.mark.timeout(60)
+def test_counterfactual_prompt_comparison_over_real_logprobs(gpt2) -> None:
+    clean, corrupt = GPT2_CLEAN[0], GPT2_CORRUPT[0]
+    full = _top_logprobs(gpt2, k=gpt2.tokenizer.vocab_size)
+    answer = max(full(clean).items(), key=lambda kv: kv[1])[0]
+    variants = build_variants(clean, corrupt)
+    assert [v.kind for v in variants] == ["restore", "corrupt", "remove"]
+    assert variants[2].prompt == "when mary and john went to the store , gave a drink to"
+
+    result = compare_prompts(clean, corrupt, answer, full, wrong_answer="drink")
+    assert result.kind == "counterfactual_prompt_comparison"
+    assert result.clean.effect == 1.0 and result.corrupted.effect == 0.0
+    assert result.n_calls == 3  # restore == clean and corrupt == corrupted prompt: asked once
+    restore, corrupt_v, remove = result.variants
+    assert restore.effect == 1.0 and corrupt_v.effect == 0.0
+    direct = full(remove.variant.prompt)
+    assert remove.score == pytest.approx(direct[answer] - direct["drink"])
+    expected = (remove.score - result.corrupted.score) / (
+        result.clean.score - result.corrupted.score
+    )
+    assert remove.effect == pytest.approx(expected)
+
+    # an answer outside the top-k is missing, never zero
+    top1 = _top_logprobs(gpt2, k=1)
+    rare = min(full(clean).items(), key=lambda kv: kv[1])[0]
+    missing = compare_prompts(clean, corrupt, rare, top1)
+    assert missing.clean.answer_logprob is None and missing.clean.effect is None
+    assert missing.clean.missing == [rare]
+    assert missing.clean.logprob_at_most == pytest.approx(full(clean)[answer])
+    assert all(r["answer_logprob"] != 0.0 for r in missing.to_rows())

@@ -1,0 +1,87 @@
+"""Extraction → SAE training → patching as queued jobs, in real worker processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from interpq.artifacts import to_local_path
+from interpq.scheduler.client import Client
+from interpq.settings import Settings
+from interpq.specs import Extract, Patch, TrainSAE
+from interpq.stack import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    st = Stack(tmp_path_factory.mktemp("science"), api_workers=1, compute_workers=2,
+               flower=False, provider=False)  # fmt: skip
+    with st:
+        yield st
+
+
+def _client(stack: Stack) -> Client:
+    return Client(Settings(**{k[8:].lower(): v for k, v in stack.env.items()}))
+
+
+def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
+    acts = Extract(name="acts", model="all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings",
+                   n_texts=96, layers=[3], hooks=["resid_post"], shard_size=48)  # fmt: skip
+    sae = TrainSAE(name="sae", activations=acts, k=[4, 8], expansion_factor=2, n_steps=40,
+                   batch_size=256, lr_warmup_steps=5, checkpoint_every_steps=20)  # fmt: skip
+    gpt = Patch(name="patch-gpt", model="tiny-gpt2-random-weights",
+                clean=["the cat sat on the mat", "a dog ran in the park"],
+                corrupted=["the dog sat on the mat", "a cat ran in the park"],
+                answers="mat", wrong_answers="park", component="resid_pre", chunks=2)  # fmt: skip
+    enc = Patch(name="patch-minilm", model="all-MiniLM-L6-v2",
+                clean=["the movie was wonderful"], corrupted=["the movie was terrible"],
+                component="resid_pre", layers=[0, 3, 5])  # fmt: skip
+    batch = _client(stack).submit([acts, sae, gpt, enc], name="science")
+    status = batch.wait(timeout_s=280)
+    res = {r.name: r for r in batch.results()}
+    assert status.counts == {"succeeded": 4}, {n: r.error for n, r in res.items()}
+    assert res["sae"].started_at >= res["acts"].finished_at
+
+    saes = res["sae"].result["saes"]
+    assert [s["label"] for s in saes] == ["topk-k4-x2", "topk-k8-x2"]
+    for s in saes:
+        assert 0 <= s["fvu"] < 1.5 and s["explained_variance"] == pytest.approx(1 - s["fvu"])
+        assert 0 < s["l0"] <= int(s["label"].split("-k")[1].split("-")[0]) + 1e-6
+        assert 0 <= s["dead_fraction"] <= 1 and "fvu" in s["formulas"]
+        folder = to_local_path(s["uri"])
+        assert (folder / "cfg.json").is_file()
+        assert any(p.suffix == ".safetensors" for p in folder.iterdir())
+    kinds = {a.kind for a in res["sae"].artifacts}
+    assert kinds == {"sae", "plot", "top_examples"}
+    for a in res["sae"].artifacts:
+        assert to_local_path(a.uri).exists()
+    tops = next(a for a in res["sae"].artifacts if a.kind == "top_examples")
+    examples = json.loads(to_local_path(tops.uri).read_text())
+    assert examples and all(isinstance(e["text"], str) for exs in examples.values() for e in exs)
+
+    grid = res["patch-gpt"].result
+    assert grid["method"] == "activation patching" and grid["shape"][0] == 2  # 2 layers
+    png = Path(to_local_path(grid["heatmap"]))
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(to_local_path(grid["grid"]).read_text())
+    assert data["layers"] == [0, 1]  # merged from two chunks, in order
+    assert res["patch-minilm"].result["shape"][0] == 3
+
+
+def test_bad_science_specs_are_refused_naming_the_field(stack: Stack) -> None:
+    from interpq.errors import SpecError
+
+    with pytest.raises(ValueError, match="corrupted"):
+        Patch(model="tiny-gpt2-random-weights", clean=["a b"], corrupted=["a b", "c d"])
+    client = _client(stack)
+    with pytest.raises(SpecError, match=r"refers to @missing"):
+        client.submit([TrainSAE(activations="@missing")])
+    batch = client.submit([TrainSAE(name="nodata", activations="/nonexistent/manifest.json")])
+    batch.wait(timeout_s=60)
+    (r,) = batch.results()
+    assert r.state == "failed" and r.error.startswith("activations: ")
