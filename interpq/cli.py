@@ -26,34 +26,8 @@ quick start:  interpq demo            (everything embedded, ends by itself)
 """
 
 
-def _demo_jobs(requests: int) -> list:  # type: ignore[type-arg]
-    from interpq.specs import Benchmark
-
-    return [
-        Benchmark(
-            name="embeddings-latency",
-            provider="local",
-            models=["all-MiniLM-L6-v2"],
-            endpoint="embeddings",
-            prompt="Sparse autoencoders find interpretable features in activations.",
-            requests=requests,
-            concurrency=4,
-        ),
-        Benchmark(
-            name="chat-latency",
-            provider="local",
-            models=["tiny-gpt2-random-weights"],
-            endpoint="chat",
-            prompt="Say something about the sea.",
-            requests=requests,
-            concurrency=4,
-            max_tokens=24,
-            stream=True,
-        ),
-    ]
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    from interpq.demo import demo_jobs, science_summary
     from interpq.report import jobs_table, latency_table
     from interpq.scheduler.client import Client
     from interpq.settings import Settings
@@ -63,7 +37,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     print(f"interpq demo: starting an embedded stack in {workdir.resolve()} ...", flush=True)
     stack = Stack(
-        workdir, api_concurrency=8, flower=not args.no_flower, provider_args=["--preload"]
+        workdir,
+        api_concurrency=8,
+        compute_workers=2,
+        flower=not args.no_flower,
+        provider_args=["--preload"],
     )
     with stack:
         print(f"  broker   {stack.env['INTERPQ_BROKER_URL']} (embedded Redis)")
@@ -73,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  flower   {stack.flower_url}  user {stack.flower_user}  "
                   f"password {stack.flower_password}")  # fmt: skip
         client = Client(Settings(**_settings_kwargs(stack.env)))
-        batch = client.submit(_demo_jobs(args.requests), name="demo")
+        batch = client.submit(demo_jobs(args.requests), name="demo")
         print(f"submitted batch {batch.name} ({batch.id})", flush=True)
         batch.wait(progress=True, timeout_s=args.timeout)
         results = batch.results()
@@ -82,6 +60,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print()
         print("latency per model (ms; percentiles over successful calls, linear interpolation)")
         print(latency_table(results))
+        print()
+        print(science_summary(results))
     print(f"\ndemo finished in {time.monotonic() - t0:.1f} s; every process stopped.")
     print(f"inspect it later: INTERPQ_DATABASE_URL={stack.env['INTERPQ_DATABASE_URL']} "
           f"interpq results {batch.id}")  # fmt: skip

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import sysconfig
+import threading
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from itertools import islice
@@ -127,8 +128,18 @@ def stdlib_sentences(n: int, seed: int = 0) -> list[str]:
     return list(got)
 
 
-@lru_cache(maxsize=8)
+_PARSE_LOCK = threading.Lock()
+"""CPython 3.11's ``ast.parse`` is not safe in several threads at once ("AST constructor
+recursion depth mismatch"): an ``api`` worker runs jobs in threads, so parsing is serialised."""
+
+
 def _stdlib_sentences(n: int, seed: int) -> tuple[str, ...]:
+    with _PARSE_LOCK:
+        return _stdlib_sentences_cached(n, seed)
+
+
+@lru_cache(maxsize=8)
+def _stdlib_sentences_cached(n: int, seed: int) -> tuple[str, ...]:
     seen: set[str] = set()
     out: list[str] = []
     for path in _stdlib_files(seed):

@@ -1,0 +1,79 @@
+"""What ``interpq demo`` submits and how it reports it. Everything runs offline.
+
+- latency benchmarks of the local provider's embeddings and chat endpoints;
+- MiniLM's residual stream after block 3 over sentences from the standard library's
+  docstrings, and the same sentences embedded through the local provider's API;
+- a TopK SAE trained on those activations (FVU, L0, dead fraction, top texts of features);
+- activation patching on MiniLM: which layers and positions carry a changed word of a
+  sentence into its embedding (a heatmap PNG).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from interpq.artifacts import to_local_path
+from interpq.scheduler.batch import JobResult
+from interpq.specs import Benchmark, JobSpec, Patch, TrainSAE
+from interpq.worker.runners.extract import demo_jobs as extract_jobs
+
+
+def demo_jobs(requests: int = 40, n_texts: int = 256) -> list[JobSpec]:
+    benchmarks: list[JobSpec] = [
+        Benchmark(name="embeddings-latency", provider="local", models=["all-MiniLM-L6-v2"],
+                  endpoint="embeddings", requests=requests, concurrency=4,
+                  prompt="Sparse autoencoders find interpretable features in activations."),
+        Benchmark(name="chat-latency", provider="local", models=["tiny-gpt2-random-weights"],
+                  endpoint="chat", requests=requests, concurrency=4, max_tokens=24,
+                  prompt="Say something about the sea."),
+    ]  # fmt: skip
+    extracts = extract_jobs(n_texts)
+    resid = extracts[0]
+    sae = TrainSAE(name="sae-minilm-l3", activations=resid, k=16, expansion_factor=8,
+                   n_epochs=20, batch_size=256, lr_warmup_steps=20)  # fmt: skip
+    patch = Patch(name="patch-minilm", model="all-MiniLM-L6-v2",
+                  clean=["the film was wonderful and moving"],
+                  corrupted=["the film was terrible and moving"], component="resid_pre")  # fmt: skip
+    return [*benchmarks, *extracts, sae, patch]
+
+
+def science_summary(results: Sequence[JobResult]) -> str:
+    """The SAE's metrics and a few features' top texts; the patching heatmap's path."""
+    lines: list[str] = []
+    for r in results:
+        if r.kind == "extract" and r.result:
+            lines.append(
+                f"{r.name}: {r.result['n_rows']} rows × {list(r.result['hooks'].values())[0][1]} "
+                f"from {r.result['n_texts']} texts, {r.result['n_shards']} shards "
+                f"({r.result['cache_hits']} from cache) → {r.result['manifest_uri']}"
+            )
+        elif r.kind == "train_sae" and r.result:
+            for s in r.result["saes"]:
+                lines.append(
+                    f"{r.name} [{s['label']}]: FVU {s['fvu']:.3f} (explained variance "
+                    f"{s['explained_variance']:.3f}), L0 {s['l0']:.1f}, dead fraction "
+                    f"{s['dead_fraction']:.3f}  [{s['formulas'].get('fvu', '')}]"
+                )
+                lines += _top_texts(r)
+        elif r.kind == "patch" and r.result:
+            e = r.result["largest_effect"]
+            lines.append(
+                f"{r.name}: {r.result['method']} of {r.result['component']} "
+                f"({r.result['metric']}); largest effect {e['value']:.3f} at layer {e['layer']}, "
+                f"position {e['position']}; heatmap {to_local_path(r.result['heatmap'])}"
+            )
+    return "\n".join(lines)
+
+
+def _top_texts(r: JobResult, n_features: int = 3) -> list[str]:
+    art = next((a for a in r.artifacts if a.kind == "top_examples"), None)
+    if art is None:
+        return []
+    examples: dict[str, Any] = json.loads(to_local_path(art.uri).read_text())
+    out = []
+    for feature, exs in [kv for kv in examples.items() if kv[1]][:n_features]:
+        texts = "; ".join(f"{e['text'][:60]!r}@{e['position']}" for e in exs[:2])
+        out.append(f"    feature {feature}: {texts}")
+    return out
