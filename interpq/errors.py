@@ -9,7 +9,8 @@
     ├── EnqueueError                  the broker refused the batch; nothing was enqueued
     └── JobError                      raised inside a job; becomes the job's ``error``
         ├── PermanentJobError         do not retry: bad key, 4xx, missing layer, budget exceeded
-        └── RetryableJobError         retry with backoff: timeouts, 429, 5xx, malformed JSON
+        ├── RetryableJobError         retry with backoff: timeouts, 429, 5xx, malformed JSON
+        └── YieldTurn                 not an error: the part goes to the back of its queue
 
 Third-party exceptions are translated at the boundary (``raise X(...) from exc``), so a job's
 stored error is always one of these, one line, never a traceback.
@@ -65,3 +66,8 @@ class RetryableJobError(JobError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class YieldTurn(JobError):
+    """Raised by a runner after a turn of work: the part is sent to the back of its queue so
+    parts of other batches get a worker (fairness); it continues where it stopped."""

@@ -180,3 +180,21 @@ def test_status_shows_provider_activity(stack: Stack) -> None:
     assert "calls/min" in proc.stdout and "in flight" in proc.stdout
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("local "))
     assert int(line.split()[1]) >= 5
+
+
+def test_a_small_batch_is_not_starved_by_a_big_one_submitted_first(stack: Stack) -> None:
+    import time
+
+    client = _client(stack)
+    big = client.submit([_embeddings("big", 200, concurrency=16, requests_per_turn=2)],
+                        name="big")  # fmt: skip
+    time.sleep(1.0)  # every api thread is now busy with the big batch
+    small = client.submit([_embeddings("small", 6, concurrency=2)], name="small")
+    small.wait(timeout_s=120)
+    big.wait(timeout_s=180)
+    (s,) = small.results()
+    (b,) = big.results()
+    assert s.state == b.state == "succeeded"
+    assert s.finished_at < b.finished_at
+    assert (b.finished_at - s.finished_at).total_seconds() > 5, (s.finished_at, b.finished_at)
+    assert b.latency[0].n_ok == 200  # turns lose nothing and repeat nothing

@@ -40,11 +40,14 @@ def task_name(kind: str) -> str:
     return f"interpq.{kind}"
 
 
-def publish(dispatches: Sequence[Dispatch], broker_url: str | None = None) -> int:
+def publish(
+    dispatches: Sequence[Dispatch], broker_url: str | None = None, part: int | None = None
+) -> int:
     """Send one message per part of each job; returns messages sent.
 
     On kombu's Redis transport the messages go out as one pipelined batch, flushed at the
     end: a failure before the flush sends none of them (the batch is all or nothing).
+    ``part``: send only that part of a single job (a continuation after its turn).
     """
     from interpq.worker.app import get_app
 
@@ -56,11 +59,15 @@ def publish(dispatches: Sequence[Dispatch], broker_url: str | None = None) -> in
         ctx = batching(max_size=max(1, n_messages)) if batching else contextlib.nullcontext()
         with ctx:
             for d in dispatches:
-                for part in range(d.n_parts):
-                    label = d.label if d.n_parts == 1 else f"{d.label} [{part + 1}/{d.n_parts}]"
+                for p in range(d.n_parts) if part is None else [part]:
+                    label = (
+                        d.label
+                        if d.n_parts == 1 or part is not None
+                        else (f"{d.label} [{p + 1}/{d.n_parts}]")
+                    )
                     app.send_task(
                         task_name(d.kind),
-                        args=[d.job_id, part],
+                        args=[d.job_id, p],
                         kwargs={"label": label},
                         queue=d.queue,
                         producer=producer,

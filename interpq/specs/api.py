@@ -54,6 +54,9 @@ class Benchmark(JobSpec):
     """Per-request timeout."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Attempts per request before it counts as failed."""
+    requests_per_turn: int = Field(default=10, ge=1)
+    """After this many requests a slice goes to the back of its queue, so that the parts of
+    batches submitted later get a worker too (fairness); it continues where it stopped."""
     max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
     """Time from a request's first attempt after which it is not retried any more."""
 

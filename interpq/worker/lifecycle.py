@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, update
 
-from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError
+from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError, YieldTurn
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
@@ -161,9 +161,27 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
         log.info("job %s part %d: another live worker runs it; checking again later", job_id, part)
         raise task.retry(countdown=settings.part_lease_s / 2, max_retries=MAX_RUNNER_RETRIES)
     try:
-        return _run(job_id, part, task)
+        outcome = _run(job_id, part, task)
     finally:
         leases.release(job_id, part)
+    if outcome == "yielded":  # after the release, so the continuation can take the lease
+        from interpq.scheduler.dispatch import Dispatch, publish
+
+        label = getattr(task.request, "kwargs", {}).get("label", "")
+        publish(
+            [
+                Dispatch(
+                    job_id,
+                    task.name.split(".", 1)[1],
+                    task.request.delivery_info.get("routing_key") or "api",
+                    1,
+                    label,
+                )
+            ],
+            settings.broker_url,
+            part=part,
+        )
+    return outcome
 
 
 def _run(job_id: str, part: int, task: Any) -> str:
@@ -192,6 +210,9 @@ def _run(job_id: str, part: int, task: Any) -> str:
         runner.run_part(ctx, spec)
         with write(engine) as conn:
             finished = _complete(conn, ctx, spec, runner)
+    except YieldTurn:
+        _requeue_part(engine, job_id, part, row.n_parts)
+        return "yielded"
     except RetryableJobError as exc:
         retries = getattr(getattr(task, "request", None), "retries", MAX_RUNNER_RETRIES)
         if task is not None and retries < MAX_RUNNER_RETRIES:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from interpq.core.latency import summarize
-from interpq.errors import ConfigError, PermanentJobError, RetryableJobError
+from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models import ApiCall, LatencySummary
 from interpq.models import Batch as BatchRow
 from interpq.models.db import write
@@ -101,12 +101,16 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
     payload = _payload(spec, model)
     est_in = estimate_tokens(spec.prompt)
     est_out = spec.max_tokens if spec.endpoint == "chat" else 0
+    made = 0
     for index in spec.request_indices(slice_index):
         if index in done:
             continue
         attempt = last_attempt.get(index, 0)
         if attempt >= spec.max_attempts or _out_of_time(first_start.get(index), spec):
             continue  # this request has failed for good; the summary counts its attempts
+        if made == spec.requests_per_turn:
+            raise YieldTurn(f"slice {slice_index}: {made} requests this turn")
+        made += 1
         attempt += 1
         out = limited_attempt(
             ctx, limiter, provider, model, spec.endpoint, payload,
