@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pydantic import BaseModel
 from sqlalchemy import Engine, or_, select
 
 from interpq.errors import SpecError
 from interpq.models import Batch, Job, LatencySummary
+from interpq.scheduler.batch import LatencyRow
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -52,7 +52,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-class HistoryRow(BaseModel):
+class HistoryRow(LatencyRow):
     """One latency summary with when and in which batch it was measured; times in ms."""
 
     measured_at: datetime
@@ -60,30 +60,9 @@ class HistoryRow(BaseModel):
     batch_id: str
     batch_name: str
     job_name: str
-    provider: str
-    model: str
-    endpoint: str
-    n: int
-    n_ok: int
-    success_rate: float
-    latency_p50_ms: float | None
-    latency_p90_ms: float | None
-    latency_p95_ms: float | None
-    latency_p99_ms: float | None
-    ttft_p50_ms: float | None
-    ttft_p95_ms: float | None
-    output_tokens_per_s: float | None
-    cost_usd: float
 
 
-_SUMMARY_COLUMNS = (
-    LatencySummary.provider, LatencySummary.model, LatencySummary.endpoint, LatencySummary.n,
-    LatencySummary.n_ok, LatencySummary.success_rate,
-    LatencySummary.latency_p50_ms, LatencySummary.latency_p90_ms,
-    LatencySummary.latency_p95_ms, LatencySummary.latency_p99_ms,
-    LatencySummary.ttft_p50_ms, LatencySummary.ttft_p95_ms,
-    LatencySummary.output_tokens_per_s, LatencySummary.cost_usd,
-)  # fmt: skip
+_SUMMARY_COLUMNS = tuple(getattr(LatencySummary, f) for f in LatencyRow.model_fields)
 
 
 def latency_history(
