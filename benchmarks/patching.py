@@ -14,6 +14,12 @@ interpq runs ``patch(...)`` twice per sweep: with only the logit difference (wha
 and with every metric (logit diff, logprob, prob, KL). Then attribution patching, and the
 Pearson correlation of its estimate with the exact grid.
 
+Columns: wall and CPU seconds (this process, all threads) per sweep, the clean-cache / trace
+runs included; forward passes (interpq counts each packed or partial pass as one); speed-ups
+by wall and by CPU time; interpq with every metric; the largest absolute difference between
+the two logit-difference grids; attribution patching's CPU time and its Pearson correlation
+with the exact grid. interpq's times are medians of three runs around TL's single run.
+
     python benchmarks/patching.py            # full run, several minutes on 2 cores (TL dominates)
     python benchmarks/patching.py --quick    # smoke run: 2 layers, 2 prompts × 6 tokens
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import numpy as np
@@ -62,48 +69,71 @@ def build(quick: bool, seed: int, differ: int):
     return model, clean, corrupted, answers, wrong
 
 
-def run_transformer_lens(model, clean, corrupted, answers, wrong, sweeps):
-    from transformer_lens import patching
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block of code, in seconds.
 
-    patching.tqdm = lambda items, **kwargs: items  # no progress bars in the table
-    bridge = build_bridge_from_module(
-        copy.deepcopy(model), "GPT2LMHeadModel", hf_config=model.config, model_name="gpt2-random"
-    )
-    bridge.eval()
-    rows = torch.arange(len(answers))
+    The machine is shared: another process taking a core stretches wall time but hardly the
+    CPU time, so both are reported.
+    """
 
-    def metric(logits):
-        last = logits[:, -1]
-        return (last[rows, answers] - last[rows, wrong]).mean()
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
 
-    calls = {"n": 0}
-    original = bridge.run_with_hooks
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    bridge.run_with_hooks = counting
-    out = {}
-    for name in sweeps:
-        fn = getattr(patching, SWEEPS[name][2])
-        calls["n"] = 0
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            _, cache = bridge.run_with_cache(clean)
-            grid = fn(bridge, corrupted, cache, metric)
-        out[name] = (time.perf_counter() - t0, calls["n"] + 1, grid.detach().float().numpy())
-    return out
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
 
 
-def run_interpq(model, clean, corrupted, answers, wrong, sweeps, metrics, mode="exact"):
+class TransformerLens:
+    """TransformerLens's bridge around a deep copy of the same HF model (no hub)."""
+
+    def __init__(self, model, answers, wrong):
+        from transformer_lens import patching
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+        patching.tqdm = lambda items, **kwargs: items  # no progress bars in the table
+        self.patching = patching
+        self.bridge = build_bridge_from_module(
+            copy.deepcopy(model),
+            "GPT2LMHeadModel",
+            hf_config=model.config,
+            model_name="gpt2-random",
+        )
+        self.bridge.eval()
+        rows = torch.arange(len(answers))
+
+        def metric(logits):
+            last = logits[:, -1]
+            return (last[rows, answers] - last[rows, wrong]).mean()
+
+        self.metric = metric
+        self.calls = 0
+        original = self.bridge.run_with_hooks
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        self.bridge.run_with_hooks = counting
+
+    def sweep(self, name, clean, corrupted):
+        """(seconds, forward passes, grid) of one sweep, the clean cache run included."""
+        fn = getattr(self.patching, SWEEPS[name][2])
+        self.calls = 0
+        with Clock() as clock:
+            with torch.no_grad():
+                _, cache = self.bridge.run_with_cache(clean)
+                grid = fn(self.bridge, corrupted, cache, self.metric)
+        return clock, self.calls + 1, grid.detach().float().numpy()
+
+
+def run_interpq(model, clean, corrupted, answers, wrong, name, metrics, mode="exact"):
+    """(seconds, forward passes, logit-difference grid) of one interpq sweep."""
     from interpq.patching import patch
 
-    out = {}
-    for name in sweeps:
-        component, positions, _ = SWEEPS[name]
-        t0 = time.perf_counter()
+    component, positions, _ = SWEEPS[name]
+    with Clock() as clock:
         grid = patch(
             model,
             None,
@@ -116,11 +146,10 @@ def run_interpq(model, clean, corrupted, answers, wrong, sweeps, metrics, mode="
             metrics=metrics,
             mode=mode,
         )
-        values = grid.values["logit_diff"]
-        if positions == "all":
-            values = values[:, 0]  # [layers, heads], as TL's all-positions head sweep
-        out[name] = (time.perf_counter() - t0, grid.n_forward_passes, values)
-    return out
+    values = grid.values["logit_diff"]
+    if positions == "all":
+        values = values[:, 0]  # [layers, heads], as TL's all-positions head sweep
+    return clock, grid.n_forward_passes, values
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -136,51 +165,59 @@ def main() -> None:
     parser.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     args = parser.parse_args()
     sweeps = [s for s in args.sweeps.split(",") if s]
-    torch.set_grad_enabled(True)
     model, clean, corrupted, answers, wrong = build(args.quick, args.seed, args.differ)
     n, T = clean.shape
     print(
         f"GPT-2 shape: {model.config.n_layer} layers, d_model {model.config.n_embd}, "
         f"{n} prompts x {T} tokens, {args.differ} differing token(s) per prompt, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
-    # warm-up (allocator, kernels) so the first measured sweep is not penalised
-    run_interpq(model, clean, corrupted, answers, wrong, ["resid_pre"], ("logit_diff",))
-    ours = run_interpq(model, clean, corrupted, answers, wrong, sweeps, ("logit_diff",))
-    ours_all = run_interpq(model, clean, corrupted, answers, wrong, sweeps, None)
-    attr = run_interpq(
-        model, clean, corrupted, answers, wrong, sweeps, ("logit_diff",), "attribution"
-    )
+    data = (model, clean, corrupted, answers, wrong)
+    run_interpq(*data, "resid_pre", ("logit_diff",))  # warm-up: allocator, kernels
     tl = None
     if not args.no_tl:
         from importlib.metadata import version
 
-        print(f"TransformerLens {version('transformer-lens')}")
-        tl = run_transformer_lens(model, clean, corrupted, answers, wrong, sweeps)
-
+        print(f"TransformerLens {version('transformer-lens')} (TransformerBridge)")
+        tl = TransformerLens(model, answers, wrong)
     header = (
-        f"{'sweep':<10}{'TL s':>8}{'TL fwd':>8}{'ours s':>8}{'ours fwd':>9}{'speed-up':>9}"
-        f"{'all-metrics s':>14}{'speed-up':>9}{'max |diff|':>12}{'attr s':>8}{'attr r':>8}"
+        f"{'sweep':<10}{'TL wall':>8}{'TL cpu':>8}{'TL fwd':>7}"
+        f"{'ours wall':>10}{'ours cpu':>9}{'fwd':>5}{'x wall':>8}{'x cpu':>7}"
+        f"{'all-metrics':>12}{'x cpu':>7}{'max |diff|':>11}{'attr cpu':>9}{'attr r':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    lines = []
     for name in sweeps:
-        t_ours, f_ours, v_ours = ours[name]
-        t_all = ours_all[name][0]
-        t_attr, _, v_attr = attr[name]
+        # ours three times around TL's single run (the machine is shared and noisy): medians
+        ours = [run_interpq(*data, name, ("logit_diff",)) for _ in range(2)]
+        tl_clock, f_tl, v_tl = tl.sweep(name, clean, corrupted) if tl else (None, 0, None)
+        ours.append(run_interpq(*data, name, ("logit_diff",)))
+        wall = float(np.median([o[0].wall for o in ours]))
+        cpu = float(np.median([o[0].cpu for o in ours]))
+        _, f_ours, v_ours = ours[0]
+        all_metrics = run_interpq(*data, name, None)[0]
+        attr_clock, _, v_attr = run_interpq(*data, name, ("logit_diff",), "attribution")
         r = pearson(v_attr, v_ours)
-        if tl is not None:
-            t_tl, f_tl, v_tl = tl[name]
+        if tl_clock is not None:
             diff = float(np.abs(v_tl - v_ours).max())
-            print(
-                f"{name:<10}{t_tl:>8.2f}{f_tl:>8d}{t_ours:>8.2f}{f_ours:>9d}{t_tl / t_ours:>8.1f}x"
-                f"{t_all:>14.2f}{t_tl / t_all:>8.1f}x{diff:>12.2e}{t_attr:>8.2f}{r:>8.3f}"
+            line = (
+                f"{name:<10}{tl_clock.wall:>8.2f}{tl_clock.cpu:>8.2f}{f_tl:>7d}"
+                f"{wall:>10.2f}{cpu:>9.2f}{f_ours:>5d}{tl_clock.wall / wall:>7.1f}x"
+                f"{tl_clock.cpu / cpu:>6.1f}x{all_metrics.cpu:>12.2f}"
+                f"{tl_clock.cpu / all_metrics.cpu:>6.1f}x{diff:>11.1e}{attr_clock.cpu:>9.2f}{r:>7.3f}"
             )
         else:
-            print(
-                f"{name:<10}{'-':>8}{'-':>8}{t_ours:>8.2f}{f_ours:>9d}{'-':>9}"
-                f"{t_all:>14.2f}{'-':>9}{'-':>12}{t_attr:>8.2f}{r:>8.3f}"
+            line = (
+                f"{name:<10}{'-':>8}{'-':>8}{'-':>7}{wall:>10.2f}{cpu:>9.2f}{f_ours:>5d}"
+                f"{'-':>8}{'-':>7}{all_metrics.cpu:>12.2f}{'-':>7}{'-':>11}"
+                f"{attr_clock.cpu:>9.2f}{r:>7.3f}"
             )
+        lines.append(line)
+        print(line, flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}\n")
+    print(header)
+    print("-" * len(header))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

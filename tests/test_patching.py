@@ -271,6 +271,23 @@ def test_attribution_heads_on_minilm(minilm) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_custom_metric_is_computed_in_the_same_pass(gpt2) -> None:
+    ans = torch.tensor(gpt2.tokenizer.convert_tokens_to_ids(ANSWERS))
+    wrong = torch.tensor(gpt2.tokenizer.convert_tokens_to_ids(WRONG))
+
+    def my_logit_diff(logits: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(len(prompt))
+        return logits[rows, ans[prompt]] - logits[rows, wrong[prompt]]
+
+    builtin = run_gpt2(gpt2, component="attn_out")
+    custom = run_gpt2(gpt2, component="attn_out", metric=my_logit_diff, wrong_answers=None)
+    assert custom.primary == "metric" and "kl" in custom.values
+    np.testing.assert_allclose(
+        custom.per_prompt["metric"], builtin.per_prompt["logit_diff"], rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.timeout(60)
 def test_unequal_token_lengths_are_refused(gpt2) -> None:
     with pytest.raises(PatchingInputError, match="clean prompt 0 has 14 tokens but corrupted"):
         patch(

@@ -313,8 +313,12 @@ def locate(model: nn.Module) -> Layout:
     if final_norm is None and not post_ln:
         raise LayoutError(f"cannot locate the final norm of {cls}")
     named = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "embeddings"]
-    embeddings = min(named, key=lambda nm: len(nm[0]))[1] if named else model.get_input_embeddings()
-    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if named:
+        embeddings = min(named, key=lambda nm: len(nm[0]))[1]
+    else:
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    get_unembed = getattr(model, "get_output_embeddings", None)
+    unembed = get_unembed() if callable(get_unembed) else None
 
     proj = _get(block, proj_name)
     d_in = getattr(proj, "in_features", None) or getattr(proj, "nx", None)

@@ -124,15 +124,14 @@ def build_variants(
             continue
         ctext, xtext = join(a[i1:i2]).strip(), join(b[j1:j2]).strip()
         label = f"{i1}-{i2} {ctext!r}->{xtext!r}"
-        common = {"clean_span": (i1, i2), "clean_text": ctext, "corrupted_text": xtext}
-        out.append(
-            Variant(f"restore {label}", "restore", join(b[:j1] + a[i1:i2] + b[j2:]), **common)
-        )
-        out.append(
-            Variant(f"corrupt {label}", "corrupt", join(a[:i1] + b[j1:j2] + a[i2:]), **common)
-        )
+        made = [
+            ("restore", join(b[:j1] + a[i1:i2] + b[j2:])),
+            ("corrupt", join(a[:i1] + b[j1:j2] + a[i2:])),
+        ]
         if i2 > i1:
-            out.append(Variant(f"remove {label}", "remove", join(a[:i1] + a[i2:]), **common))
+            made.append(("remove", join(a[:i1] + a[i2:])))
+        for kind, prompt in made:
+            out.append(Variant(f"{kind} {label}", kind, prompt, (i1, i2), ctext, xtext))  # type: ignore[arg-type]
     return out
 
 

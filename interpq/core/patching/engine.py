@@ -151,7 +151,7 @@ class Engine:
             return self.batch_size
         lay, T = self.layout, self.replay.seq_len
         d = lay.d_model
-        vocab = lay.unembed.weight.shape[0] if lay.unembed is not None else 0
+        vocab = int(lay.unembed.weight.shape[0]) if lay.unembed is not None else 0  # type: ignore[union-attr,index]
         floats = (
             suffix_len * (30 * d)  # hidden states, norms, MLP activations
             + 3 * lay.n_heads * suffix_len * T  # attention scores
@@ -201,6 +201,7 @@ class Engine:
             h, final_src, final_base = h[:, -1:], final_src[:, -1:], final_base[:, -1:]
         as_src = (h == final_src).flatten(1).all(-1)
         as_base = (h == final_base).flatten(1).all(-1)
+        assert base.metrics is not None and source.metrics is not None
         for name, vals in values.items():
             vals = torch.where(as_src, source.metrics[name][prompt], vals)
             vals = torch.where(as_base, base.metrics[name][prompt], vals)

@@ -32,6 +32,7 @@ def plot_heatmap(
     limit = float(np.abs(finite).max()) if finite.size else 1.0
     limit = limit or 1.0
     ylabels = [str(layer) for layer in grid.layers]
+    panels: list[tuple[np.ndarray, list[str], str, str | None]]
     if grid.heads is None:
         panels = [(values, grid.position_labels, "position", None)]
     elif grid.positions is None:

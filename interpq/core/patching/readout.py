@@ -77,7 +77,8 @@ class Readout:
         """Logits of one token per row ``[rows]``, unembedding only that row of the matrix."""
         assert self.layout.unembed is not None and self.layout.final_norm is not None
         x = self.layout.final_norm(last)
-        weight = self.layout.unembed.weight[tokens]  # [rows, d_model]
+        matrix: torch.Tensor = self.layout.unembed.weight  # type: ignore[assignment]
+        weight = matrix[tokens]  # [rows, d_model]
         out = (x * weight).sum(-1)
         bias = getattr(self.layout.unembed, "bias", None)
         if bias is not None:

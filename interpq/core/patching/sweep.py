@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -103,11 +103,12 @@ def patch(
     layer_list = _check_indices(layers, layout.n_layers, "layers")
     pos_list = None if positions == "all" else _check_indices(positions, T, "positions")
     head_list = _heads(component, heads, layout)
+    position_sets: list[tuple[int, ...] | None] = (
+        [None] if pos_list is None else [(p,) for p in pos_list]
+    )
+    head_options: list[int | None] = [None] if head_list is None else list(head_list)
     patches = [
-        Patch(layer, None if pos_list is None else (p,), h)
-        for layer in layer_list
-        for p in (pos_list if pos_list is not None else [None])
-        for h in (head_list if head_list is not None else [None])
+        Patch(layer, pos, h) for layer in layer_list for pos in position_sets for h in head_options
     ]
     base_ids, source_ids = (
         (corrupt_ids, clean_ids) if direction == "denoising" else (clean_ids, corrupt_ids)
@@ -210,12 +211,12 @@ def _token_pair(
 def _tokens(tokenizer: Any, prompts: Prompts, special: bool) -> list[list[int]]:
     if torch.is_tensor(prompts):
         return prompts.tolist()
-    prompts = list(prompts)
-    if prompts and isinstance(prompts[0], str):
+    items = list(prompts)
+    if items and isinstance(items[0], str):
         if tokenizer is None:
             raise PatchingInputError("string prompts need a tokenizer; or pass token ids")
-        return tokenizer(prompts, add_special_tokens=special)["input_ids"]
-    return [list(map(int, p)) for p in prompts]
+        return tokenizer(items, add_special_tokens=special)["input_ids"]
+    return [[int(t) for t in cast(Sequence[int], p)] for p in items]
 
 
 def _answer_ids(
