@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(tmp_path_factory.mktemp("science"), api_workers=1, compute_workers=2,
-               flower=False, provider=False)  # fmt: skip
+               flower=False, provider_args=["--preload"])  # fmt: skip
     with st:
         yield st
 
@@ -85,3 +85,24 @@ def test_bad_science_specs_are_refused_naming_the_field(stack: Stack) -> None:
     batch.wait(timeout_s=60)
     (r,) = batch.results()
     assert r.state == "failed" and r.error.startswith("activations: ")
+
+
+def test_api_models_get_a_counterfactual_prompt_comparison_named_so(stack: Stack) -> None:
+    job = Patch(name="cf", model="local:tiny-gpt2-random-weights",
+                clean=["the cat sat on the"], corrupted=["the dog sat on the"],
+                answers="mat", wrong_answers="rug")  # fmt: skip
+    assert job.job_queue() == "api"
+    batch = _client(stack).submit([job], name="cf")
+    batch.wait(timeout_s=120)
+    (r,) = batch.results()
+    assert r.state == "succeeded", r.error
+    assert r.result["method"].startswith("counterfactual prompt comparison")
+    assert "not activation patching" in r.result["method"]
+    (art,) = r.artifacts
+    assert art.kind == "counterfactual_comparison"
+    (comparison,) = json.loads(to_local_path(art.uri).read_text())
+    clean = comparison["clean"]
+    assert clean["variant"]["prompt"] == "the cat sat on the"
+    # a random-weight model rarely puts "mat" in its top 5: then it is missing, never zero
+    assert (clean["answer_logprob"] is not None) != ("mat" in clean["missing"])
+    assert comparison["variants"], "variants that swap the differing span were compared"
