@@ -68,10 +68,6 @@ class JobState(enum.StrEnum):
     CANCELLED = "cancelled"
     """Not run: a dependency failed, or the batch could not be enqueued."""
 
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
 
 FINISHED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
@@ -160,10 +156,6 @@ class ApiCall(Base):
         UniqueConstraint("job_id", "part", "request_index", "attempt", name="uq_api_calls_attempt"),
         Index("ix_api_calls_provider_model_started", "provider", "model", "started_at"),
     )
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code == 200 and self.error_class is None
 
 
 class Artifact(Base):

@@ -31,10 +31,6 @@ class Dispatch:
     n_parts: int
     label: str
 
-    @classmethod
-    def of(cls, job: Job) -> Dispatch:
-        return cls(job.id, job.kind, job.queue, job.n_parts, f"{job.name}")
-
 
 def task_name(kind: str) -> str:
     return f"interpq.{kind}"
