@@ -81,6 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         api_workers=args.api_workers,
         compute_workers=args.compute_workers,
         flower=not args.no_flower,
+        provider_args=["--preload"],
     )
     with stack:
         print("interpq stack is up. In another shell:\n")
