@@ -106,3 +106,43 @@ def test_api_models_get_a_counterfactual_prompt_comparison_named_so(stack: Stack
     # a random-weight model rarely puts "mat" in its top 5: then it is missing, never zero
     assert (clean["answer_logprob"] is not None) != ("mat" in clean["missing"])
     assert comparison["variants"], "variants that swap the differing span were compared"
+
+
+def test_sae_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL the worker training an SAE after its first checkpoint: the redelivered job
+    resumes from that checkpoint on the other worker and finishes, redone exactly once."""
+    import os
+    import signal
+    import time
+
+    env = {"INTERPQ_VISIBILITY_TIMEOUT_S": "4", "INTERPQ_PART_LEASE_S": "3"}
+    os.environ.update(env)
+    try:
+        with Stack(tmp_path, api_workers=0, compute_workers=2, flower=False,
+                   provider=False) as st:  # fmt: skip
+            acts = Extract(name="acts", model="all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings",
+                           n_texts=64, layers=[2], hooks=["resid_post"], shard_size=64)  # fmt: skip
+            sae = TrainSAE(name="sae", activations=acts, k=4, expansion_factor=2, n_steps=600,
+                           batch_size=256, lr_warmup_steps=5, checkpoint_every_steps=25)  # fmt: skip
+            batch = _client(st).submit([acts, sae], name="resume")
+            ckpt_root = Path(st.env["INTERPQ_ARTIFACTS_DIR"]) / "sae"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not list(ckpt_root.glob("*/checkpoints/*")):
+                time.sleep(0.1)
+            assert list(ckpt_root.glob("*/checkpoints/*")), "no checkpoint was written"
+            (job,) = [r for r in batch.results() if r.name == "sae"]
+            victim = next(p for p in st.procs if p.name == f"worker-{job.worker.split('@')[0]}")
+            os.killpg(victim.popen.pid, signal.SIGKILL)
+            status = batch.wait(timeout_s=180)
+            res = {r.name: r for r in batch.results()}
+            assert status.counts == {"succeeded": 2}, res["sae"].error
+            assert res["sae"].attempts == 2
+            assert res["sae"].worker != job.worker
+            survivor = next(
+                p for p in st.procs if p.name == f"worker-{res['sae'].worker.split('@')[0]}"
+            )
+            assert "resumed SAE training" in survivor.log_path.read_text()
+            assert res["sae"].result["saes"][0]["fvu"] < 1.0
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
