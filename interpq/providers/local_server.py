@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from interpq.providers.local_backends import ApiError, CausalLMBackend, EmbeddingBackend
@@ -63,9 +63,10 @@ STOP_JOIN_S = 5.0
 Route = Callable[[dict[str, Any], Responder, float], None]
 
 
-@dataclass
-class ServerOptions:
-    """How to run the local provider server; every fault is off by default."""
+@dataclass(frozen=True)
+class ServerOptions(FaultSettings):
+    """How to run the local provider server: the fault knobs of ``FaultSettings`` (all off by
+    default, adjustable later through ``POST /faults``) plus where and what to serve."""
 
     host: str = "127.0.0.1"
     """Interface to listen on."""
@@ -75,44 +76,19 @@ class ServerOptions:
     """Hugging Face id or local path of the chat/completions model; None: the tiny random GPT-2."""
     preload: bool = False
     """Load both models in ``start()`` instead of on first use."""
-    rate_limit_rps: float | None = None
-    """Sliding-window limit in requests per second; None: unlimited."""
-    rate_limit_window_s: float = 1.0
-    """Width of the sliding window (at most ``rate_limit_rps * window`` requests per window)."""
-    error_rate: float = 0.0
-    """Fraction of accepted requests answered 500/502/503."""
-    added_latency_ms: float = 0.0
-    """Delay before each answer (streams: half before the first chunk, half between chunks)."""
-    timeout_rate: float = 0.0
-    """Fraction of accepted requests that hang ``hang_s`` and then close without a response."""
-    hang_s: float = 30.0
-    """How long a hanging request holds its connection."""
     api_key_env: str | None = None
     """Name of an environment variable; when set, requests need ``Authorization: Bearer <it>``."""
     seed: int = 0
     """Seed of the fault RNG and of sampling for requests without their own ``seed``."""
-    force_429_every: int = 0
-    """When N > 0, every N-th ``/v1`` request is answered 429."""
-    retry_after_s: float | None = None
-    """When set, every 429 asks the client to wait this long (``Retry-After`` rounded up)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        self.fault_settings()  # validates the fault fields
+        super().__post_init__()  # validates the fault fields
 
     def fault_settings(self) -> FaultSettings:
         """The fault fields as the runtime-adjustable ``FaultSettings``."""
-        return FaultSettings(
-            rate_limit_rps=self.rate_limit_rps,
-            rate_limit_window_s=self.rate_limit_window_s,
-            error_rate=self.error_rate,
-            added_latency_ms=self.added_latency_ms,
-            timeout_rate=self.timeout_rate,
-            hang_s=self.hang_s,
-            force_429_every=self.force_429_every,
-            retry_after_s=self.retry_after_s,
-        )
+        return FaultSettings(**{f.name: getattr(self, f.name) for f in fields(FaultSettings)})
 
 
 class _App:
