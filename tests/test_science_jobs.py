@@ -127,9 +127,12 @@ def test_sae_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path: Path)
             batch = _client(st).submit([acts, sae], name="resume")
             ckpt_root = Path(st.env["INTERPQ_ARTIFACTS_DIR"]) / "sae"
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not list(ckpt_root.glob("*/checkpoints/*")):
+            # the complete file only: Path.glob("*") also matches the dotted temporary file that
+            # save_checkpoint writes before renaming it into place
+            pattern = "*/checkpoints/checkpoint.pt"
+            while time.monotonic() < deadline and not list(ckpt_root.glob(pattern)):
                 time.sleep(0.1)
-            assert list(ckpt_root.glob("*/checkpoints/*")), "no checkpoint was written"
+            assert list(ckpt_root.glob(pattern)), "no checkpoint was written"
             (job,) = [r for r in batch.results() if r.name == "sae"]
             victim = next(p for p in st.procs if p.name == f"worker-{job.worker.split('@')[0]}")
             os.killpg(victim.popen.pid, signal.SIGKILL)
