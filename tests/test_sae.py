@@ -380,6 +380,18 @@ def test_iterable_and_dataset_sources_give_array_batches():
 
 
 @pytest.mark.timeout(30)
+def test_a_one_shot_generator_loses_no_batch_to_the_first_batch_init():
+    """The first batch initialises the SAE (peek) and is then trained on, not skipped."""
+    x, _ = sparse_data(n=2560)
+    cfg = tiny(shuffle=False, n_steps=10, lr_warmup_steps=2)
+    ten_batches = [x[i : i + 256] for i in range(0, 2560, 256)]
+    from_array = train(x, cfg, progress=False)
+    from_generator = train((b for b in ten_batches), cfg, progress=False)
+    for name, p in from_array.sae.state_dict().items():
+        assert_close(from_generator.sae.state_dict()[name], p, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.timeout(30)
 def test_callbacks_see_logs_and_end():
     x, _ = sparse_data(n=1024)
     events = []

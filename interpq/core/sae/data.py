@@ -72,6 +72,8 @@ class BatchSource:
         self._stream: Iterator[Tensor] | None = None
         self._stream_epoch = 0
         self._stream_batches_in_epoch = 0
+        self._peeked: Tensor | None = None
+        """A stream batch taken by ``peek`` and not yet by ``next``."""
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -79,15 +81,23 @@ class BatchSource:
         return None if self.n_rows is None else self.n_rows // self.batch_size
 
     def peek(self) -> Tensor:
-        """The next batch, without advancing the position."""
-        batch = self.next()
-        self.seek(self.position - 1)
-        return batch
+        """The next batch, without advancing the position.
+
+        Arrays are indexed again by ``next``; a stream's batch is kept and handed out by the
+        next ``next`` (re-creating the stream would lose it for a one-shot iterator).
+        """
+        if self._array is not None:
+            return self._array_batch(self.position)
+        if self._peeked is None:
+            self._peeked = self._stream_batch()
+        return self._peeked
 
     def next(self) -> Tensor:
         """The next batch [batch_size, d_in] on the device, as ``dtype``."""
         if self._array is not None:
             batch = self._array_batch(self.position)
+        elif self._peeked is not None:
+            batch, self._peeked = self._peeked, None
         else:
             batch = self._stream_batch()
         self.position += 1
@@ -97,6 +107,7 @@ class BatchSource:
         """Move to ``position`` (batches already taken), e.g. when resuming."""
         self.position = position
         self._stream = None
+        self._peeked = None
 
     # ------------------------------------------------------------------ arrays
     def _array_batch(self, position: int) -> Tensor:
