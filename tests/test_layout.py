@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -13,10 +17,13 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
+from interpq.core.extraction import extract
 from interpq.runtime.layout import LayoutError, locate
 from interpq.runtime.models import load_minilm, tiny_gpt2
 
@@ -115,6 +122,30 @@ ARCHS = {
         "self_attn.o_proj",
         True,
     ),
+    "mistral": (
+        lambda: MistralForCausalLM(
+            MistralConfig(num_attention_heads=4, num_key_value_heads=2, **SMALL)
+        ),
+        "model.layers",
+        "self_attn.o_proj",
+        True,
+    ),
+    "gemma2": (  # sandwich norms, logit soft-capping, alternating sliding-window layers
+        lambda: Gemma2ForCausalLM(
+            Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **SMALL)
+        ),
+        "model.layers",
+        "self_attn.o_proj",
+        True,
+    ),
+    "gemma3": (
+        lambda: Gemma3ForCausalLM(
+            Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **SMALL)
+        ),
+        "model.layers",
+        "self_attn.o_proj",
+        True,
+    ),
 }
 
 
@@ -143,6 +174,27 @@ def test_tiny_random_architectures_locate(arch: str) -> None:
         assert torch.equal(acts["resid_pre", i], hidden[i])
         assert acts["head_out", i].shape == (2, 7, 4, layout.d_head)
     torch.testing.assert_close(layout.final_norm(acts["resid_post", 1]), hidden[-1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tiny_random_architectures_are_padding_invariant(arch: str, side: str) -> None:
+    model = ARCHS[arch][0]().eval()
+    layout = locate(model)
+    lengths = [7, 2, 5, 1]
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(1, 64, (n,), generator=gen).tolist() for n in lengths]
+    points = [(p, i) for p in ("resid_pre", "attn_out", "mlp_out", "resid_post") for i in range(2)]
+    (together,) = extract(model, layout, ids, points, batch_size=4, pad_id=0, padding_side=side,
+                          sort_by_length=False)  # fmt: skip
+    assert together.text_index == [0, 1, 2, 3]
+    starts = [sum(lengths[:t]) for t in range(len(lengths))]
+    for t, toks in enumerate(ids):
+        (alone,) = extract(model, layout, [toks], points)
+        for p in points:
+            got = together.acts[p][starts[t] : starts[t] + lengths[t]]
+            torch.testing.assert_close(got, alone.acts[p], rtol=0, atol=1e-5)
 
 
 @pytest.mark.timeout(60)

@@ -8,7 +8,8 @@ and yields, per batch, the activations at each ``(hook point, layer)`` reduced t
 - ``"mean"``: one row per text, the mean over its real tokens.
 
 Texts are grouped into batches of similar length (fewer pad tokens), padded on the left or
-the right with an attention mask and explicit position ids, so a text's activations do not
+the right with an attention mask and explicit position ids (counted from the model's own
+first position: 0, or ``padding_idx + 1`` for RoBERTa-style encoders), so a text's activations do not
 depend on its batch (padding invariance, up to float rounding). The forward pass stops right
 after the last requested hook point (a private exception raised from a hook), so extracting
 layer 3 of a 24-layer model runs 4 blocks.
@@ -77,7 +78,8 @@ def pad(
     """``(input_ids, attention_mask, position_ids)``, each ``[batch, pos]``.
 
     Position ids count real tokens only (0 at each text's first token), so left padding
-    does not shift positions.
+    does not shift positions. Models that number positions from elsewhere (RoBERTa: from
+    ``padding_idx + 1``) take them shifted by ``Layout.position_offset``.
     """
     width = max(len(t) for t in token_ids)
     ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
@@ -190,9 +192,8 @@ def extract(
     for batch in plan_batches(lengths, batch_size, sort_by_length):
         ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        acts = forward_capture(
-            model, layout, points, ids, mask, positions if with_positions else None
-        )
+        model_positions = positions + layout.position_offset if with_positions else None
+        acts = forward_capture(model, layout, points, ids, mask, model_positions)
         rows = {
             p: reduce_tokens(a, mask, reduction).to(dtype=out_dtype or a.dtype).cpu()
             for p, a in acts.items()

@@ -99,6 +99,9 @@ class Layout:
     post_ln: bool
     """LayerNorm after each residual add (BERT): no resid_mid, outputs are not plain adds."""
     logit_softcap: float | None = None
+    position_offset: int = 0
+    """The position id of a text's first token: 0, or ``padding_idx + 1`` for RoBERTa-style
+    embeddings (RoBERTa, XLM-R), which number real tokens from after the padding index."""
     _attn_sites: list[Site] = field(default_factory=list, repr=False)
     _mlp_sites: list[Site] = field(default_factory=list, repr=False)
 
@@ -345,9 +348,17 @@ def locate(model: nn.Module) -> Layout:
         parallel=parallel and not post_ln,
         post_ln=post_ln,
         logit_softcap=float(softcap) if softcap else None,
+        position_offset=_position_offset(embeddings),
         _attn_sites=attn_sites,
         _mlp_sites=mlp_sites,
     )
+
+
+def _position_offset(embeddings: nn.Module) -> int:
+    """``padding_idx + 1`` where the embeddings number positions after the padding index."""
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    roberta_style = callable(getattr(embeddings, "create_position_ids_from_input_ids", None))
+    return padding_idx + 1 if roberta_style and isinstance(padding_idx, int) else 0
 
 
 def _find_blocks(model: nn.Module, cls: str) -> tuple[str, nn.ModuleList]:

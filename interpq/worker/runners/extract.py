@@ -252,7 +252,8 @@ def _run_local(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) 
             m.layout.site(point, layer)
         except ValueError as exc:  # LayoutError: missing layer or hook point, names the class
             raise PermanentJobError(f"layers/hooks: {exc}") from exc
-    max_length = min(spec.max_length, m.max_positions or spec.max_length)
+    context = m.max_positions - m.layout.position_offset if m.max_positions else None
+    max_length = min(spec.max_length, context or spec.max_length)
     hooks = [{"name": f"{p}.{layer}", "point": p, "layer": layer, "d": m.layout.d_model}
              for p, layer in points]  # fmt: skip
     meta: dict[str, Any] = {
