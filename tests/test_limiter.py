@@ -20,7 +20,8 @@ def provider() -> Provider:
     return Provider(
         name=name, base_url="http://127.0.0.1:1/v1", rpm=600, tpm=60_000, max_concurrency=2,
         models={"m": ModelPrice(input_usd_per_mtok=1e6, output_usd_per_mtok=1e6),
-                "slow": ModelPrice(input_usd_per_mtok=0, output_usd_per_mtok=0, rpm=60)},
+                "slow": ModelPrice(input_usd_per_mtok=0, output_usd_per_mtok=0, rpm=60),
+                "one": ModelPrice(input_usd_per_mtok=0, output_usd_per_mtok=0, max_concurrency=1)},
     )  # fmt: skip
 
 
@@ -91,8 +92,8 @@ def test_concurrency_permits_block_and_expire(redis_url: str, provider: Provider
         t.join(5)
     # a lease whose holder died comes back after its expiry
     zkey = f"interpq:limit:{provider.name}:leases"
-    lim._acquire(keys=[zkey], args=["dead-1", 2, 0.3])
-    lim._acquire(keys=[zkey], args=["dead-2", 2, 0.3])
+    lim._acquire(keys=[zkey], args=["dead-1", 0.3, 2])
+    lim._acquire(keys=[zkey], args=["dead-2", 0.3, 2])
     t0 = time.monotonic()
     with lim.permit(lease_s=5):
         waited = time.monotonic() - t0
@@ -107,3 +108,80 @@ def test_budget_refuses_the_call_that_would_pass_it(redis_url: str, provider: Pr
         lim.reserve_budget(batch, 0.6, budget_usd=1.0)
     lim.settle_budget(batch, estimate_usd=0.6, actual_usd=0.2)  # it cost less than estimated
     lim.reserve_budget(batch, 0.6, budget_usd=1.0)
+
+
+def _holds(
+    lim: Limiter, model: str, lease_s: float = 30
+) -> tuple[threading.Event, threading.Event]:
+    """A thread holding one permit for ``model`` until the second event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lim.permit(lease_s=lease_s, model=model):
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(5)
+    return held, release
+
+
+def test_a_models_max_concurrency_holds_besides_the_providers(
+    redis_url: str, provider: Provider
+) -> None:
+    lim = Limiter(redis_for(redis_url), provider)
+    _, release_one = _holds(lim, "one")  # "one" allows a single call in flight
+    second_one = threading.Event()
+
+    def call_one() -> None:
+        with lim.permit(lease_s=30, model="one"):
+            second_one.set()
+
+    t = threading.Thread(target=call_one, daemon=True)
+    t.start()
+    assert not second_one.wait(0.5), "a second call of 'one' ran beyond its max_concurrency=1"
+    # the provider (max_concurrency=2) still has room for another model's call
+    with lim.permit(lease_s=30, model="m"):
+        assert snapshot(lim.r, provider.name)["in_flight"] == 2
+    release_one.set()
+    assert second_one.wait(5), "the waiting call was not woken when the permit came back"
+    t.join(5)
+    assert lim.r.zcard(f"interpq:limit:{provider.name}:one:leases") == 0
+
+
+def test_a_full_provider_blocks_a_model_with_room(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider)
+    releases = [_holds(lim, "m")[1] for _ in range(2)]  # the provider's 2 permits
+    got = threading.Event()
+
+    def call_one() -> None:
+        with lim.permit(lease_s=30, model="one"):
+            got.set()
+
+    t = threading.Thread(target=call_one, daemon=True)
+    t.start()
+    assert not got.wait(0.5), "a call ran beyond the provider's max_concurrency=2"
+    # all or nothing: the waiting call took no lease of its model while it waited
+    assert lim.r.zcard(f"interpq:limit:{provider.name}:one:leases") == 0
+    releases[0].set()
+    assert got.wait(5)
+    releases[1].set()
+    t.join(5)
+
+
+def test_a_dead_holders_model_lease_expires(redis_url: str, provider: Provider) -> None:
+    lim = Limiter(redis_for(redis_url), provider)
+    keys = [f"interpq:limit:{provider.name}:leases", f"interpq:limit:{provider.name}:one:leases"]
+    assert lim._acquire(keys=keys, args=["dead", 0.3, 2, 1]) in (b"ok", "ok")
+    t0 = time.monotonic()
+    with lim.permit(lease_s=5, model="one"):
+        waited = time.monotonic() - t0
+    assert 0.2 <= waited < 2.0
+
+
+def test_snapshot_keeps_providers_apart(redis_url: str, provider: Provider) -> None:
+    r = redis_for(redis_url)
+    other = provider.model_copy(update={"name": provider.name + "x"})  # a name it prefixes
+    Limiter(r, other).cool_down("m", 5.0)
+    assert snapshot(r, provider.name)["cooldown_s"] == {}
+    assert list(snapshot(r, other.name)["cooldown_s"]) == [f"{other.name}:m"]

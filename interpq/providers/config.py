@@ -32,6 +32,8 @@ class ModelPrice(BaseModel):
     """Requests per minute for this model alone (besides the provider's)."""
     tpm: int | None = Field(default=None, gt=0)
     """Tokens per minute for this model alone (besides the provider's)."""
+    max_concurrency: int | None = Field(default=None, gt=0)
+    """Calls of this model in flight at once, over every worker (besides the provider's)."""
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """What a call with these token counts costs."""

@@ -9,8 +9,10 @@ machine that uses the same Redis. Three limits, each atomic in a Lua script:
   slot* (no polling). Reservations are first come, first served across all workers, so a
   small batch's calls interleave with a big batch's instead of waiting behind it. Token use
   is estimated before the call and reconciled with the usage the response reports.
-- **concurrency** — leases in a sorted set, scored by expiry: a killed worker's permit comes
-  back when its lease expires. A release wakes one waiter through a list (BLPOP).
+- **concurrency** — leases in a sorted set per provider, and per model that sets its own
+  ``max_concurrency``, scored by expiry: a killed worker's permit comes back when its lease
+  expires. A call takes a lease in both sets at once (one script) or waits; a release wakes
+  one waiter of each set through a list (BLPOP).
 - **cool-down** — a 429 sets ``cooldown_until`` for that provider/model; every reservation
   starts after it, in every worker.
 
@@ -86,18 +88,26 @@ end
 return tostring(untilt)
 """
 
-# KEYS[1]: lease zset; ARGV: lease id, max, ttl s. Returns "ok" or seconds to the next expiry.
+# KEYS: lease zsets (the provider's, then the model's); ARGV: lease id, ttl s, then the max of
+# each set. All or nothing: returns "ok", or "<i> <seconds to the next expiry in set i>" for
+# the first full set i (1-based).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000) + 60000)
-  return 'ok'
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
 end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return tostring(tonumber(first[2]) - now)
+for i = 1, #KEYS do
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + i]) then
+    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    return tostring(i) .. ' ' .. tostring(tonumber(first[2]) - now)
+  end
+end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[2]) * 1000) + 60000)
+end
+return 'ok'
 """
 
 # KEYS: spent key; ARGV: estimate, budget. Reserve if it fits: returns new total or "over".
@@ -220,25 +230,44 @@ class Limiter:
         return float(self._cooldown(keys=self.cooldown_keys(model)[1:], args=[max(0.0, seconds)]))
 
     # -- concurrency -------------------------------------------------------------------------
+    def lease_scopes(self, model: str | None) -> list[tuple[str, int]]:
+        """(key prefix, max_concurrency) of the provider, and of ``model`` if it has its own."""
+        p = self.provider
+        out = [(f"{PREFIX}:{p.name}", p.max_concurrency)]
+        info = p.models.get(model) if model is not None else None
+        if info is not None and info.max_concurrency:
+            out.append((f"{PREFIX}:{p.name}:{model}", info.max_concurrency))
+        return out
+
     @contextmanager
-    def permit(self, lease_s: float) -> Iterator[None]:
-        """Hold one of the provider's ``max_concurrency`` permits (expires after lease_s)."""
-        zkey = f"{PREFIX}:{self.provider.name}:leases"
-        wake = f"{PREFIX}:{self.provider.name}:wake"
-        lease = uuid.uuid4().hex
+    def permit(self, lease_s: float, model: str | None = None) -> Iterator[None]:
+        """Hold one of the provider's ``max_concurrency`` permits, and one of ``model``'s when
+        it sets its own; both are taken at once or not at all, and expire after ``lease_s``."""
+        scopes = self.lease_scopes(model)
+        zkeys = [f"{prefix}:leases" for prefix, _ in scopes]
+        wakes = [f"{prefix}:wake" for prefix, _ in scopes]
+        args: list[Any] = [uuid.uuid4().hex, lease_s, *(n for _, n in scopes)]
+        woken_by: str | None = None
         while True:
-            got = self._acquire(keys=[zkey], args=[lease, self.provider.max_concurrency, lease_s])
-            if got in (b"ok", "ok"):
+            got = self._acquire(keys=zkeys, args=args)
+            got = got.decode() if isinstance(got, bytes) else str(got)
+            if got == "ok":
                 break
-            self.r.blpop([wake], timeout=max(0.05, min(1.0, float(got))))
+            index, wait_s = got.split()
+            wake = wakes[int(index) - 1]
+            if woken_by is not None and woken_by != wake:
+                self.r.lpush(woken_by, 1)  # that wake-up was for a waiter on the other set
+            popped = self.r.blpop([wake], timeout=max(0.05, min(1.0, float(wait_s))))
+            woken_by = wake if popped else None
         try:
             yield
         finally:
             pipe = self.r.pipeline()
-            pipe.zrem(zkey, lease)
-            pipe.lpush(wake, 1)
-            pipe.ltrim(wake, 0, 63)
-            pipe.expire(wake, 60)
+            for zkey, wake in zip(zkeys, wakes, strict=True):
+                pipe.zrem(zkey, args[0])
+                pipe.lpush(wake, 1)
+                pipe.ltrim(wake, 0, 63)
+                pipe.expire(wake, 60)
             pipe.execute()
 
     # -- budget ------------------------------------------------------------------------------
@@ -280,7 +309,7 @@ def snapshot(client: redis.Redis, provider: str) -> dict[str, Any]:
     zkey = f"{PREFIX}:{provider}:leases"
     in_flight = client.zcount(zkey, now, "+inf")
     cool: dict[str, float] = {}
-    for key in client.scan_iter(f"{PREFIX}:{provider}*cooldown"):
+    for key in client.scan_iter(f"{PREFIX}:{provider}:*cooldown"):  # not another provider's
         until = float(client.get(key) or 0)
         if until > now:
             name = key.decode().removeprefix(f"{PREFIX}:").removesuffix(":cooldown")

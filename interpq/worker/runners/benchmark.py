@@ -168,7 +168,7 @@ def limited_attempt(
     estimate_usd = price.cost_usd(est_in, est_out)
     if budget is not None:
         limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
-    with limiter.permit(lease_s=timeout_s + 30):
+    with limiter.permit(lease_s=timeout_s + 30, model=model):
         limiter.wait_for_slot(model, est_in + est_out)
         out = openai_http.attempt(
             provider.base_url,
