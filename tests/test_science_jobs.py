@@ -70,6 +70,21 @@ def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(to_local_path(grid["grid"]).read_text())
     assert data["layers"] == [0, 1]  # merged from two chunks, in order
+    # stored one row per patch (JSON Lines), recorded as an artifact of the job
+    (rows_art,) = [a for a in res["patch-gpt"].artifacts if a.kind == "patch_rows"]
+    assert to_local_path(rows_art.uri) == to_local_path(grid["rows"])
+    lines = to_local_path(rows_art.uri).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    n_layers, n_positions = grid["shape"]
+    assert len(rows) == n_layers * n_positions == rows_art.meta["n_rows"]
+    assert [(r["layer"], r["position"]) for r in rows] == [
+        (layer, p) for layer in (0, 1) for p in range(n_positions)
+    ]
+    for r in rows:
+        assert r["token"] == data["position_labels"][r["position"]]
+        for metric, values in data["values"].items():
+            assert r[metric] == values[r["layer"]][r["position"]], (metric, r)
+    assert {"logit_diff", "logprob", "prob", "kl", "recovery"} <= rows[0].keys()
     assert res["patch-minilm"].result["shape"][0] == 3
 
 
@@ -149,3 +164,54 @@ def test_sae_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path: Path)
     finally:
         for k in env:
             os.environ.pop(k, None)
+
+
+def _top2_next_tokens(prompt_text: str) -> list[tuple[str, float]]:
+    """The tiny GPT-2's two likeliest next tokens and their log-probabilities, computed here."""
+    import torch
+
+    from interpq.runtime.models import load_model
+
+    lm = load_model("tiny-gpt2-random-weights")
+    ids = torch.tensor([lm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logprobs = lm.model(ids).logits[0, -1].float().log_softmax(-1)
+    top = logprobs.topk(2)
+    return [
+        (lm.tokenizer.decode([i], clean_up_tokenization_spaces=False), float(lp))
+        for i, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
+
+
+def test_counterfactual_prompt_comparison_through_chat_and_completions(stack: Stack) -> None:
+    """Both endpoints of the local provider: the answer's logprob read from each equals the
+    model's own next-token logprob for what that endpoint feeds it (the prompt verbatim, or the
+    prompt as a user message of the server's plain chat template)."""
+    clean, corrupted = "the cat sat on the", "the dog sat on the"
+    fed = {"completions": clean, "chat": f"user: {clean}\nassistant:"}
+    expected = {endpoint: _top2_next_tokens(text) for endpoint, text in fed.items()}
+    jobs = [
+        Patch(name=endpoint, model="local:tiny-gpt2-random-weights", endpoint=endpoint,
+              clean=[clean], corrupted=[corrupted], answers=top[0][0], wrong_answers=top[1][0])
+        for endpoint, top in expected.items()
+    ]  # fmt: skip
+    assert Patch(model="local:m", clean=["a"], corrupted=["b"], answers="c").endpoint == "chat"
+    batch = _client(stack).submit(jobs, name="cf-endpoints")
+    batch.wait(timeout_s=120)
+    res = {r.name: r for r in batch.results()}
+    for endpoint, ((answer, answer_lp), (wrong, wrong_lp)) in expected.items():
+        r = res[endpoint]
+        assert r.state == "succeeded", r.error
+        assert r.result["method"] == "counterfactual prompt comparison (not activation patching)"
+        assert r.result["endpoint"] == {"chat": "/chat/completions",
+                                        "completions": "/completions"}[endpoint]  # fmt: skip
+        (comparison,) = json.loads(to_local_path(r.artifacts[0].uri).read_text())
+        got = comparison["clean"]
+        assert (comparison["answer"], comparison["wrong_answer"]) == (answer, wrong)
+        assert got["missing"] == [], endpoint
+        assert got["answer_logprob"] == pytest.approx(answer_lp, abs=1e-4), endpoint
+        assert got["wrong_logprob"] == pytest.approx(wrong_lp, abs=1e-4), endpoint
+        assert got["score"] == pytest.approx(answer_lp - wrong_lp, abs=1e-4)
+        assert got["effect"] in (1.0, None)  # None only if clean and corrupted score the same
+    # the two endpoints really fed the model different texts
+    assert expected["chat"] != expected["completions"]

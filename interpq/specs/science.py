@@ -124,6 +124,10 @@ class Patch(JobSpec):
     device: str = "cpu"
     top_logprobs: int = Field(default=5, ge=1, le=20)
     """API mode: how many top logprobs to read per prompt."""
+    endpoint: Literal["chat", "completions"] = "chat"
+    """API mode: ``chat`` (default; ``/v1/chat/completions``, what most providers serve today:
+    the prompt is sent as one user message and the answer is the first token of the reply) or
+    ``completions`` (``/v1/completions``: the prompt is continued verbatim, as in patching)."""
 
     @model_validator(mode="after")
     def _pairs(self) -> Patch:

@@ -9,10 +9,13 @@ Files, one noun each: ``sweep`` (the ``patch`` entry point), ``engine`` (fast ex
 
 from .counterfactual import (
     CounterfactualComparison,
+    MissingLogprobsError,
     Variant,
     VariantResult,
     build_variants,
     compare_prompts,
+    logprobs_request,
+    read_top_logprobs,
 )
 from .engine import Patch
 from .grid import PatchGrid
@@ -24,6 +27,7 @@ __all__ = [
     "CAUSAL_METRICS",
     "ENCODER_METRICS",
     "CounterfactualComparison",
+    "MissingLogprobsError",
     "Patch",
     "PatchGrid",
     "PatchingInputError",
@@ -31,6 +35,8 @@ __all__ = [
     "VariantResult",
     "build_variants",
     "compare_prompts",
+    "logprobs_request",
     "patch",
     "plot_heatmap",
+    "read_top_logprobs",
 ]

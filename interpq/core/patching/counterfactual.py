@@ -16,9 +16,11 @@ This is a counterfactual prompt comparison, **not** activation patching. Its lim
   listed in ``missing``, with the smallest returned log-probability as an upper bound), never
   as zero or as a made-up value.
 
-The HTTP client is not here: pass any callable (the integrator wires one to
-``/v1/completions`` or ``/v1/chat/completions``). Tokens are matched exactly as the API returns
-them (often with a leading space).
+The HTTP client is not here: pass any callable. :func:`logprobs_request` and
+:func:`read_top_logprobs` build the request body and read the answer for either OpenAI-style
+endpoint (``/v1/completions`` with legacy ``logprobs``, or ``/v1/chat/completions`` with
+``logprobs: true`` + ``top_logprobs``), so the integrator only sends it. Tokens are matched
+exactly as the API returns them (often with a leading space).
 """
 
 from __future__ import annotations
@@ -35,6 +37,47 @@ KIND = "counterfactual_prompt_comparison"
 
 LogprobsFn = Callable[[str], Mapping[str, float]]
 """``logprobs_fn(prompt) -> {token: logprob}``: the top-k log-probabilities of the next token."""
+
+Endpoint = Literal["completions", "chat"]
+"""``completions``: the prompt is continued verbatim; ``chat``: it is one user message, and the
+answer is the first token of the assistant's reply."""
+
+
+def logprobs_request(model: str, prompt: str, endpoint: Endpoint, top_k: int) -> dict[str, Any]:
+    """The JSON body asking ``endpoint`` for one greedy token and its top-k logprobs."""
+    body: dict[str, Any] = {"model": model, "max_tokens": 1, "temperature": 0}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+        return {**body, "logprobs": True, "top_logprobs": top_k}
+    return {**body, "prompt": prompt, "logprobs": top_k}
+
+
+class MissingLogprobsError(ValueError):
+    """The response carried no log-probabilities (the model or endpoint does not return them)."""
+
+
+def read_top_logprobs(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, float]:
+    """``{token: logprob}`` of the first generated token from a response of ``endpoint``.
+
+    Chat: ``choices[0].logprobs.content[0].top_logprobs`` (a list of ``{token, logprob}``);
+    completions: ``choices[0].logprobs.top_logprobs[0]`` (a ``{token: logprob}`` map). A reply
+    with no token at all gives ``{}`` (every answer then reads as missing); a reply without
+    logprobs raises :class:`MissingLogprobsError`.
+    """
+    choices = body.get("choices") or []
+    logprobs = choices[0].get("logprobs") if choices else None
+    if not logprobs:
+        raise MissingLogprobsError(
+            f"{endpoint}: the response has no choices[0].logprobs; this comparison needs an "
+            "endpoint and model that return logprobs"
+        )
+    if endpoint == "chat":
+        content = logprobs.get("content") or []
+        if not content:
+            return {}
+        return {c["token"]: float(c["logprob"]) for c in content[0].get("top_logprobs") or []}
+    tops = logprobs.get("top_logprobs") or []
+    return {tok: float(lp) for tok, lp in (tops[0] or {}).items()} if tops else {}
 
 
 @dataclass(frozen=True)

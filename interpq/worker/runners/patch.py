@@ -3,10 +3,12 @@ through an API — a counterfactual prompt comparison, named as such.
 
 Local models (``compute`` queue): the layers are split into ``chunks`` parts that run on
 several workers; each part patches its layers and stores its grid; the last part merges them
-into one grid (JSON) and a heatmap PNG (layers × positions with the tokens as labels, a
-diverging colour map centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted
-pair is compared through the answer's top-k logprobs from ``/v1/completions``; it measures
-total effects at the input only, and answers outside the top-k are reported as missing.
+into one grid (JSON), one row per patch (JSON Lines: layer, position, token, head and every
+metric) and a heatmap PNG (layers × positions with the tokens as labels, a diverging colour map
+centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted pair is compared
+through the answer's top-k logprobs from ``/v1/chat/completions`` or ``/v1/completions``
+(``Patch.endpoint``); it measures total effects at the input only, and answers outside the
+top-k are reported as missing.
 """
 
 from __future__ import annotations
@@ -73,10 +75,13 @@ def run_part(ctx: Any, spec: Patch) -> None:
         )  # fmt: skip
     except (PatchingInputError, LayoutError, ValueError) as exc:
         raise PermanentJobError(f"{type(exc).__name__}: {exc}") from None
-    out = _dir(ctx) / f"part-{ctx.part}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(grid.to_json())
-    tmp.replace(out)  # visible only complete
+    _write_whole(_dir(ctx) / f"part-{ctx.part}.json", grid.to_json())
+
+
+def _write_whole(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # visible only complete
 
 
 def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
@@ -90,12 +95,16 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
              for p in range(ctx.n_parts) if (root / f"part-{p}.json").exists()]  # fmt: skip
     grid = PatchGrid.merge(grids) if len(grids) > 1 else grids[0]
     grid_path = root / "grid.json"
-    grid_path.write_text(grid.to_json())
+    _write_whole(grid_path, grid.to_json())
+    rows_path = root / "rows.jsonl"  # one row per patch: layer, position, token, head, metrics
+    _write_whole(rows_path, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
     png = plot_heatmap(grid, root / "heatmap.png", metric=spec.heatmap_metric(grid),
                        title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
     rows = [
         {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_path.as_uri(),
          "meta": {"component": spec.component, "method": "activation patching"}},
+        {"job_id": ctx.job_id, "kind": "patch_rows", "uri": rows_path.as_uri(),
+         "meta": {"what": "one JSON line per patch", "n_rows": int(np.prod(grid.shape))}},
         {"job_id": ctx.job_id, "kind": "plot", "uri": Path(png).as_uri(),
          "meta": {"what": "patching heatmap"}},
     ]  # fmt: skip
@@ -120,6 +129,7 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
         "correlation_with_exact": grid.correlation,
         "heatmap": Path(png).as_uri(),
         "grid": grid_path.as_uri(),
+        "rows": rows_path.as_uri(),
     }
 
 
@@ -127,7 +137,12 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
 
 
 def _run_counterfactual(ctx: Any, spec: Patch) -> None:
-    from interpq.patching import compare_prompts
+    from interpq.patching import (
+        MissingLogprobsError,
+        compare_prompts,
+        logprobs_request,
+        read_top_logprobs,
+    )
     from interpq.providers import openai_http
     from interpq.providers.config import get_provider
 
@@ -140,15 +155,16 @@ def _run_counterfactual(ctx: Any, spec: Patch) -> None:
 
     def logprobs_fn(prompt: str) -> dict[str, float]:
         out = openai_http.attempt(
-            provider.base_url, "completions",
-            {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
-             "logprobs": spec.top_logprobs},
+            provider.base_url, spec.endpoint,
+            logprobs_request(model, prompt, spec.endpoint, spec.top_logprobs),
             api_key=key, key_env=provider.api_key_env, timeout_s=60,
         )  # fmt: skip
         if not out.ok or out.body is None:
             raise PermanentJobError(f"{spec.model}: {out.error}")
-        top = out.body["choices"][0]["logprobs"]["top_logprobs"][0]
-        return {tok: float(lp) for tok, lp in top.items()}
+        try:
+            return read_top_logprobs(out.body, spec.endpoint)
+        except MissingLogprobsError as exc:
+            raise PermanentJobError(f"endpoint: {spec.model} {exc}") from None
 
     comparisons = []
     for i, (clean, corrupted) in enumerate(zip(spec.clean, spec.corrupted, strict=True)):
@@ -160,7 +176,7 @@ def _run_counterfactual(ctx: Any, spec: Patch) -> None:
                                            wrong_answer=None if wrong is None else str(wrong)))  # fmt: skip
     path = _dir(ctx) / "counterfactual.json"
     payload = [json.loads(c.to_json()) for c in comparisons]
-    path.write_text(json.dumps(payload, default=str, indent=1))
+    _write_whole(path, json.dumps(payload, default=str, indent=1))
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, [
             {"job_id": ctx.job_id, "kind": "counterfactual_comparison", "uri": path.as_uri(),
@@ -169,6 +185,7 @@ def _run_counterfactual(ctx: Any, spec: Patch) -> None:
         "method": "counterfactual prompt comparison (not activation patching)",
         "limits": "total effects at the input only; needs logprobs; answers outside the "
         "top-k are reported as missing",
+        "endpoint": openai_http.PATHS[spec.endpoint],
         "n_pairs": len(comparisons),
         "artifact": path.as_uri(),
     }
