@@ -471,6 +471,25 @@ def test_downstream_loss_with_a_toy_language_model():
     assert noisy.n_tokens == 2 * 3 * 8 and noisy.kl > 0
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("point", ["resid_pre", "resid_post", "mlp_out"])
+def test_identity_splice_into_tiny_gpt2_recovers_all_of_the_loss(point):
+    """Through the real hooks: x ↦ x changes nothing (ΔCE = KL = 0, CE recovered = 1),
+    while zero-ablation does change the loss (so the splice reached the forward pass)."""
+    from interpq.runtime.layout import locate
+    from interpq.runtime.models import tiny_gpt2
+
+    lm = tiny_gpt2()
+    texts = ["the cat sat on the mat", "a dog ran", "interpretability of sparse features"]
+    token_ids = lm.tokenizer(texts)["input_ids"]
+    run_lm = sae_api.lm_runner(lm.model, locate(lm.model), point, 1, pad_id=0)
+    out = downstream_loss(sae_api.token_batches(token_ids, 2), run_lm, lambda a: a)
+    assert out.n_tokens == sum(len(t) - 1 for t in token_ids)
+    assert out.delta_ce == 0.0 and out.kl == pytest.approx(0.0, abs=1e-12)
+    assert out.ce_zero != out.ce_clean and out.ce_recovered == 1.0
+    assert math.isfinite(out.ce_clean) and math.isfinite(out.ce_zero)
+
+
 # -------------------------------------------------------------- outputs and config
 
 

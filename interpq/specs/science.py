@@ -41,13 +41,29 @@ class TrainSAE(JobSpec):
     """Passes over the data when ``n_steps`` is unset."""
     lr_warmup_steps: int = Field(default=100, ge=0)
     """Linear warm-up steps."""
+    lr_decay: Literal["none", "linear", "cosine"] = "linear"
+    """Decay of the learning rate to 0 over the steps after the warm-up."""
+    grad_clip_norm: float | None = Field(default=None, gt=0)
+    """Clip the global gradient norm to this before each step (unset: no clipping)."""
+    aux_k_coefficient: float = Field(default=1 / 32, ge=0)
+    """TopK/BatchTopK: weight of the AuxK loss that revives dead latents (0 disables it)."""
+    dead_window_tokens: int = Field(default=10_000_000, ge=1)
+    """A latent that fired on none of the last this-many training tokens is dead (for AuxK
+    and the training-window dead fraction; the evaluation's window is its own rows)."""
     seed: int = 0
+    """Seed of the initialisation and of the data order."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    """Dtype of the SAE's parameters and optimiser state."""
     autocast_bf16: bool = False
     """Train under bf16 autocast on CUDA."""
     checkpoint_every_steps: int = Field(default=200, ge=1)
     """A killed worker's redelivered job resumes from the last checkpoint."""
+    downstream_texts: int = Field(default=32, ge=0, le=100_000)
+    """Datasets of a local causal LM read at every token at a residual-stream, attn_out or
+    mlp_out hook: on this many of the dataset's texts, the LM's loss with the SAE spliced in
+    (ΔCE, CE recovered, KL). 0 skips it."""
 
     queue: ClassVar[Queue] = "compute"
 
@@ -76,8 +92,10 @@ class TrainSAE(JobSpec):
                 d_in=d_in, architecture=self.architecture, k=k, expansion_factor=x,
                 l1_coefficient=self.l1_coefficient, lr=self.lr, batch_size=self.batch_size,
                 n_steps=self.n_steps, n_epochs=None if self.n_steps else self.n_epochs,
-                lr_warmup_steps=self.lr_warmup_steps, seed=self.seed, device=self.device,
-                autocast_bf16=self.autocast_bf16,
+                lr_warmup_steps=self.lr_warmup_steps, lr_decay=self.lr_decay,
+                grad_clip_norm=self.grad_clip_norm, aux_k_coefficient=self.aux_k_coefficient,
+                dead_window_tokens=self.dead_window_tokens, seed=self.seed, device=self.device,
+                dtype=self.dtype, autocast_bf16=self.autocast_bf16,
                 checkpoint_every_steps=self.checkpoint_every_steps,
             )
             for k, x in self.sweep()

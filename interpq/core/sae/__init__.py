@@ -3,7 +3,8 @@
 One noun per file: ``config`` (SAEConfig), ``sparse_coder`` (the module and its forward
 math), ``kernels`` (sparse decode / sparse backward and their naive twins), ``data``
 (batches from arrays or iterables), ``trainer`` (train, train_many), ``checkpoint``
-(atomic files), ``metrics`` (formulas, evaluate, downstream loss), ``io`` (SAELens
+(atomic files), ``metrics`` (formulas, evaluate, downstream loss), ``splice`` (a causal
+LM run with the SAE in its forward pass, for the downstream loss), ``io`` (SAELens
 layout), ``plots`` (PNG) and ``top_examples``. Imports torch, numpy, safetensors,
 matplotlib and tqdm only: no queue, no database, no network.
 """
@@ -24,6 +25,7 @@ from .metrics import (
 )
 from .plots import plot_density_histogram, plot_training_curves
 from .sparse_coder import ForwardOutput, SparseAutoencoder
+from .splice import lm_runner, sae_reconstruction, token_batches
 from .top_examples import Example, TopExamples, top_activating_examples
 from .trainer import TrainEvent, TrainResult, geometric_median, train, train_many
 
@@ -46,11 +48,14 @@ __all__ = [
     "fvu",
     "geometric_median",
     "l0",
+    "lm_runner",
     "load",
     "mse",
     "plot_density_histogram",
     "plot_training_curves",
+    "sae_reconstruction",
     "save",
+    "token_batches",
     "top_activating_examples",
     "train",
     "train_many",

@@ -22,7 +22,11 @@ FORMULAS: dict[str, str] = {
     "fvu": "FVU = Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄‖²  (x̄ = mean over the evaluation set)",
     "explained_variance": "explained variance = 1 − FVU",
     "l0": "L0 = (1/N) Σ_n #{i : f_i(x_n) > 0}",
-    "dead_fraction": "dead fraction = #{i : f_i(x_n) = 0 for all n in the window} / d_sae",
+    "dead_fraction": (
+        "dead fraction = #{i : f_i(x_n) = 0 for all n in the window} / d_sae  (window: the "
+        "n_tokens evaluation rows)"
+    ),
+    "n_tokens": "N = rows (tokens) of the evaluation set",
     "density": "density_i = #{n : f_i(x_n) > 0} / N  (histogram of log10 density_i)",
     "ce_clean": "CE_clean = mean over tokens of −log p(y_t | clean forward)",
     "ce_sae": "CE_sae = mean −log p(y_t) with the activation replaced by the SAE's x̂",
@@ -30,6 +34,17 @@ FORMULAS: dict[str, str] = {
     "delta_ce": "ΔCE = CE_sae − CE_clean",
     "ce_recovered": "CE recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean)",
     "kl": "KL = mean over tokens of Σ_v p_clean(v) (log p_clean(v) − log p_sae(v))",
+    "downstream_n_tokens": "tokens whose next-token loss is counted (labels ≠ −100)",
+    "train_fvu": (
+        "training-window FVU = mean over the last log_every_steps training steps of "
+        "Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄_b‖²  (x̄_b = the mean of that step's batch)"
+    ),
+    "train_l0": "training-window L0 = mean over the last log_every_steps steps of L0",
+    "train_dead_fraction": (
+        "training-window dead fraction = #{i : f_i = 0 on each of the last "
+        "dead_window_tokens training rows} / d_sae"
+    ),
+    "dead_window_tokens": "the window of train_dead_fraction, in training rows (tokens)",
 }
 """Formula of every metric, keyed by the metric's name (used when displaying or storing)."""
 
