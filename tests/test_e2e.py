@@ -274,3 +274,66 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     finally:
         os.environ.pop("INTERPQ_VISIBILITY_TIMEOUT_S", None)
         os.environ.pop("INTERPQ_PART_LEASE_S", None)
+
+
+def test_redelivered_message_of_a_finished_job_releases_or_cancels_what_a_crash_left(
+    stack: Stack,
+) -> None:
+    """A worker killed between a job's end state and the release of its dependents leaves them
+    pending (or queued with no message). The rows are put in that state here, then the
+    finished jobs' messages are delivered again (twice) to the real workers: the dependents
+    run (each exactly once) or are cancelled."""
+    import time
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from interpq.models import Batch as BatchRow
+    from interpq.models import Job
+    from interpq.models.db import write
+    from interpq.scheduler.batch import Batch
+    from interpq.scheduler.dispatch import Dispatch, publish
+    from interpq.worker.limiter import redis_for
+
+    client = _client(stack)
+    now = datetime.now(UTC)
+    ids = {n: f"{n}{os.urandom(8).hex()}"[:32].ljust(32, "0") for n in "abcfg"}
+    batch_id = os.urandom(16).hex()
+
+    def job(name: str, state: str, deps: str = "", has_dependents: bool = False) -> dict:
+        return {
+            "id": ids[name], "batch_id": batch_id, "name": name, "kind": "noop", "queue": "api",
+            "state": state, "spec": Noop(name=name, on_queue="api").model_dump(mode="json"),
+            "depends_on": [ids[d] for d in deps], "has_dependents": has_dependents,
+            "n_parts": 1, "parts_done": 0, "attempts": 1 if state != "pending" else 0,
+            "created_at": now, "queued_at": now,
+            "finished_at": now if state in ("succeeded", "failed") else None,
+            "error": "failed on purpose" if state == "failed" else None,
+        }  # fmt: skip
+
+    rows = [
+        job("a", "succeeded", has_dependents=True),
+        job("b", "pending", deps="a"),  # its release was never committed
+        job("c", "queued", deps="a"),  # committed queued; the worker died before publishing
+        job("f", "failed", has_dependents=True),
+        job("g", "pending", deps="f"),  # its cancellation was never committed
+    ]
+    rows[2]["attempts"] = 0
+    with write(client.engine) as conn:
+        conn.execute(insert(BatchRow), [{"id": batch_id, "name": "e2e-repair", "n_jobs": 5,
+                                         "created_at": now}])  # fmt: skip
+        conn.execute(insert(Job), rows)
+    again = [Dispatch(ids[n], "noop", "api", 1, n) for n in "af"]
+    publish(again + again, stack.env["INTERPQ_BROKER_URL"])  # two redeliveries of each
+    batch = Batch(client, batch_id, "e2e-repair")
+    status = batch.wait(timeout_s=60)
+    r = redis_for(stack.env["INTERPQ_BROKER_URL"])
+    deadline = time.monotonic() + 30  # let the copies of c's message reach a worker too
+    while time.monotonic() < deadline and (r.llen("api") or r.hlen("unacked")):
+        time.sleep(0.1)
+    assert not r.llen("api") and not r.hlen("unacked")
+    res = {j.name: j for j in batch.results()}
+    assert status.counts == {"succeeded": 3, "failed": 1, "cancelled": 1}, res
+    assert res["b"].state == res["c"].state == "succeeded"
+    assert res["b"].attempts == res["c"].attempts == 1  # a copy of a message runs nothing
+    assert res["g"].state == "cancelled" and "'f' did not succeed" in res["g"].error

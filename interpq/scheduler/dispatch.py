@@ -106,6 +106,45 @@ def release_dependents(engine: Engine, batch_id: str, job_id: str) -> int:
     return len(to_publish)
 
 
+def repair_dependents(engine: Engine, job_id: str) -> int:
+    """Finish what a worker that died after finishing ``job_id`` left undone; idempotent.
+
+    A job's end state and the release (or cancellation) of its dependents are two commits,
+    and the release publishes after its commit. A worker killed in between leaves dependents
+    ``pending``, or ``queued`` with no message; the job's message comes back and calls this.
+    Succeeded: release the pending dependents, and publish again the queued ones that never
+    started (``attempts == 0``): if their message was sent after all, the copy is a no-op (a
+    part runs under a run lease and a conditional claim). Failed or cancelled: cancel them.
+    Returns the jobs released, republished or cancelled.
+    """
+    with engine.connect() as conn:
+        job = conn.execute(
+            select(Job.batch_id, Job.name, Job.state, Job.has_dependents).where(Job.id == job_id)
+        ).first()
+        stranded = []
+        if job is not None and job.has_dependents and job.state == JobState.SUCCEEDED:
+            stranded = conn.execute(
+                select(Job.id, Job.name, Job.kind, Job.queue, Job.n_parts, Job.depends_on).where(
+                    Job.batch_id == job.batch_id, Job.state == JobState.QUEUED, Job.attempts == 0
+                )
+            ).all()
+    if job is None or not job.has_dependents:
+        return 0
+    if job.state in (JobState.FAILED, JobState.CANCELLED):
+        return cancel_dependents(engine, job.batch_id, job_id, job.name)
+    if job.state != JobState.SUCCEEDED:
+        return 0
+    again = [
+        Dispatch(r.id, r.kind, r.queue, r.n_parts, r.name)
+        for r in stranded
+        if job_id in (r.depends_on or [])
+    ]
+    if again:
+        publish(again)
+        log.warning("published again %d job(s) released by %s", len(again), job_id)
+    return len(again) + release_dependents(engine, job.batch_id, job_id)
+
+
 def cancel_dependents(engine: Engine, batch_id: str, job_id: str, job_name: str) -> int:
     """Cancel, transitively, the pending jobs that depend on a job that did not succeed."""
     cancelled = 0

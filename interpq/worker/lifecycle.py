@@ -1,10 +1,12 @@
 """A job part's life inside a worker: claim, run, complete or fail — each step idempotent.
 
 ``run_part`` is what every Celery task calls. It claims the job (and part) with conditional
-UPDATEs, so a message for a job that is already finished or cancelled does nothing; runs the
+UPDATEs, so a message for a job that is already finished or cancelled runs nothing; runs the
 kind's runner; then records success. For a job of several parts, the part that completes last
 (counted under the job row's lock) finalises the job. Then the job's dependents are released
-or cancelled. Errors become one-line ``jobs.error`` values, never tracebacks.
+or cancelled. A finished job's message that comes back (its worker died between those two
+steps) releases or cancels them then. Errors become one-line ``jobs.error`` values, never
+tracebacks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobEr
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
-from interpq.scheduler.dispatch import cancel_dependents, release_dependents
+from interpq.scheduler.dispatch import cancel_dependents, release_dependents, repair_dependents
 from interpq.settings import get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
 from interpq.worker.leases import leases_for
@@ -91,12 +93,26 @@ _FINISH_JOB = (
 )  # fmt: skip
 
 
+class _PartNotClaimed(Exception):
+    """The job is active but this part is not: roll back the job row's claim too."""
+
+
 def _claim(conn: Connection, job_id: str, part: int, worker: str) -> Any:
     args = {"b_job_id": job_id, "b_part": part, "b_worker": worker, "b_now": datetime.now(UTC)}
     row = conn.execute(_CLAIM_JOB, args).first()
     if row is None or row.n_parts == 1:
         return row
-    return row if conn.execute(_CLAIM_PART, args).rowcount else None
+    if conn.execute(_CLAIM_PART, args).rowcount:
+        return row
+    raise _PartNotClaimed  # a duplicate message of a finished part changes nothing
+
+
+def _claim_or_none(engine: Engine, job_id: str, part: int, worker: str) -> Any:
+    try:
+        with write(engine) as conn:
+            return _claim(conn, job_id, part, worker)
+    except _PartNotClaimed:
+        return None
 
 
 def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> bool:
@@ -191,8 +207,7 @@ def _run(job_id: str, part: int, task: Any) -> str:
     worker = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
     t0 = time.perf_counter()
     try:
-        with write(engine) as conn:
-            row = _claim(conn, job_id, part, worker)
+        row = _claim_or_none(engine, job_id, part, worker)
     except Exception as exc:  # database unreachable or locked for too long: try again later
         if task is None or task.request.retries >= MAX_TASK_RETRIES:
             raise
@@ -202,6 +217,7 @@ def _run(job_id: str, part: int, task: Any) -> str:
         ) from None
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
+        _repair(engine, job_id, part, task)
         return "skipped"
     spec = SPEC_TYPES[row.kind].model_validate(row.spec)
     ctx = JobContext(engine, job_id, row.batch_id, row.name, part, row.n_parts, worker)
@@ -236,6 +252,22 @@ def _run(job_id: str, part: int, task: Any) -> str:
             release_dependents(engine, row.batch_id, job_id)
         return "succeeded"
     return "part-done"
+
+
+def _repair(engine: Engine, job_id: str, part: int, task: Any) -> None:
+    """A finished job's message came back: its worker may have died before its dependents
+    were released or cancelled. Do that now (idempotent; see ``repair_dependents``)."""
+    try:
+        n = repair_dependents(engine, job_id)
+    except Exception as exc:  # broker or database away: the message comes back to try again
+        if task is None or task.request.retries >= MAX_TASK_RETRIES:
+            raise
+        log.warning("job %s part %d: cannot repair dependents (%s); retrying", job_id, part, exc)
+        raise task.retry(
+            exc=exc, countdown=2.0**task.request.retries, max_retries=MAX_TASK_RETRIES
+        ) from None
+    if n:
+        log.warning("job %s: released or cancelled %d dependent job(s) left behind", job_id, n)
 
 
 def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
