@@ -295,6 +295,9 @@ def test_sliding_window_rate_limit() -> None:
             assert r.json()["error"]["code"] == "rate_limit_exceeded"
         stats = requests.get(srv.root_url + "/stats", timeout=10).json()
         assert 1 <= stats["max_accepted_in_1s"] <= 5
+        # a 429 comes when 5 were accepted in the last second: it is at least the 6th sent
+        assert stats["max_sent_in_1s"] >= 6 and stats["max_accepted_in_1s"] <= 5
+        assert stats["first_unix_s"] <= stats["last_ok_unix_s"]
         assert stats["n_429"] == len(rejected) and stats["by_status"]["429"] == len(rejected)
         assert len(stats["recent"]) == 20
 
@@ -317,6 +320,12 @@ def test_faults_endpoint_forces_429_with_retry_after() -> None:
         assert first.headers["Retry-After"] == "2"
         bad = requests.post(srv.root_url + "/faults", json={"no_such_knob": 1}, timeout=10)
         assert bad.status_code == 400 and "no_such_knob" in bad.json()["error"]["message"]
+        for value, status in ((1, 400), ("yes", 400), (True, 200)):
+            resp = requests.post(
+                srv.root_url + "/faults", json={"echo_authorization": value}, timeout=10
+            )
+            assert resp.status_code == status, (value, resp.text)
+        assert resp.json()["echo_authorization"] is True
 
 
 @pytest.mark.timeout(30)

@@ -3,8 +3,8 @@
 ``FaultInjector.admit`` decides, for each ``/v1/*`` request, whether it is served, answered
 429 (a sliding-window rate limit, or a 429 forced on demand), left hanging, or failed with a
 5xx, using a seeded RNG so runs repeat. ``RequestStats`` counts what happened, including the
-largest number of requests accepted in any sliding 1-second window, so a test or benchmark
-can check a client-side limiter against the server's view. Nothing here knows about HTTP
+largest number of requests received (429s included) and accepted in any sliding 1-second
+window, so a test or benchmark can check a client-side limiter against the server's view. Nothing here knows about HTTP
 handlers, models or JSON shapes.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 STATS_WINDOW_S = 1.0
-"""Width of the sliding window behind ``max_accepted_in_1s``."""
+"""Width of the sliding windows behind ``max_sent_in_1s`` and ``max_accepted_in_1s``."""
 STATS_RECENT_N = 1000
 """How many recent ``[t, status]`` pairs ``/stats`` keeps."""
 ERROR_STATUSES = (500, 502, 503)
@@ -47,6 +47,9 @@ class FaultSettings:
     """When set, every 429 carries this wait (``Retry-After`` is its ceiling, at least 1)."""
     next_429s: int = 0
     """The next N ``/v1`` requests are answered 429 (counts down)."""
+    echo_authorization: bool = False
+    """Error bodies (401s and injected 5xx) quote the request's ``Authorization`` header, as
+    some providers do: for testing that clients keep keys out of what they store and log."""
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "timeout_rate"):
@@ -80,6 +83,10 @@ class FaultSettings:
             integral = name in ("force_429_every", "next_429s")
             if value is None and nullable:
                 cleaned[name] = None
+            elif name == "echo_authorization":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be true or false, got {value!r}")
+                cleaned[name] = value
             elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             elif integral and value != int(value):
@@ -107,7 +114,9 @@ class Verdict:
 
 
 class RequestStats:
-    """Counts of ``/v1`` requests by path and status, and the busiest accepted 1-second window."""
+    """Counts of ``/v1`` requests by path and status, and the busiest 1-second windows: of all
+    requests that passed the key check (``max_sent_in_1s``, 429s included) and of those the
+    rate limit let through (``max_accepted_in_1s``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,6 +130,18 @@ class RequestStats:
             self._window: deque[float] = deque()
             self._max_in_window = 0
             self._n_accepted = 0
+            self._sent: deque[float] = deque()
+            self._max_sent = 0
+            self._first_unix_s: float | None = None
+            self._last_ok_unix_s: float | None = None
+
+    def on_receive(self, now_s: float) -> None:
+        """A request reached the fault checks at monotonic time ``now_s`` (before any 429)."""
+        with self._lock:
+            self._sent.append(now_s)
+            while self._sent and self._sent[0] <= now_s - STATS_WINDOW_S:
+                self._sent.popleft()
+            self._max_sent = max(self._max_sent, len(self._sent))
 
     def on_accept(self, now_s: float) -> None:
         """A request passed the rate limit at monotonic time ``now_s``."""
@@ -132,11 +153,16 @@ class RequestStats:
             self._n_accepted += 1
 
     def record(self, path: str, status: int, t_unix_s: float) -> None:
-        """A request finished; ``status`` 0 means closed without a response (a hang)."""
+        """A request that arrived at ``t_unix_s`` is answered ``status`` (0: closed without a
+        response, a hang); ``first_unix_s`` and ``last_ok_unix_s`` are arrival times."""
         with self._lock:
             self._by_path[path] += 1
             self._by_status[status] += 1
             self._recent.append((t_unix_s, status))
+            if self._first_unix_s is None or t_unix_s < self._first_unix_s:
+                self._first_unix_s = t_unix_s
+            if status == 200 and (self._last_ok_unix_s or 0.0) < t_unix_s:
+                self._last_ok_unix_s = t_unix_s
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -147,6 +173,9 @@ class RequestStats:
                 "by_path": dict(self._by_path),
                 "by_status": {str(k): v for k, v in sorted(self._by_status.items())},
                 "max_accepted_in_1s": self._max_in_window,
+                "max_sent_in_1s": self._max_sent,
+                "first_unix_s": self._first_unix_s,
+                "last_ok_unix_s": self._last_ok_unix_s,
                 "recent": [[t, status] for t, status in self._recent],
             }
 
@@ -176,6 +205,7 @@ class FaultInjector:
             now_s = time.monotonic()
             s = self._settings
             self._n_seen += 1
+            self._stats.on_receive(now_s)
             if s.next_429s > 0:
                 self._settings = replace(s, next_429s=s.next_429s - 1)
                 return self._forced_429(s)

@@ -10,8 +10,9 @@ Beyond OpenAI, for tests, demos and benchmarks of rate limiters and retries:
 
 - ``GET /health`` → ``{"ok": true}`` (never needs the API key).
 - ``GET /stats`` → counts of ``/v1`` requests by path and status, ``n_429``,
-  ``max_accepted_in_1s`` (the most requests let through in any sliding 1-second window) and
-  ``recent`` ``[t_unix_s, status]`` pairs (status 0: closed without a response);
+  ``max_accepted_in_1s`` (the most requests let through in any sliding 1-second window),
+  ``max_sent_in_1s`` (the most received, 429s included), ``first_unix_s``/``last_ok_unix_s``
+  and ``recent`` ``[t_unix_s, status]`` pairs (status 0: closed without a response);
   ``POST /stats/reset`` clears them.
 - ``GET /faults`` / ``POST /faults`` read / change the fault settings at runtime, e.g.
   ``{"next_429s": 3, "retry_after_s": 2}`` or ``{"rate_limit_rps": null, "error_rate": 0.5}``
@@ -142,7 +143,9 @@ class _App:
             return
         if verdict.action == "fail":
             out.sleep(verdict.latency_s)
-            msg = f"injected fault: the server answers {verdict.status} (error_rate)"
+            msg = (
+                f"injected fault: the server answers {verdict.status} (error_rate){self._echo(out)}"
+            )
             raise ApiError(verdict.status, msg, err_type="server_error")
         route(self._json(body) if method == "POST" else {}, out, verdict.latency_s)
 
@@ -176,9 +179,15 @@ class _App:
             raise ApiError(
                 401,
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the key "
-                f"from ${self.options.api_key_env}",
+                f"from ${self.options.api_key_env}{self._echo(out)}",
                 code="invalid_api_key",
             )
+
+    def _echo(self, out: Handler) -> str:
+        """The Authorization header quoted, when the ``echo_authorization`` fault is on."""
+        if not self.faults.settings.echo_authorization:
+            return ""
+        return f" (you sent Authorization: {out.headers.get('Authorization')!r})"
 
     def _operator(self, out: Handler, method: str, path: str, body: bytes) -> None:
         if path == "/stats":

@@ -4,7 +4,9 @@
 HTTP or network errors): latency, time to first token for streamed chat, token usage, and a
 classification — ``ok``, retryable (timeout, connection error, 429, 5xx, malformed or
 truncated body) or permanent (400, 401, 403, 404, context length exceeded). Retrying, limits
-and storage are the caller's business. The API key is sent in the header and nowhere else.
+and storage are the caller's business. The API key is sent in the header and nowhere else:
+an error body or exception message that quotes it has it replaced by ``***`` before it
+leaves ``attempt`` (so it reaches neither ``api_calls.error``, the job error, nor the logs).
 """
 
 from __future__ import annotations
@@ -86,8 +88,16 @@ def parse_duration_s(text: str) -> float | None:
     return h * 3600 + mi * 60 + s + ms / 1000
 
 
+_LIMIT_KINDS = ("requests", "tokens")
+
+
 def retry_after_s(headers: Any, now: float | None = None) -> float | None:
-    """Seconds to wait, from Retry-After (seconds or HTTP date) or x-ratelimit-reset-*."""
+    """Seconds to wait, from Retry-After (seconds or HTTP date) or x-ratelimit-reset-*.
+
+    Without Retry-After, the reset of the exhausted limit counts: the kind (requests or
+    tokens) whose ``x-ratelimit-remaining-*`` is 0, else one whose remaining is not given;
+    the longest reset when no remaining header says which.
+    """
     value = headers.get("Retry-After")
     if value:
         value = value.strip()
@@ -100,27 +110,44 @@ def retry_after_s(headers: Any, now: float | None = None) -> float | None:
         if when is not None:
             now = time.time() if now is None else now
             return max(0.0, when.timestamp() - now)
-    waits = [
-        parse_duration_s(headers[h])
-        for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-        if headers.get(h)
-    ]
-    waits = [w for w in waits if w is not None]
-    return max(waits) if waits else None
+    resets = {k: _header_s(headers, f"x-ratelimit-reset-{k}") for k in _LIMIT_KINDS}
+    resets = {k: v for k, v in resets.items() if v is not None}
+    if not resets:
+        return None
+    remaining = {k: _header_number(headers, f"x-ratelimit-remaining-{k}") for k in _LIMIT_KINDS}
+    exhausted = [k for k in resets if remaining[k] is not None and remaining[k] <= 0]
+    unknown = [k for k in resets if remaining[k] is None]
+    chosen = exhausted or unknown or list(resets)
+    return max(resets[k] for k in chosen)
 
 
-def _error_message(resp: requests.Response) -> tuple[str, str | None]:
+def _header_s(headers: Any, name: str) -> float | None:
+    value = headers.get(name)
+    return parse_duration_s(value) if value else None
+
+
+def _header_number(headers: Any, name: str) -> float | None:
+    try:
+        return float(headers.get(name))
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_message(resp: requests.Response, secret: str | None) -> tuple[str, str | None]:
+    """The error body's message (the key redacted, then clipped) and its code."""
     try:
         err = resp.json().get("error", {})
         if isinstance(err, dict):
-            return str(err.get("message", ""))[:300], err.get("code")
-        return str(err)[:300], None
+            return redact(str(err.get("message", "")), secret)[:300], err.get("code")
+        return redact(str(err), secret)[:300], None
     except ValueError:
-        return resp.text[:300].replace("\n", " "), None
+        return redact(resp.text, secret)[:300].replace("\n", " "), None
 
 
-def _classify_http_error(out: CallOutcome, resp: requests.Response, key_env: str | None) -> None:
-    message, code = _error_message(resp)
+def _classify_http_error(
+    out: CallOutcome, resp: requests.Response, key_env: str | None, secret: str | None
+) -> None:
+    message, code = _error_message(resp, secret)
     status = resp.status_code
     out.retryable = status in RETRYABLE_STATUS
     if status == 429:
@@ -166,7 +193,7 @@ def attempt(
         with resp:
             out.status_code = resp.status_code
             if resp.status_code != 200:
-                _classify_http_error(out, resp, key_env)
+                _classify_http_error(out, resp, key_env, api_key)
             elif stream:
                 _read_stream(resp, out, t0)
             else:
@@ -176,12 +203,19 @@ def attempt(
         out.error = f"no answer within {timeout_s:g} s ({type(exc).__name__})"
     except requests.ConnectionError as exc:
         out.error_class, out.retryable = "connection_error", True
-        out.error = f"connection failed: {str(exc)[:200]}"
+        out.error = f"connection failed: {redact(str(exc), api_key)[:200]}"
     except requests.RequestException as exc:
         out.error_class, out.retryable = "malformed_response", True
-        out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        out.error = f"{type(exc).__name__}: {redact(str(exc), api_key)[:200]}"
     out.latency_ms = (time.perf_counter() - t0) * 1000.0
+    if out.error:
+        out.error = redact(out.error, api_key)  # whatever path wrote it
     return out
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    return text.replace(secret, "***") if secret else text
 
 
 def _read_body(resp: requests.Response, out: CallOutcome, endpoint: str) -> None:
