@@ -10,6 +10,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from interpq.errors import InterpqError
 
@@ -48,8 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  database {stack.env['INTERPQ_DATABASE_URL']}")
         print(f"  provider {stack.provider_url} (local models; chat model has random weights)")
         if stack.flower_url:
-            print(f"  flower   {stack.flower_url}  user {stack.flower_user}  "
-                  f"password {stack.flower_password}")  # fmt: skip
+            print(f"  flower   {stack.flower_url}  {_flower_auth(stack)}")
         client = Client(Settings(**_settings_kwargs(stack.env)))
         batch = client.submit(demo_jobs(args.requests), name="demo")
         print(f"submitted batch {batch.name} ({batch.id})", flush=True)
@@ -73,6 +73,14 @@ def _settings_kwargs(env: dict[str, str]) -> dict[str, str]:
     return {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
 
 
+def _flower_auth(stack: Any) -> str:
+    """Flower's credentials for the terminal: a generated password is shown, a chosen one not."""
+    if stack.flower_password_generated:
+        return (f"user {stack.flower_user}  password {stack.flower_password}  (generated; set "
+                "INTERPQ_FLOWER_USER / INTERPQ_FLOWER_PASSWORD to choose)")  # fmt: skip
+    return f"user {stack.flower_user}  password from INTERPQ_FLOWER_PASSWORD"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from interpq.stack import Stack
 
@@ -87,8 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("interpq stack is up. In another shell:\n")
         print(stack.exports())
         if stack.flower_url:
-            print(f"\nFlower: {stack.flower_url}  user {stack.flower_user}  "
-                  f"password {stack.flower_password}")  # fmt: skip
+            print(f"\nFlower: {stack.flower_url}  {_flower_auth(stack)}")
         print(f"logs: {stack.workdir / 'logs'}\nCtrl-C stops everything.", flush=True)
         try:
             while all(p.popen.poll() is None for p in stack.procs):
@@ -180,14 +187,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
     providers = provider_activity(client)
     if providers:
-        print("\nproviders, last 60 s (in flight and cool-downs from the global limiter)")
+        print("\nproviders: calls and tokens in the last 60 s; in flight and cool-down now")
         print(table(("provider", "calls/min", "tokens/min", "429s", "in flight", "cool-down s"),
                     providers))  # fmt: skip
     return 0
 
 
 def provider_activity(client: object) -> list[list[object]]:
-    """Per provider: calls and tokens in the last minute (database), in flight and cool-down."""
+    """Per provider: calls and tokens in the last minute (database), in flight and cool-down
+    (the limiter in Redis). A configured provider with calls in flight or cooling down is
+    listed even when none of its calls finished in the last minute."""
     from datetime import UTC, datetime, timedelta
 
     from sqlalchemy import case, func, select
@@ -208,15 +217,33 @@ def provider_activity(client: object) -> list[list[object]]:
             .where(ApiCall.started_at >= since)
             .group_by(ApiCall.provider)
         ).all()
-    out: list[list[object]] = []
     url = get_settings().broker_url
     r = redis_for(url) if url else None
-    for provider, calls, tokens, n429 in rows:
+    recent = {
+        provider: (calls, int(tokens or 0), int(n429 or 0))
+        for provider, calls, tokens, n429 in rows
+    }
+    out: list[list[object]] = []
+    for provider in [*recent, *sorted(_configured_providers() - set(recent))]:
         snap = snapshot(r, provider) if r is not None else {"in_flight": "-", "cooldown_s": {}}
         cool = max(snap["cooldown_s"].values(), default=0.0)
-        out.append([provider, calls, int(tokens or 0), int(n429 or 0), snap["in_flight"],
+        if provider not in recent and not (snap["in_flight"] or cool):
+            continue  # configured, idle and silent
+        calls, tokens, n429 = recent.get(provider, (0, 0, 0))
+        out.append([provider, calls, tokens, n429, snap["in_flight"],
                     f"{cool:.1f}" if cool else "-"])  # fmt: skip
     return out
+
+
+def _configured_providers() -> set[str]:
+    """Names in the presets and the providers file (none when that file is broken)."""
+    from interpq.errors import ConfigError
+    from interpq.providers.config import load_providers
+
+    try:
+        return set(load_providers())
+    except ConfigError:
+        return set()
 
 
 _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")

@@ -81,8 +81,12 @@ class Stack:
     """Use this database instead of SQLite in ``workdir``."""
     beat_schedule: Path | None = None
     """Also run ``interpq beat`` with this schedule file (periodic batches)."""
-    flower_user: str = "interpq"
-    flower_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    flower_user: str | None = None
+    """Flower basic-auth user; default INTERPQ_FLOWER_USER (environment or .env), else interpq."""
+    flower_password: str | None = None
+    """Flower basic-auth password; default INTERPQ_FLOWER_PASSWORD, else a generated one."""
+    flower_password_generated: bool = False
+    """True when ``start`` generated the password (print it; the user did not choose it)."""
     procs: list[Proc] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     flower_url: str | None = None
@@ -99,6 +103,7 @@ class Stack:
     # -- start ---------------------------------------------------------------------------------
     def start(self) -> Stack:
         self.workdir = Path(self.workdir).resolve()
+        self._resolve_flower_auth()
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         try:
             broker = self.broker_url or self._start_redis()
@@ -197,6 +202,16 @@ class Stack:
             "--without-mingle", "--without-gossip", "-l", "INFO",
         ]  # fmt: skip
         return self._spawn(f"worker-{name}", argv)
+
+    def _resolve_flower_auth(self) -> None:
+        from interpq.settings import env_value
+
+        self.flower_user = self.flower_user or env_value("INTERPQ_FLOWER_USER") or "interpq"
+        if not self.flower_password:
+            self.flower_password = env_value("INTERPQ_FLOWER_PASSWORD") or None
+        if not self.flower_password:
+            self.flower_password = secrets.token_urlsafe(12)
+            self.flower_password_generated = True
 
     def _start_flower(self) -> None:
         port = free_port()

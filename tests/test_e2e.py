@@ -337,3 +337,35 @@ def test_redelivered_message_of_a_finished_job_releases_or_cancels_what_a_crash_
     assert res["b"].state == res["c"].state == "succeeded"
     assert res["b"].attempts == res["c"].attempts == 1  # a copy of a message runs nothing
     assert res["g"].state == "cancelled" and "'f' did not succeed" in res["g"].error
+
+
+def test_embedded_flower_takes_its_credentials_from_the_environment(
+    redis_url: str, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INTERPQ_FLOWER_USER / INTERPQ_FLOWER_PASSWORD are what `interpq demo` and `up` use."""
+    import time
+
+    if not db_url.startswith("sqlite"):
+        pytest.skip("Flower does not touch the database: once is enough")
+    monkeypatch.setenv("INTERPQ_FLOWER_USER", "alice")
+    monkeypatch.setenv("INTERPQ_FLOWER_PASSWORD", "chosen-by-alice")
+    st = Stack(tmp_path, api_workers=0, compute_workers=0, provider=False,
+               broker_url=redis_url, database_url=db_url)  # fmt: skip
+    with st:
+        assert (st.flower_user, st.flower_password) == ("alice", "chosen-by-alice")
+        assert not st.flower_password_generated
+        url = f"{st.flower_url}/api/workers"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                code = requests.get(url, auth=("alice", "chosen-by-alice"), timeout=5).status_code
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "Flower did not start (see logs/flower.log)"
+                time.sleep(0.2)
+        assert code == 200
+        assert requests.get(url, auth=("interpq", "chosen-by-alice"), timeout=5).status_code == 401
+    monkeypatch.delenv("INTERPQ_FLOWER_PASSWORD")
+    generated = Stack(tmp_path, flower=False)
+    generated._resolve_flower_auth()
+    assert generated.flower_password_generated and len(generated.flower_password or "") >= 12
