@@ -10,7 +10,9 @@ without touching a job.
 process id) and then renames it into place: a reader (or a worker started after another was
 killed) sees either no artifact or a complete one, never a torn file. With
 ``overwrite=False`` the first complete writer wins and later writers keep what is there
-(content-addressed files are written once). ``delete`` removes a file or a folder.
+(content-addressed files are written once). ``delete`` removes a file or a folder;
+``sweep_temporaries`` removes temporary files whose writer was killed (its process is gone
+from this host) or that are older than a day.
 
 Only ``file://`` roots exist today. This module knows nothing about what the bytes mean.
 """
@@ -22,6 +24,8 @@ import hashlib
 import os
 import posixpath
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +36,10 @@ from urllib.parse import unquote, urljoin, urlparse
 from interpq.errors import ConfigError
 
 TMP_DIR = ".tmp"
+STALE_TMP_S = 24 * 3600.0
+"""A temporary file this old is stale whatever wrote it (writers on other hosts too)."""
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+"""Names this host in temporary file names, so only this host's dead writers are judged."""
 _CHUNK = 1 << 20
 
 
@@ -59,6 +67,7 @@ class ArtifactStore(Protocol):
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored: ...
     def delete(self, uri: str) -> None: ...
+    def sweep_temporaries(self) -> int: ...
 
 
 def sha256_file(path: str | Path) -> str:
@@ -126,6 +135,26 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def sweep_temporaries(self, max_age_s: float = STALE_TMP_S) -> int:
+        """Remove temporary files of writers that died on this host, and any older than
+        ``max_age_s``. Returns how many were removed. Folders are left alone."""
+        tmp_dir = self.root / TMP_DIR
+        if not tmp_dir.is_dir():
+            return 0
+        now, removed = time.time(), 0
+        for path in tmp_dir.iterdir():
+            pid, _, rest = path.name.partition("-")
+            ours = rest.startswith(f"{_HOST}-") and pid.isdigit()
+            try:
+                if not path.is_file():
+                    continue
+                if (ours and not _alive(int(pid))) or now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer published or removed it meanwhile
+                continue
+        return removed
+
     def put_atomic(
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored:
@@ -139,7 +168,8 @@ class FileStore:
         tmp_dir = self.root / TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{final.name}"  # who wrote it
+        # who wrote it: <pid>-<host>-<random>-<name>
+        tmp = tmp_dir / f"{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:12]}-{final.name}"
         try:
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)
@@ -155,6 +185,21 @@ class FileStore:
         if not created:
             digest, size = sha256_file(final), final.stat().st_size
         return Stored(uri, digest, size, created)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): kill(0) said it exists
+        return True
 
 
 def _publish(tmp: Path, final: Path, overwrite: bool) -> bool:

@@ -229,8 +229,14 @@ class HookInfo(BaseModel):
     name: str
     """Tensor name in every shard: ``resid_pre.6`` (API extraction: ``embedding``)."""
     point: str | None = None
+    """The hook point (``resid_pre``, ...); None for API embeddings."""
     layer: int | None = None
+    """The block it is read at, from 0; None for API embeddings."""
     d: int
+    """Width of one row."""
+    shape: tuple[int, int] | None = None
+    """``(n_rows, d)`` of this hook over the whole dataset (manifests written before it was
+    recorded lack it: then it is the manifest's ``n_rows`` by ``d``)."""
 
 
 class ShardInfo(BaseModel):
@@ -303,8 +309,14 @@ class ActivationDataset:
         if hook not in names:
             raise DatasetError(f"no hook {hook!r} in this dataset; it holds {names}")
         self.hook = hook
-        self.d = next(h.d for h in manifest.hooks if h.name == hook)
+        info = next(h for h in manifest.hooks if h.name == hook)
+        self.d = info.d
         self.n_rows = manifest.n_rows
+        if info.shape is not None and tuple(info.shape) != (self.n_rows, self.d):
+            raise DatasetError(
+                f"hook {hook!r}: the manifest says shape {tuple(info.shape)}, but n_rows is "
+                f"{self.n_rows} and d is {self.d}: the manifest is inconsistent"
+            )
         self.dtype = np.dtype(manifest.dtype)
         self.shard_uris = [resolve(uri, s.uri) for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum([s.n_rows for s in manifest.shards])])

@@ -72,8 +72,17 @@ def latency_table(results: Sequence[JobResult]) -> str:
 
 
 def jobs_table(results: Sequence[JobResult]) -> str:
-    """One row per job: name, kind, state, attempts, duration, error."""
+    """One row per job: name, kind, state, attempts, duration, cached shards reused, error."""
     rows = [
-        [r.name, r.kind, r.state, r.attempts, r.duration_s, (r.error or "")[:100]] for r in results
+        [r.name, r.kind, r.state, r.attempts, r.duration_s, shards_reused(r), (r.error or "")[:100]]
+        for r in results
     ]
-    return table(("job", "kind", "state", "attempts", "seconds", "error"), rows)
+    return table(("job", "kind", "state", "attempts", "seconds", "reused", "error"), rows)
+
+
+def shards_reused(result: JobResult) -> str | None:
+    """``"2/3"``: shards of an extraction found in the cache, of all its shards (else None)."""
+    res = result.result or {}
+    if "cache_hits" not in res or "n_shards" not in res:
+        return None
+    return f"{res['cache_hits']}/{res['n_shards']}"

@@ -69,6 +69,9 @@ class Extract(JobSpec):
     """APIs: per-request timeout."""
     max_attempts: int = Field(default=3, ge=1, le=20)
     """APIs: attempts per request (per delivery of a part) before the part is retried later."""
+    max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
+    """APIs: time from a request's first attempt after which it is not retried any more (the
+    job fails, naming the request)."""
 
     @field_validator("texts")
     @classmethod

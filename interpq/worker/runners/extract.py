@@ -25,8 +25,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urldefrag
@@ -46,16 +48,18 @@ from interpq.datasets import (
     read_shard_header,
     write_shard,
 )
-from interpq.errors import ConfigError, PermanentJobError, RetryableJobError
+from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models import ApiCall
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.models.tables import Artifact
 from interpq.providers import openai_http
 from interpq.providers.config import get_provider
+from interpq.settings import get_settings
 from interpq.specs import Extract
-from interpq.worker.limiter import estimate_tokens
+from interpq.worker.limiter import estimate_tokens, redis_for
 from interpq.worker.runners.benchmark import backoff_s, batch_budget, limited_attempt, make_limiter
+from interpq.worker.shard_locks import StillLocked, computing
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1
@@ -66,6 +70,9 @@ DATASETS_DIR = "activations/datasets"
 SHARD_KIND = "activation_shard"
 DATASET_KIND = "activation_dataset"
 MODEL_CACHE_SIZE = 2
+SHARD_WAIT_S = 600.0
+"""How long a part waits for another worker computing the same shard before it yields."""
+OOM_RETRY_AFTER_S = 5.0
 _ARTIFACTS = cast(Table, Artifact.__table__)
 
 
@@ -159,6 +166,9 @@ def run_part(ctx: Any, spec: Extract) -> None:
     t0 = time.perf_counter()
     texts, offset = _shard_texts(ctx, spec)
     store = get_store()
+    swept = store.sweep_temporaries()
+    if swept:
+        log.info("removed %d temporary files left by dead writers", swept)
     out = _run_api(ctx, spec, store, texts) if spec.is_api else _run_local(ctx, spec, store, texts)
     meta = {
         **out.meta,
@@ -233,6 +243,45 @@ def _existing(ctx: Any, store: ArtifactStore, uri: str) -> Stored | None:
     return Stored(uri, digest, path.stat().st_size, created=False)
 
 
+def _hit_or_compute(
+    ctx: Any,
+    store: ArtifactStore,
+    key: str,
+    meta: dict[str, Any],
+    compute: Callable[[str], ShardOutcome],
+) -> ShardOutcome:
+    """The finished shard of ``key`` (a cache hit), else ``compute(uri)`` under its compute
+    lock, so that two parts asking for one shard at once compute and pay for it once."""
+    uri = shard_uri(store, key)
+    found = _existing(ctx, store, uri)
+    if found is None:
+        with _compute_lock(key):
+            found = _existing(ctx, store, uri)  # finished by another worker while we waited
+            if found is None:
+                return compute(uri)
+    return _hit(store, found, key, meta)
+
+
+_redis_clients: dict[str, Any] = {}
+
+
+@contextmanager
+def _compute_lock(key: str) -> Iterator[None]:
+    """The shard's compute lock in the broker's Redis (none without a broker: one process)."""
+    settings = get_settings()
+    if not settings.broker_url:
+        yield
+        return
+    client = _redis_clients.get(settings.broker_url)
+    if client is None:
+        client = _redis_clients[settings.broker_url] = redis_for(settings.broker_url)
+    try:
+        with computing(client, key, lock_s=settings.part_lease_s, wait_s=SHARD_WAIT_S):
+            yield
+    except StillLocked:  # only raised before the body runs: go to the back of the queue
+        raise YieldTurn(f"shard {key[:12]} is still computed by another worker") from None
+
+
 def _hit(store: ArtifactStore, stored: Stored, key: str, meta: dict[str, Any]) -> ShardOutcome:
     """A shard found complete: its rows, tokens and stored tensors come from its header."""
     spans, header = read_shard_header(store.local_path(stored.uri))
@@ -267,17 +316,28 @@ def _run_local(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) 
         "max_length": max_length, "add_special_tokens": spec.add_special_tokens,
         "dtype": spec.dtype, "store_dtype": spec.store_dtype, "texts": texts,
     })  # fmt: skip
-    uri = shard_uri(store, key)
-    found = _existing(ctx, store, uri)
-    if found is not None:
-        return _hit(store, found, key, meta)
-    try:
-        stored, n_rows, n_tokens = write_local_shard(
-            m, spec, texts, points, store, uri, max_length=max_length, key=key
-        )
-    except ValueError as exc:  # a text without tokens
-        raise PermanentJobError(f"texts: shard {ctx.part}: {exc}") from exc
-    return ShardOutcome(key, stored, False, n_rows, n_tokens, meta)
+
+    def compute(uri: str) -> ShardOutcome:
+        import torch
+
+        try:
+            stored, n_rows, n_tokens = write_local_shard(
+                m, spec, texts, points, store, uri, max_length=max_length, key=key
+            )
+        except ValueError as exc:  # a text without tokens
+            raise PermanentJobError(f"texts: shard {ctx.part}: {exc}") from exc
+        except torch.OutOfMemoryError as exc:  # transient (other jobs share the device)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RetryableJobError(
+                f"device: out of memory in shard {ctx.part} on {resolve_device(spec.device)} "
+                f"(batch_size={spec.batch_size}); retrying the shard; lower batch_size if it "
+                "persists",
+                retry_after_s=OOM_RETRY_AFTER_S,
+            ) from exc
+        return ShardOutcome(key, stored, False, n_rows, n_tokens, meta)
+
+    return _hit_or_compute(ctx, store, key, meta, compute)
 
 
 def write_local_shard(
@@ -368,28 +428,54 @@ def _run_api(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) ->
     }  # fmt: skip
     key = cache_key({"source": "api", "provider": name, "model": model,
                      "store_dtype": spec.store_dtype, "texts": texts})  # fmt: skip
-    uri = shard_uri(store, key)
-    found = _existing(ctx, store, uri)
-    if found is not None:
-        return _hit(store, found, key, meta)
 
-    limiter = make_limiter(provider)
+    def compute(uri: str) -> ShardOutcome:
+        call = _Caller(provider, model, api_key, price)
+        return _embed_shard(ctx, spec, store, texts, key, uri, meta, call)
+
+    return _hit_or_compute(ctx, store, key, meta, compute)
+
+
+@dataclass
+class _Caller:
+    """Who an API shard's requests go to and what they cost."""
+
+    provider: Any
+    model: str
+    api_key: str | None
+    price: Any
+
+
+def _embed_shard(
+    ctx: Any,
+    spec: Extract,
+    store: ArtifactStore,
+    texts: list[str],
+    key: str,
+    uri: str,
+    meta: dict[str, Any],
+    call: _Caller,
+) -> ShardOutcome:
+    """Embed the shard's texts, ``api_batch_size`` per request (answered requests are kept
+    under ``activations/partial/<key>/`` until the shard is stored), and store the shard."""
+    limiter = make_limiter(call.provider)
     budget = batch_budget(ctx)
-    last_attempt = _last_attempts(ctx)
+    last_attempt, first_start = _previous_attempts(ctx)
     vectors: list[np.ndarray] = []
     n_tokens = 0
     for index, lo in enumerate(range(0, len(texts), spec.api_batch_size)):
         chunk = texts[lo : lo + spec.api_batch_size]
         piece = store.uri_for(PARTIAL_DIR, key, f"{index:06d}.npz")
         if not store.exists(piece):
+            attempt = last_attempt.get(index, 0) + 1
             out = limited_attempt(
-                ctx, limiter, provider, model, "embeddings",
-                openai_http.embeddings_payload(model, chunk),
-                api_key=api_key, price=price, budget=budget, request_index=index,
-                attempt=last_attempt.get(index, 0) + 1,
-                est_tokens=(sum(estimate_tokens(t) for t in chunk), 0), timeout_s=spec.timeout_s,
+                ctx, limiter, call.provider, call.model, "embeddings",
+                openai_http.embeddings_payload(call.model, chunk),
+                api_key=call.api_key, price=call.price, budget=budget, request_index=index,
+                attempt=attempt, est_tokens=(sum(estimate_tokens(t) for t in chunk), 0),
+                timeout_s=spec.timeout_s,
             )  # fmt: skip
-            _raise_unless_ok(spec, out, index, last_attempt.get(index, 0) + 1)
+            _raise_unless_ok(spec, out, index, attempt, first_start.get(index))
             store.put_atomic(
                 piece, _piece(_embeddings(spec, out.body, len(chunk)), out.input_tokens)
             )
@@ -413,22 +499,36 @@ def _run_api(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) ->
     return ShardOutcome(key, stored, False, n, n_tokens, meta)
 
 
-def _last_attempts(ctx: Any) -> dict[int, int]:
-    """Per request index of this part, the highest attempt number recorded (redeliveries)."""
+def _previous_attempts(ctx: Any) -> tuple[dict[int, int], dict[int, datetime]]:
+    """Per request index of this part: the highest attempt number recorded (redeliveries)
+    and when its first attempt started."""
     with ctx.engine.connect() as conn:
         rows = conn.execute(
-            select(ApiCall.request_index, func.max(ApiCall.attempt))
+            select(ApiCall.request_index, func.max(ApiCall.attempt), func.min(ApiCall.started_at))
             .where(ApiCall.job_id == ctx.job_id, ApiCall.part == ctx.part)
             .group_by(ApiCall.request_index)
         ).all()
-    return {int(i): int(a) for i, a in rows}
+    return {int(i): int(a) for i, a, _ in rows}, {int(i): t for i, _, t in rows}
 
 
-def _raise_unless_ok(spec: Extract, out: Any, index: int, attempt: int) -> None:
+def _raise_unless_ok(
+    spec: Extract, out: Any, index: int, attempt: int, first_start: datetime | None
+) -> None:
+    """Nothing for an answered request; else the error that retries the part, or ends it once
+    ``max_attempts`` or ``max_retry_time_s`` (from the request's first attempt) is used up."""
     if out.ok:
         return
     if not out.retryable:
         raise PermanentJobError(f"{spec.model}: {out.error} (not retried: {out.error_class})")
+    first = first_start or out.started_at
+    if first.tzinfo is None:
+        first = first.replace(tzinfo=UTC)
+    elapsed_s = (datetime.now(UTC) - first).total_seconds()
+    if elapsed_s > spec.max_retry_time_s:
+        raise PermanentJobError(
+            f"{spec.model} request {index}: gave up after {elapsed_s:.1f} s of retries "
+            f"(max_retry_time_s={spec.max_retry_time_s:g}): {out.error}"
+        )
     if attempt < spec.max_attempts:
         raise RetryableJobError(
             f"{spec.model} request {index}: {out.error_class}: {out.error}",
@@ -486,17 +586,18 @@ def finalize(conn: Connection, ctx: Any, spec: Extract) -> dict[str, Any]:
         )
         for r in parts
     ]  # fmt: skip
+    n_rows = sum(s.n_rows for s in shards)
     manifest = Manifest(
         model=spec.model,
         source=first["source"],
         weights=first["weights"],
         model_class=first.get("model_class"),
-        hooks=[HookInfo(**h) for h in first["hooks"]],
+        hooks=[HookInfo(**{**h, "shape": (n_rows, h["d"])}) for h in first["hooks"]],
         dtype=spec.store_dtype,
         tokens=first["tokens"],
         settings=_settings(spec, first),
         n_texts=sum(s.n_texts for s in shards),
-        n_rows=sum(s.n_rows for s in shards),
+        n_rows=n_rows,
         cache_hits=sum(s.cache_hit for s in shards),
         shards=shards,
         job_id=ctx.job_id,
