@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,12 +58,16 @@ def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
         assert (folder / "cfg.json").is_file()
         assert any(p.suffix == ".safetensors" for p in folder.iterdir())
     kinds = {a.kind for a in res["sae"].artifacts}
-    assert kinds == {"sae", "plot", "top_examples"}
+    assert kinds == {"sae", "plot", "top_examples", "training_curves"}
     for a in res["sae"].artifacts:
         assert to_local_path(a.uri).exists()
     tops = next(a for a in res["sae"].artifacts if a.kind == "top_examples")
     examples = json.loads(to_local_path(tops.uri).read_text())
-    assert examples and all(isinstance(e["text"], str) for exs in examples.values() for e in exs)
+    assert len(examples["features"]) == 2 * 384  # every feature: d_sae = 2 × MiniLM's 384
+    used = {str(t) for exs in examples["features"] for _, t, _ in exs}
+    assert used and used == set(examples["texts"])
+    assert "no held-out split" in res["sae"].result["evaluation"]
+    assert "MiniLM" in res["sae"].result["downstream_skipped"]  # an encoder: no LM loss
 
     grid = res["patch-gpt"].result
     assert grid["method"] == "activation patching" and grid["shape"][0] == 2  # 2 layers
@@ -215,3 +220,31 @@ def test_counterfactual_prompt_comparison_through_chat_and_completions(stack: St
         assert got["effect"] in (1.0, None)  # None only if clean and corrupted score the same
     # the two endpoints really fed the model different texts
     assert expected["chat"] != expected["completions"]
+
+
+def test_train_sae_on_a_causal_lm_reports_its_downstream_loss(stack: Stack) -> None:
+    """Extract every token of the tiny GPT-2's residual stream, train on it, and splice the SAE
+    back into that GPT-2: the result carries ΔCE / CE recovered / KL with their formulas, the
+    evaluation metrics in cfg.json under their own formulas, and the raw curves."""
+    acts = Extract(name="acts", model="tiny-gpt2-random-weights", texts="corpus:stdlib-docstrings",
+                   n_texts=48, layers=[1], hooks=["resid_pre"], shard_size=48)  # fmt: skip
+    sae = TrainSAE(name="sae", activations=acts, k=4, expansion_factor=2, n_steps=30,
+                   batch_size=128, lr_warmup_steps=5, dead_window_tokens=1280,
+                   downstream_texts=8)  # fmt: skip
+    batch = _client(stack).submit([acts, sae], name="downstream")
+    status = batch.wait(timeout_s=240)
+    res = {r.name: r for r in batch.results()}
+    assert status.counts == {"succeeded": 2}, {n: r.error for n, r in res.items()}
+    (s,) = res["sae"].result["saes"]
+    for key in ("ce_clean", "ce_sae", "ce_zero", "delta_ce", "kl"):
+        assert math.isfinite(s[key]) and key in s["formulas"], key
+    assert s["kl"] >= 0 and s["delta_ce"] == pytest.approx(s["ce_sae"] - s["ce_clean"])
+    assert s["downstream_n_texts"] == 8 and s["downstream_n_tokens"] > 8
+    assert "train_dead_fraction" in s and s["dead_window_tokens"] == 1280  # 3840 tokens trained
+    cfg = json.loads((to_local_path(s["uri"]) / "cfg.json").read_text())["interpq"]
+    assert cfg["metrics"]["fvu"] == s["fvu"] and cfg["metrics"]["train_fvu"] == s["train_fvu"]
+    assert (
+        "evaluation" in cfg["formulas"]["n_tokens"] and "window" in cfg["formulas"]["dead_fraction"]
+    )
+    curves = json.loads(to_local_path(s["curves_uri"]).read_text())
+    assert curves["step"][-1] == 30 and len(curves["fvu"]) == len(curves["step"])

@@ -3,9 +3,13 @@
 The dataset is an ``Extract`` job's output (found through the ``artifacts`` table) or any
 manifest URI. Training checkpoints into the artifact store, so a worker killed mid-training
 is resumed from its last checkpoint by whichever worker gets the redelivered message. Each
-SAE is saved in the layout SAELens loads (weights + ``cfg.json``), with its metrics (and their
-formulas), training curves and feature-density PNGs, and the top-activating texts of a few
-features; every file is recorded in ``artifacts``, the metrics in the job's result.
+SAE is saved in the layout SAELens loads (weights + ``cfg.json``) with its metrics and their
+formulas: the evaluation's (over the dataset's rows, which are the training rows), the last
+training window's (``train_*``), and the downstream loss with the SAE spliced into the
+dataset's causal LM where there is one (``sae_downstream.py``). Beside it: the raw training
+curves (JSON) and PNGs of them and of the feature density, and the top-activating examples of
+every feature (one compact JSON); every file is recorded in ``artifacts``, the metrics and a
+few readable examples in the job's result.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from interpq.specs import Ref, TrainSAE
 
 log = logging.getLogger(__name__)
 SAE_DIR = "sae"
-N_REPORT_FEATURES = 8
 N_TOP_EXAMPLES = 5
+"""Top-activating rows kept per feature (for every feature, in the top-examples artifact)."""
 
 
 def dataset_uri(ctx: Any, spec: TrainSAE) -> str:
@@ -65,17 +69,16 @@ def _save_dir_atomic(store_root: Path, final: Path, write_into: Any) -> None:
     os.replace(tmp, final)
 
 
+EVALUATION = (
+    "on the dataset's rows, which are also the training rows (no held-out split): mse, fvu, "
+    "explained_variance, l0 and dead_fraction are over these n_tokens rows"
+)
+
+
 def run_part(ctx: Any, spec: TrainSAE) -> None:
     from interpq.datasets import ActivationDataset, DatasetError
-    from interpq.sae import (
-        FORMULAS,
-        evaluate,
-        plot_density_histogram,
-        plot_training_curves,
-        save,
-        top_activating_examples,
-        train_many,
-    )
+    from interpq.sae import evaluate, train_many
+    from interpq.worker.runners.sae_downstream import downstream_losses
 
     uri = dataset_uri(ctx, spec)
     try:
@@ -89,53 +92,116 @@ def run_part(ctx: Any, spec: TrainSAE) -> None:
     store = get_store()
     root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
     results = train_many(ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
+    downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
-    summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows, "saes": []}
+    summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
+                               "evaluation": EVALUATION, "saes": []}  # fmt: skip
+    if isinstance(downstream, str):
+        summary["downstream_skipped"] = downstream
     rows: list[dict[str, Any]] = []
-    for cfg, res in zip(configs, results, strict=True):
+    for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
         label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
-        out = root / label
-        metrics = evaluate(res.sae, ds.iter_batches(4096))
-        meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri}
-        _save_dir_atomic(
-            Path(store.local_path(store.uri_for())),
-            out,
-            lambda tmp, res=res, meta=meta: save(res.sae, tmp, metrics=res.metrics, metadata=meta),
-        )
-        curves = plot_training_curves(res.curves, root / f"{label}-curves.png", title=label)
-        density = plot_density_histogram(
-            res.fire_counts, res.n_tokens, root / f"{label}-density.png", title=label
-        )
-        alive = [i for i, c in enumerate(res.fire_counts.tolist()) if c > 0][:N_REPORT_FEATURES]
-        tops = top_activating_examples(
-            res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES, features=alive
-        )
-        examples = {
-            str(f): [
-                {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
-                 "position": int(ex.metadata["position"])}
-                for ex in exs
-            ]
-            for f, exs in tops.items()
-        }  # fmt: skip
-        (root / f"{label}-top-examples.json").write_text(json.dumps(examples, indent=1))
-        entry = {
-            "label": label,
-            "uri": out.as_uri(),
-            **metrics.as_dict(),  # over the whole dataset (no held-out split): see FORMULAS
-            "formulas": {k: FORMULAS[k] for k in metrics.as_dict() if k in FORMULAS},
-            "train_tokens_per_s": res.metrics.get("tokens_per_s"),
-            "n_steps": res.metrics.get("n_steps"),
-            "top_examples": {f: exs[:2] for f, exs in list(examples.items())[:4]},
-        }
+        evaluation = evaluate(res.sae, ds.iter_batches(4096)).as_dict()
+        down = downstream[i] if isinstance(downstream, list) else {}
+        stored = {**evaluation, **_train_window(res), **down}
+        entry, files = _outputs(ctx, store, root, label, uri, ds, res, stored, texts)
         summary["saes"].append(entry)
-        for kind, path in (("sae", out), ("plot", curves), ("plot", density),
-                           ("top_examples", root / f"{label}-top-examples.json")):  # fmt: skip
-            rows.append({"job_id": ctx.job_id, "kind": kind, "uri": Path(path).as_uri(),
-                         "meta": {"label": label, **({"fvu": metrics.fvu} if kind == "sae" else {})}})  # fmt: skip
+        rows += files
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
     ctx.extra["result"] = summary
+
+
+def _train_window(res: Any) -> dict[str, float]:
+    """The last logging window's training metrics, named apart from the evaluation's.
+
+    The training dead fraction is left out when the run was shorter than its window (no
+    latent could have been silent that long, so it would read 0 whatever happened).
+    """
+    cfg, m = res.config, res.metrics
+    out = {"train_fvu": m["fvu"], "train_l0": m["l0"], "n_steps": m["n_steps"],
+           "n_train_tokens": m["n_tokens"], "train_tokens_per_s": m["tokens_per_s"],
+           "dead_window_tokens": float(cfg.dead_window_tokens)}  # fmt: skip
+    if res.n_tokens >= cfg.dead_window_tokens:
+        out["train_dead_fraction"] = m["dead_fraction"]
+    return out
+
+
+def _outputs(
+    ctx: Any, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
+    stored: dict[str, Any], texts: list[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
+    its artifact rows."""
+    from interpq.sae import (
+        FORMULAS,
+        plot_density_histogram,
+        plot_training_curves,
+        save,
+        top_activating_examples,
+    )
+
+    out = root / label
+    meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri,
+            "evaluation": EVALUATION}  # fmt: skip
+    _save_dir_atomic(
+        Path(store.local_path(store.uri_for())),
+        out,
+        lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta),
+    )
+    curves_json = root / f"{label}-curves.json"
+    curves_json.write_text(json.dumps({"label": label, **res.curves}))
+    curves = plot_training_curves(res.curves, root / f"{label}-curves.png", title=label)
+    density = plot_density_histogram(
+        res.fire_counts, res.n_tokens, root / f"{label}-density.png", title=label
+    )
+    tops = top_activating_examples(
+        res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES
+    )
+    tops_json = root / f"{label}-top-examples.json"
+    tops_json.write_text(json.dumps(compact_top_examples(tops, texts), separators=(",", ":")))
+    readable = {
+        str(f): [
+            {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
+             "position": int(ex.metadata["position"])}
+            for ex in exs[:2]
+        ]
+        for f, exs in list((f, e) for f, e in tops.items() if e)[:4]
+    }  # fmt: skip
+    entry = {
+        "label": label,
+        "uri": out.as_uri(),
+        **stored,
+        "formulas": {k: FORMULAS[k] for k in stored if k in FORMULAS},
+        "top_examples": readable,
+        "top_examples_uri": tops_json.as_uri(),
+        "curves_uri": curves_json.as_uri(),
+    }
+    rows = [
+        {"job_id": ctx.job_id, "kind": kind, "uri": Path(path).as_uri(),
+         "meta": {"label": label, **({"fvu": stored["fvu"]} if kind == "sae" else {})}}
+        for kind, path in (("sae", out), ("plot", curves), ("plot", density),
+                           ("training_curves", curves_json), ("top_examples", tops_json))
+    ]  # fmt: skip
+    return entry, rows
+
+
+def compact_top_examples(tops: dict[int, list[Any]], texts: list[str]) -> dict[str, Any]:
+    """Every feature's top examples as ``[activation, text_id, position]`` triples, with each
+    referenced text listed once under its id."""
+    features = [
+        [[round(ex.activation, 6), int(ex.metadata["text_id"]), int(ex.metadata["position"])]
+         for ex in tops.get(f, [])]
+        for f in range(max(tops, default=-1) + 1)
+    ]  # fmt: skip
+    used = sorted({row[1] for exs in features for row in exs})
+    return {
+        "format": "interpq.top_examples/1",
+        "columns": ["activation", "text_id", "position"],
+        "n_per_feature": N_TOP_EXAMPLES,
+        "features": features,
+        "texts": {str(t): texts[t] for t in used},
+    }
 
 
 def finalize(conn: Connection, ctx: Any, spec: TrainSAE) -> dict[str, Any]:
