@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +55,7 @@ def science_summary(results: Sequence[JobResult]) -> str:
                     f"{s['explained_variance']:.3f}), L0 {s['l0']:.1f}, dead fraction "
                     f"{s['dead_fraction']:.3f}  [{s['formulas'].get('fvu', '')}]"
                 )
-                lines += _top_texts(r)
+                lines += _top_texts(s)
         elif r.kind == "patch" and r.result:
             e = r.result["largest_effect"]
             lines.append(
@@ -67,13 +66,11 @@ def science_summary(results: Sequence[JobResult]) -> str:
     return "\n".join(lines)
 
 
-def _top_texts(r: JobResult, n_features: int = 3) -> list[str]:
-    art = next((a for a in r.artifacts if a.kind == "top_examples"), None)
-    if art is None:
-        return []
-    examples: dict[str, Any] = json.loads(to_local_path(art.uri).read_text())
+def _top_texts(sae: dict[str, Any], n_features: int = 3) -> list[str]:
+    """A few features' top texts, from the readable examples kept in the SAE's result entry
+    (every feature's are in its ``top_examples`` artifact, as compact JSON)."""
     out = []
-    for feature, exs in [kv for kv in examples.items() if kv[1]][:n_features]:
+    for feature, exs in list(sae.get("top_examples", {}).items())[:n_features]:
         texts = "; ".join(f"{e['text'][:60]!r}@{e['position']}" for e in exs[:2])
         out.append(f"    feature {feature}: {texts}")
     return out
