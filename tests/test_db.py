@@ -48,3 +48,25 @@ def test_api_call_rows_are_idempotent(db_url: str) -> None:
             insert_ignore(conn, ApiCall.__table__, [row])
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ApiCall)).scalar() == 1
+
+
+def test_artifact_sizes_past_32_bits_are_stored(db_url: str) -> None:
+    from interpq.models import Artifact
+
+    engine = get_engine(db_url)
+    now = datetime.now(UTC)
+    size = 5 * 2**30  # a 5 GiB shard: past INTEGER's 2**31 - 1 on PostgreSQL
+    with write(engine) as conn:
+        conn.execute(insert(Batch), [{"id": "c" * 32, "name": "t", "n_jobs": 1, "created_at": now}])
+        conn.execute(
+            insert(Job),
+            [{"id": "k" * 32, "batch_id": "c" * 32, "name": "j", "kind": "noop", "queue": "api",
+              "state": "succeeded", "spec": {}, "depends_on": [], "created_at": now}],
+        )  # fmt: skip
+        conn.execute(
+            insert(Artifact),
+            [{"job_id": "k" * 32, "kind": "shard", "uri": "file:///big", "size_bytes": size}],
+        )
+    with engine.connect() as conn:
+        got = conn.execute(select(Artifact.size_bytes).where(Artifact.job_id == "k" * 32))
+        assert got.scalar_one() == size

@@ -369,3 +369,16 @@ def test_embedded_flower_takes_its_credentials_from_the_environment(
     generated = Stack(tmp_path, flower=False)
     generated._resolve_flower_auth()
     assert generated.flower_password_generated and len(generated.flower_password or "") >= 12
+
+
+def test_results_come_back_in_submission_order(stack: Stack) -> None:
+    names = [f"job-{i}" for i in (7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6)]  # not sorted by name
+    jobs = [Noop(name=n, on_queue="api" if i % 2 else "compute") for i, n in enumerate(names)]
+    batch = _client(stack).submit(jobs, name="e2e-order")
+    batch.wait(timeout_s=60)
+    assert [r.name for r in batch.results()] == names
+    from interpq.models import Job
+
+    with get_engine(stack.env["INTERPQ_DATABASE_URL"]).connect() as conn:
+        stored = conn.execute(select(Job.name, Job.seq).where(Job.batch_id == batch.id)).all()
+    assert sorted(stored, key=lambda r: r.seq) == [(n, i) for i, n in enumerate(names)]

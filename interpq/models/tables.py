@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -93,6 +94,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Position in the batch as submitted (``Batch.results()`` returns jobs in this order)."""
     kind: Mapped[str] = mapped_column(String(32))
     queue: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING, index=True)
@@ -166,7 +169,8 @@ class Artifact(Base):
     kind: Mapped[str] = mapped_column(String(50))
     uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """64-bit: shards and weights can pass 2 GiB."""
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

@@ -163,7 +163,9 @@ class Batch:
         with self.client.engine.connect() as conn:
             jobs = (
                 conn.execute(
-                    select(Job.__table__).where(Job.batch_id == self.id).order_by(Job.created_at)
+                    select(Job.__table__)
+                    .where(Job.batch_id == self.id)
+                    .order_by(Job.seq, Job.created_at, Job.id)
                 )
                 .mappings()
                 .all()

@@ -160,7 +160,7 @@ class Client:
         depended = {ref for s in specs for ref in s.references()}
         now = datetime.now(UTC)
         job_rows, part_rows, dispatches = [], [], []
-        for spec in specs:
+        for seq, spec in enumerate(specs):
             deps = [ids[r] for r in dict.fromkeys(spec.references())]
             n_parts = spec.n_parts()
             state = JobState.PENDING if deps else JobState.QUEUED
@@ -170,6 +170,7 @@ class Client:
                     "id": job_id,
                     "batch_id": batch_id,
                     "name": spec.name,
+                    "seq": seq,
                     "kind": spec.kind,
                     "queue": spec.job_queue(),
                     "state": state,
