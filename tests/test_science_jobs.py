@@ -248,3 +248,18 @@ def test_train_sae_on_a_causal_lm_reports_its_downstream_loss(stack: Stack) -> N
     )
     curves = json.loads(to_local_path(s["curves_uri"]).read_text())
     assert curves["step"][-1] == 30 and len(curves["fvu"]) == len(curves["step"])
+
+
+@pytest.mark.timeout(10)
+def test_train_sae_spec_passes_its_training_knobs_to_every_config() -> None:
+    spec = TrainSAE(activations="/data/manifest.json", k=[4, 8], lr_decay="cosine",
+                    grad_clip_norm=1.5, aux_k_coefficient=0.0, dead_window_tokens=4096,
+                    dtype="float64", downstream_texts=0)  # fmt: skip
+    for cfg in spec.configs(d_in=16):
+        assert (cfg.lr_decay, cfg.grad_clip_norm, cfg.aux_k_coefficient) == ("cosine", 1.5, 0.0)
+        assert (cfg.dead_window_tokens, cfg.dtype) == (4096, "float64")
+    for field, value in (("grad_clip_norm", 0), ("aux_k_coefficient", -1.0),
+                         ("dead_window_tokens", 0), ("dtype", "float16"),
+                         ("lr_decay", "step"), ("downstream_texts", -1)):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            TrainSAE(activations="/data/manifest.json", **{field: value})
