@@ -110,6 +110,11 @@ class SAEConfig:
     compile: bool = False
     """Wrap the step's tensor math in ``torch.compile`` (opt-in; pays after warm-up)."""
 
+    cuda_graph: bool = True
+    """On CUDA, capture the whole training step (forward, backward, Adam, renormalisation,
+    counters) as one CUDA graph and replay it: no per-kernel launch cost. Re-captured when
+    the AuxK candidate set changes size; falls back to eager steps if capture fails."""
+
     grad_clip_norm: float | None = None
     """Clip the global gradient norm to this value before each step (None: no clipping)."""
 

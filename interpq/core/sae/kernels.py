@@ -108,6 +108,8 @@ def spmm_t(values: Tensor, pattern: SparsePattern, dense: Tensor) -> Tensor:
     vals = values.reshape(-1)[perm].to(dense.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # check_invariants=False is deliberate: the pattern is built valid by construction
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly")
         s_t = torch.sparse_csr_tensor(
             crow,
             row_of_entry,

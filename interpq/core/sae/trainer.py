@@ -242,6 +242,11 @@ class _Run:
         self.forward: Callable[..., ForwardOutput] = (
             torch.compile(self.sae) if cfg.compile else self.sae
         )
+        self.graph = (
+            _GraphedStep(self)
+            if cfg.cuda_graph and device.type == "cuda" and not cfg.compile
+            else None
+        )
 
     def init_from_data(self, x: Tensor) -> None:
         """Input scale, decoder bias and encoder scale from the first batch."""
@@ -259,13 +264,29 @@ class _Run:
             sae.W_enc.mul_(_encoder_init_scale(sae, xs.to(sae.W_dec.dtype)))
 
     def step(self, x: Tensor, step: int) -> None:
-        cfg, sae = self.cfg, self.sae
+        cfg = self.cfg
         lr = cfg.lr * lr_factor(cfg, step, self.total_steps)  # type: ignore[operator]
+        if self.graph is not None and self.graph.run(x, lr):
+            self.acc_steps += 1
+            return
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self.step_body(x, self.candidates)
+        self.acc_steps += 1
+
+    def step_body(self, x: Tensor, candidates: Tensor) -> None:
+        """Forward, backward, Adam and counters of one step, all device work (no host sync).
+
+        ``_GraphedStep`` captures exactly this as a CUDA graph, with static ``x`` and
+        ``candidates`` buffers.
+        """
+        cfg, sae = self.cfg, self.sae
         dead = None
-        if self.uses_aux and self.candidates.numel() > 0:
-            dead = DeadLatents(self.tokens_since_fired >= cfg.dead_window_tokens, self.candidates)
+        if self.uses_aux and candidates.numel() > 0:
+            dead = DeadLatents(self.tokens_since_fired >= cfg.dead_window_tokens, candidates)
         out = self.forward(x, dead=dead)
         out.loss.backward()
         if cfg.normalize_decoder:
@@ -283,7 +304,6 @@ class _Run:
                 sae.update_batchtopk_threshold(out.latent_acts)
             values = (out.loss, out.fvu, out.mse, out.l0, out.aux_loss, out.sparsity_loss)
             self.acc.add_(torch.stack([v.detach() for v in values]))  # float64 += float32
-        self.acc_steps += 1
 
     def log(self, step: int, n_tokens: int) -> dict[str, float]:
         """Close a logging window: one host copy of the averages; refresh AuxK candidates."""
@@ -340,10 +360,102 @@ class _Run:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.graph is not None:
+            self.graph.reset()
         for name in ("tokens_since_fired", "fire_total", "candidates", "acc"):
             setattr(self, name, state[name].to(self.device))
         self.acc_steps = int(state["acc_steps"])
         self.curves = {k: list(v) for k, v in state["curves"].items()}
+
+
+class _GraphedStep:
+    """One SAE's training step captured as a CUDA graph and replayed.
+
+    Launching the ~150 small kernels of a step from Python costs about as much as running
+    them; a replay launches them all at once. The graph reads the batch from a static
+    buffer (copied in before each replay), the learning rate from the optimiser's device
+    tensor, and the AuxK candidate ids from a static buffer; everything else it touches
+    (parameters, Adam state, counters, metric sums) is updated in place. The candidate set
+    changes size at log refreshes: then the next step runs eagerly and the one after is
+    captured again. The first ``WARMUP`` steps run eagerly (lazy initialisation of cuBLAS,
+    cuSPARSE and the Adam state must not happen inside a capture). If a capture fails
+    (an operation that synchronises with the host), training goes on eagerly.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, run: _Run):
+        self.run_ = run
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key = -1
+        self.eager_steps = 0
+        self.disabled = False
+        self.static_x: Tensor | None = None
+        self.static_candidates: Tensor | None = None
+
+    def reset(self) -> None:
+        self.graph = None
+        self.key = -1
+        self.eager_steps = 0
+
+    def run(self, x: Tensor, lr: float) -> bool:
+        """Run this step through the graph; False: the caller runs it eagerly."""
+        if self.disabled:
+            return False
+        run = self.run_
+        key = int(run.candidates.numel()) if run.uses_aux else 0
+        if self.graph is None or key != self.key:
+            if self.graph is not None:  # the candidate set changed size: capture again
+                self.graph, self.key = None, -1
+                self.eager_steps = min(self.eager_steps, self.WARMUP - 1)
+            if not x.is_cuda:
+                return False
+            self._set_lr(lr)
+            if self.eager_steps < self.WARMUP:
+                self._eager_on_side_stream(x)
+                return True
+            self._capture(x, key)
+            if self.graph is None:
+                return False
+        assert self.graph is not None and self.static_x is not None
+        self.static_x.copy_(x)
+        if key:
+            assert self.static_candidates is not None
+            self.static_candidates.copy_(run.candidates)
+        self._set_lr(lr)
+        self.graph.replay()
+        return True
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.run_.opt.param_groups:
+            if not isinstance(group["lr"], Tensor):  # e.g. a checkpoint written on the CPU
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.run_.device)
+            group["lr"].fill_(lr)
+
+    def _eager_on_side_stream(self, x: Tensor) -> None:
+        """A warm-up step on a side stream, as CUDA graph capture wants (lazy inits)."""
+        self.eager_steps += 1
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            self.run_.step_body(x, self.run_.candidates)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+
+    def _capture(self, x: Tensor, key: int) -> None:
+        run = self.run_
+        self.static_x = x.detach().clone()
+        self.static_candidates = run.candidates.clone() if key else run.candidates[:0].clone()
+        run.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                run.step_body(self.static_x, self.static_candidates)
+        except RuntimeError as exc:  # something in the step synchronises with the host
+            logger.warning("CUDA graph capture failed, training on eagerly: %s", exc)
+            run.opt.zero_grad(set_to_none=True)
+            self.disabled = True
+            return
+        self.graph, self.key = graph, key
 
 
 def _encoder_init_scale(sae: SparseAutoencoder, xs: Tensor, max_rows: int = 4096) -> float:
@@ -374,6 +486,11 @@ def _encoder_init_scale(sae: SparseAutoencoder, xs: Tensor, max_rows: int = 4096
 
 def _make_adam(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> torch.optim.Adam:
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    if cfg.cuda_graph and device.type == "cuda" and not cfg.compile:
+        # Graph-safe Adam: step counters and the learning rate live on the device, so a
+        # captured step reads the lr written before each replay.
+        assert cfg.lr is not None
+        kwargs.update(lr=torch.tensor(cfg.lr, device=device), capturable=True)
     if device.type in ("cuda", "cpu"):
         try:
             return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
