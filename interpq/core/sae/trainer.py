@@ -545,7 +545,7 @@ def _restore(directory: str | Path, runs: list[_Run], source: BatchSource) -> in
     if state.get("schema_version", 0) > SCHEMA_VERSION:
         raise ValueError(f"checkpoint in {directory} is from a newer interpq; upgrade to resume")
     saved = state["runs"]
-    ignore = {"checkpoint_every_steps", "device"}
+    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile"}  # not the math
     for i, run in enumerate(runs):
         now = {k: v for k, v in run.cfg.to_dict().items() if k not in ignore}
         then = (
