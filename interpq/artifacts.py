@@ -38,7 +38,7 @@ from interpq.errors import ConfigError
 TMP_DIR = ".tmp"
 STALE_TMP_S = 24 * 3600.0
 """A temporary file this old is stale whatever wrote it (writers on other hosts too)."""
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 """Names this host in temporary file names, so only this host's dead writers are judged."""
 _CHUNK = 1 << 20
 
@@ -144,7 +144,7 @@ class FileStore:
         now, removed = time.time(), 0
         for path in tmp_dir.iterdir():
             pid, _, rest = path.name.partition("-")
-            ours = rest.startswith(f"{_HOST}-") and pid.isdigit()
+            ours = rest.startswith(f"{HOST_TAG}-") and pid.isdigit()
             try:
                 if not path.is_file():
                     continue
@@ -169,7 +169,7 @@ class FileStore:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         # who wrote it: <pid>-<host>-<random>-<name>
-        tmp = tmp_dir / f"{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:12]}-{final.name}"
+        tmp = tmp_dir / f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}-{final.name}"
         try:
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)

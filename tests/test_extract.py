@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from interpq.artifacts import FileStore, relative, resolve, sha256_file
+from interpq.artifacts import HOST_TAG, FileStore, relative, resolve, sha256_file
 from interpq.core.extraction import extract, forward_capture, pad
 from interpq.corpus import TextSourceError, count_texts, load_texts, stdlib_sentences
 from interpq.datasets import (
@@ -218,10 +222,11 @@ def _write_dataset(root: Path, rows_per_shard: list[list[int]], d: int, dtype: s
                       text_offset=offset, n_tokens=sum(per_text), cache_key=f"k{s}")
         )  # fmt: skip
         offset += len(per_text)
+    n_rows = sum(map(sum, rows_per_shard))
     manifest = Manifest(
-        model="m", source="local", weights="sha256:0", hooks=[HookInfo(name="h", d=d)],
-        dtype=dtype, tokens="all", n_texts=offset, n_rows=sum(map(sum, rows_per_shard)),
-        shards=shards,
+        model="m", source="local", weights="sha256:0",
+        hooks=[HookInfo(name="h", d=d, shape=(n_rows, d))],
+        dtype=dtype, tokens="all", n_texts=offset, n_rows=n_rows, shards=shards,
     )  # fmt: skip
     store.put_atomic(manifest_uri, manifest.to_json())
     return manifest_uri, np.concatenate(everything)
@@ -251,6 +256,7 @@ def test_dataset_round_trip_is_memory_mapped_and_checked(tmp_path: Path, dtype: 
     np.testing.assert_array_equal(np.concatenate(shuffled), expected[order])
     np.testing.assert_array_equal(np.concatenate(again), np.concatenate(shuffled))
 
+    assert ds.manifest.hooks[0].shape == (36, 8)
     x, meta = next(ds.iter_batches(36, with_metadata=True))
     assert meta["text_id"].tolist() == np.repeat(np.arange(9), [3, 1, 4, 1, 5, 9, 2, 6, 5]).tolist()
     assert meta["token_id"].unique().tolist() == [7]
@@ -264,6 +270,23 @@ def test_dataset_round_trip_is_memory_mapped_and_checked(tmp_path: Path, dtype: 
         ds.verify()
     with pytest.raises(DatasetError, match="no hook 'nope'"):
         ActivationDataset.open(uri, hook="nope")
+
+
+def test_manifests_without_hook_shapes_still_read_and_wrong_shapes_are_refused(
+    tmp_path: Path,
+) -> None:
+    uri, expected = _write_dataset(tmp_path, [[2, 3], [4]], d=4, dtype="float32")
+    path = FileStore(tmp_path).local_path(uri)
+    raw = json.loads(path.read_text())
+    del raw["hooks"][0]["shape"]  # as written before shapes were recorded
+    path.write_text(json.dumps(raw))
+    ds = ActivationDataset.open(uri)
+    assert ds.manifest.hooks[0].shape is None and ds.shape == (9, 4)
+    np.testing.assert_array_equal(np.concatenate(list(ds.iter_batches(4, as_numpy=True))), expected)
+    raw["hooks"][0]["shape"] = [8, 4]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DatasetError, match=r"hook 'h': the manifest says shape \(8, 4\)"):
+        ActivationDataset.open(uri)
 
 
 def test_sae_trainer_consumes_a_dataset(tmp_path: Path) -> None:
@@ -302,6 +325,33 @@ def test_put_atomic_shows_only_complete_files(tmp_path: Path) -> None:
     assert resolve(uri, relative(uri, store.uri_for("c/d"))) == store.uri_for("c/d")
     with pytest.raises(ValueError, match="stay under the root"):
         store.uri_for("../escape")
+
+
+def test_sweep_removes_temporaries_of_dead_writers_on_this_host_and_old_ones(
+    tmp_path: Path,
+) -> None:
+    store = FileStore(tmp_path)
+    tmp = tmp_path / ".tmp"
+    assert store.sweep_temporaries() == 0  # no .tmp yet
+    tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    names = {
+        "dead": f"{dead}-{HOST_TAG}-aaaaaaaaaaaa-k.safetensors",
+        "alive": f"{os.getpid()}-{HOST_TAG}-bbbbbbbbbbbb-k.safetensors",
+        "other_host": f"{dead}-0000beef-cccccccccccc-k.safetensors",  # its pid means nothing here
+        "old": f"{dead}-0000beef-dddddddddddd-k.safetensors",
+    }
+    for name in names.values():
+        (tmp / name).write_bytes(b"half")
+    day_ago = time.time() - 25 * 3600
+    os.utime(tmp / names["old"], (day_ago, day_ago))
+    (tmp / f"{dead}-folder").mkdir()  # folders (SAE checkpoints being written) are left alone
+    assert store.sweep_temporaries() == 2
+    left = {p.name for p in tmp.iterdir()}
+    assert left == {names["alive"], names["other_host"], f"{dead}-folder"}
+    store.put_atomic(store.uri_for("x.bin"), b"complete")  # our own temporaries are named so
+    assert store.sweep_temporaries() == 0 and store.exists(store.uri_for("x.bin"))
 
 
 # ---- texts ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from interpq.datasets import ActivationDataset, read_shard_header
 from interpq.models import Artifact, JobPart
 from interpq.models.db import get_engine
+from interpq.report import jobs_table
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Extract
@@ -43,7 +44,8 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
 ) -> None:
     """Two compute workers take one shard each; compute-1 is SIGKILLed while its shard file is
     half written. Nothing partial is visible; after the visibility timeout compute-2 redoes
-    that shard (once), and the dataset is complete and checks out.
+    that shard (once, after the dead worker's compute lock lapsed), removes the dead writer's
+    temporary file, and the dataset is complete and checks out.
 
     This stack has its own embedded Redis, so no other test's workers take its messages."""
     os.environ["INTERPQ_VISIBILITY_TIMEOUT_S"] = "4"
@@ -74,10 +76,9 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
             in_flight = _running_on(engine, job.job_id, "compute-1@%")
             assert len(in_flight) == 1, "the victim was not running a shard when killed"
 
-            # the half-written file stays a temporary; its shard is not visible
+            # the half-written file is a temporary (<pid>-<host>-<random>-<name>), not a shard
             (partial,) = mine
-            assert partial.exists()
-            key_name = partial.name.split("-", 2)[2]
+            key_name = partial.name.split("-", 3)[3]
             shards_dir = root / "activations" / "shards"
             assert not list(shards_dir.rglob(key_name))
             for f in shards_dir.rglob("*.safetensors"):
@@ -102,6 +103,7 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
         assert len(shard_rows) == 2 and not any(r.meta["cache_hit"] for r in shard_rows)
         assert job.result["n_shards"] == 2 and job.result["cache_hits"] == 0
         assert job.result["n_texts"] == 256
+        assert jobs_table([job]).splitlines()[2].split()[5] == "0/2"  # nothing reused
 
         ds = ActivationDataset.open(job.result["manifest_uri"])
         ds.verify()
@@ -109,6 +111,8 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
         visible = {p.resolve().as_uri() for p in shards_dir.rglob("*.safetensors")}
         assert visible == set(ds.shard_uris)
         assert any(u.endswith(key_name) for u in ds.shard_uris)  # redone, now complete
+        # the part that redid it swept the dead writer's temporary away
+        assert not partial.exists() and not any((root / ".tmp").iterdir())
     finally:
         os.environ.pop("INTERPQ_VISIBILITY_TIMEOUT_S", None)
         os.environ.pop("INTERPQ_PART_LEASE_S", None)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,12 @@ from interpq.models import ApiCall, Artifact, Batch, Job, JobPart
 from interpq.models.db import get_engine, write
 from interpq.providers import openai_http
 from interpq.providers.local_server import LocalProviderServer, ServerOptions
+from interpq.report import jobs_table
+from interpq.scheduler.batch import JobResult
 from interpq.settings import reload_settings
 from interpq.specs import Extract
 from interpq.worker.lifecycle import run_part
+from interpq.worker.limiter import redis_for
 
 pytestmark = pytest.mark.timeout(120)
 CORPUS = "corpus:stdlib-docstrings"
@@ -75,6 +80,19 @@ def env(
 
 def _run(spec: Extract, db_url: str) -> dict:
     """Store the job as the submitter would, run every part here, return its row."""
+    job_id = _store(spec, db_url)
+    outcomes = [run_part(job_id, p) for p in range(spec.n_parts())]
+    assert outcomes[-1] in ("succeeded", "failed"), outcomes
+    return _job(db_url, job_id)
+
+
+def _job(db_url: str, job_id: str) -> dict:
+    with get_engine(db_url).connect() as conn:
+        return dict(conn.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one())
+
+
+def _store(spec: Extract, db_url: str) -> str:
+    """The job's rows, as the submitter writes them; returns its id."""
     engine = get_engine(db_url)
     batch_id, job_id, n = uuid.uuid4().hex, uuid.uuid4().hex, spec.n_parts()
     with write(engine) as conn:
@@ -86,11 +104,7 @@ def _run(spec: Extract, db_url: str) -> dict:
         }])  # fmt: skip
         if n > 1:
             conn.execute(insert(JobPart), [{"job_id": job_id, "part": p} for p in range(n)])
-    outcomes = [run_part(job_id, p) for p in range(n)]
-    with engine.connect() as conn:
-        job = conn.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one()
-    assert outcomes[-1] in ("succeeded", "failed"), outcomes
-    return dict(job)
+    return job_id
 
 
 def _rows(db_url: str, table: type, job_id: str) -> list:
@@ -214,3 +228,89 @@ def test_demo_jobs_run(env: Path, db_url: str) -> None:
     emb = ActivationDataset.open(results[api.name]["result"]["manifest_uri"])
     assert resid.hook == "resid_post.3" and resid.d == emb.d == 384 and len(emb) == 64
     assert resid.texts() == emb.texts()
+
+
+def _faults(server: LocalProviderServer, **settings: object) -> None:
+    requests.post(server.root_url + "/faults", json=settings, timeout=10).raise_for_status()
+
+
+def _result(job: dict) -> JobResult:
+    return JobResult(job_id=job["id"], **{k: job[k] for k in (
+        "name", "kind", "state", "error", "attempts", "worker", "started_at", "finished_at",
+        "result")})  # fmt: skip
+
+
+def test_two_jobs_asking_for_one_shard_at_once_pay_for_it_once(
+    env: Path, server: LocalProviderServer, db_url: str, redis_url: str
+) -> None:
+    """Job B misses the cache while job A's request is in flight: B waits for A's compute
+    lock and reuses A's shard instead of sending the same request again."""
+    texts = [f"stampede {uuid.uuid4().hex} sentence {i}." for i in range(64)]
+    spec = Extract(name="a", model="local:all-MiniLM-L6-v2", texts=texts, shard_size=64)
+    a, b = _store(spec, db_url), _store(spec.model_copy(update={"name": "b"}), db_url)
+    r = redis_for(redis_url)
+    before = _n_requests(server)
+    _faults(server, added_latency_ms=1500)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(run_part, a, 0)
+            while not list(r.scan_iter("interpq:shard:*")) and not first.done():
+                time.sleep(0.01)
+            assert not first.done(), "job A finished before its lock was seen"
+            second = pool.submit(run_part, b, 0)
+            assert (first.result(60), second.result(60)) == ("succeeded", "succeeded")
+    finally:
+        _faults(server, added_latency_ms=0)
+    assert _n_requests(server) - before == 1
+    jobs = [_job(db_url, j) for j in (a, b)]
+    assert [j["result"]["cache_hits"] for j in jobs] == [0, 1]
+    assert len(_rows(db_url, ApiCall, a)) == 1 and not _rows(db_url, ApiCall, b)
+    uris = [ActivationDataset.open(j["result"]["manifest_uri"]).shard_uris for j in jobs]
+    assert uris[0] == uris[1] and not list(r.scan_iter("interpq:shard:*"))
+    # what ``interpq submit --wait`` and ``interpq results`` print says so
+    lines = jobs_table([_result(j) for j in jobs]).splitlines()
+    assert lines[0].split()[5] == "reused"
+    assert [line.split()[5] for line in lines[2:]] == ["0/1", "1/1"]
+
+
+def test_requests_are_not_retried_past_max_retry_time_s(
+    env: Path, server: LocalProviderServer, db_url: str
+) -> None:
+    spec = Extract(name="late", model="local:all-MiniLM-L6-v2", texts=["one", "two"],
+                   max_attempts=20, max_retry_time_s=0.001)  # fmt: skip
+    _faults(server, error_rate=1.0)
+    try:
+        job = _run(spec, db_url)
+    finally:
+        _faults(server, error_rate=0.0)
+    assert job["state"] == "failed"
+    assert job["error"].startswith("local:all-MiniLM-L6-v2 request 0: gave up after ")
+    assert "s of retries (max_retry_time_s=0.001)" in job["error"]
+
+
+def test_out_of_memory_in_a_shard_is_retryable_not_an_internal_error(
+    env: Path, db_url: str
+) -> None:
+    """An OOM (raised here from a forward hook on the worker's cached model) is a retryable
+    error for the shard; run without Celery, the lifecycle gives up at once and says so."""
+    from interpq.worker.runners.extract import local_model
+
+    m = local_model("tiny-gpt2-random-weights", "cpu", "float32")
+
+    def oom(*_args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    spec = Extract(name="oom", model="tiny-gpt2-random-weights", device="cpu", layers=[1],
+                   texts=[f"oom {uuid.uuid4().hex}"], batch_size=8)  # fmt: skip
+    handle = m.layout.blocks[0].register_forward_hook(oom)
+    try:
+        job = _run(spec, db_url)
+    finally:
+        handle.remove()
+    assert job["state"] == "failed"
+    assert job["error"].startswith(
+        "device: out of memory in shard 0 on cpu with batch_size=8 (retried; lower batch_size"
+    )
+    assert "gave up after" in job["error"] and "internal error" not in job["error"]
+    again = _run(spec.model_copy(update={"name": "oom-again"}), db_url)
+    assert again["state"] == "succeeded" and again["result"]["cache_hits"] == 0

@@ -331,8 +331,7 @@ def _run_local(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) 
                 torch.cuda.empty_cache()
             raise RetryableJobError(
                 f"device: out of memory in shard {ctx.part} on {resolve_device(spec.device)} "
-                f"(batch_size={spec.batch_size}); retrying the shard; lower batch_size if it "
-                "persists",
+                f"with batch_size={spec.batch_size} (retried; lower batch_size if it persists)",
                 retry_after_s=OOM_RETRY_AFTER_S,
             ) from exc
         return ShardOutcome(key, stored, False, n_rows, n_tokens, meta)
