@@ -4,11 +4,14 @@ A part reads its shard's texts, computes the shard's cache key (sha256 of the mo
 weights hash or hub revision, the hook points, the settings and the texts) and looks for
 ``activations/shards/<key[:2]>/<key>.safetensors`` in the artifact store. If it is there (and
 matches the sha256 recorded for it), the part is a cache hit: nothing is computed or paid for.
-Otherwise a local model runs forward (``interpq.core.extraction``) or the provider's
+Otherwise the part takes the shard's compute lock (``interpq.worker.shard_locks``; a part that
+finds it held waits, then reuses the finished shard), and a local model runs forward (``interpq.core.extraction``) or the provider's
 ``/v1/embeddings`` is called with ``api_batch_size`` texts per request, and the shard is
 written to a temporary file and renamed into place. Every part records its shard in the
 ``artifacts`` table (``activation_shard``, with ``cache_hit`` in its meta); the last part's
-``finalize`` writes the dataset manifest and records it (``activation_dataset``).
+``finalize`` writes the dataset manifest and records it (``activation_dataset``). A part
+first removes temporary files that killed writers left in the store. Running out of device
+memory is a retryable error: the shard alone is tried again later.
 
 API calls go through the global limiter and are recorded like the benchmark's (one
 ``api_calls`` row per HTTP attempt). Each answered request's vectors are saved at once under
