@@ -11,6 +11,8 @@
 | INTERPQ_VISIBILITY_TIMEOUT_S  | 3600                             | unacked messages of a dead worker come |
 |                               |                                  | back after this long (Redis broker)    |
 | INTERPQ_PART_LEASE_S          | 30                               | run lease of a job part (see leases.py)|
+| INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S | 0                              | cold shutdown: let tasks finish this   |
+|                               |                                  | long, then requeue them (worker/app.py)|
 | INTERPQ_SAFETY_MARGIN         | 0.97                             | fraction of rpm/tpm the limiter allows |
 
 This module reads the environment; nothing under ``interpq/core`` does.
@@ -50,6 +52,10 @@ class Settings(BaseSettings):
     """Flower basic-auth password; generated when unset."""
     visibility_timeout_s: int = 3600
     """Seconds before a message taken by a worker that died is delivered again."""
+    soft_shutdown_timeout_s: float = 0.0
+    """On a cold shutdown (SIGQUIT, or SIGTERM with ``REMAP_SIGTERM=SIGQUIT``) a worker lets its
+    running tasks finish this long, then cancels them: their messages go back to the queue at
+    once. Set it below the container's stop grace period. 0: cancel at once."""
     part_lease_s: float = 30.0
     """A running job part's lease in Redis, renewed while it runs; a dead worker's lapses."""
     api_concurrency: int = 16

@@ -159,8 +159,11 @@ def test_no_secret_values_in_the_compose_file(compose: dict[str, Any]) -> None:
             assert not password or _ONLY_REF.match(password), f"{path}: password in a URL"
     text = (ROOT / "docker-compose.yml").read_text()
     assert not re.search(r"sk-[A-Za-z0-9]{8,}|change-this", text)
-    for name in ("migrate", "worker-api", "scheduler", "flower"):
+    for name in ("worker-api", "worker-compute", "worker-gpu", "scheduler"):
         assert compose["services"][name]["env_file"] == [".env"]
+    for name in ("migrate", "flower"):  # no provider keys where none are needed
+        assert compose["services"][name]["env_file"] == [], name
+        assert not any("API_KEY" in k for k in compose["services"][name]["environment"]), name
     ignored = (ROOT / ".gitignore").read_text().split()
     assert ".env" in ignored
 
@@ -209,10 +212,48 @@ def test_scheduler_schedule_is_accepted_by_interpq_beat(
     cmd = compose["services"]["scheduler"]["command"]
     assert cmd[0] == "beat"
     target = cmd[cmd.index("--schedule") + 1]
-    (mount,) = compose["services"]["scheduler"]["configs"]
-    assert mount["target"] == target
+    (mount,) = [c for c in compose["services"]["scheduler"]["configs"] if c["target"] == target]
     content = interpolate(compose["configs"][mount["source"]]["content"])
     path = tmp_path / "schedule.yaml"
     path.write_text(content)
     (entry,) = load_schedule(path, load_providers(Settings()))
     assert entry.every == "1h" and entry.batch["jobs"][0]["models"] == "all"
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * (60 if duration.endswith("m") else 1)
+
+
+def test_compute_workers_soft_shut_down_before_their_grace_period_ends(
+    services: dict[str, Any],
+) -> None:
+    from interpq.settings import Settings
+
+    for name in ("worker-compute", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["REMAP_SIGTERM"] == "SIGQUIT", name
+        soft_s = Settings(soft_shutdown_timeout_s=env["INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S"])
+        grace_s = _seconds(services[name]["stop_grace_period"])
+        assert 0 < soft_s.soft_shutdown_timeout_s <= grace_s - 30, (name, soft_s, grace_s)
+    # the thread pool cannot cancel a task: api workers keep Celery's warm shutdown
+    assert "REMAP_SIGTERM" not in services["worker-api"]["environment"]
+
+
+def test_workers_and_scheduler_read_the_mounted_providers_file(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    from interpq.providers.config import load_providers
+    from interpq.settings import Settings
+
+    sources = set()
+    for name in ("worker-api", "worker-compute", "worker-gpu", "scheduler"):
+        svc = compose["services"][name]
+        target = svc["environment"]["INTERPQ_PROVIDERS"]
+        (mount,) = [c for c in svc["configs"] if c["target"] == target]
+        sources.add(mount["source"])
+    (source,) = sources
+    path = tmp_path / "providers.toml"
+    path.write_text(interpolate(compose["configs"][source]["content"]))
+    assert "holysheep" in load_providers(Settings(providers=path))  # presets kept
+    for name in ("migrate", "flower"):
+        assert "INTERPQ_PROVIDERS" not in compose["services"][name]["environment"], name

@@ -132,3 +132,44 @@ def test_scale_up_and_warm_shutdown_mid_batch_lose_and_duplicate_nothing(
     # the compute queue: every noop once, spread over both compute workers
     assert len(noops) == N_NOOPS and all(n.attempts == 1 for n in noops)
     assert {n.worker.split("@")[0] for n in noops} == {"compute-1", "compute-2"}
+
+
+def test_soft_shutdown_of_a_compute_worker_requeues_a_task_that_outlives_it_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As compose runs compute workers (prefork, REMAP_SIGTERM=SIGQUIT and
+    INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S below stop_grace_period): SIGTERM gives a running task the
+    soft timeout, then kills its process; its message goes back at once and another worker
+    redoes it, long before the visibility timeout (an hour) would have brought it back.
+    (Celery's thread pool cannot cancel a task: api workers shut down warm, see README.)"""
+    import signal
+
+    monkeypatch.setenv("INTERPQ_VISIBILITY_TIMEOUT_S", "3600")
+    monkeypatch.setenv("INTERPQ_PART_LEASE_S", "3")
+    st = Stack(tmp_path, api_workers=0, compute_workers=0, provider=False, flower=False)
+    with st:
+        with monkeypatch.context() as m:
+            m.setenv("REMAP_SIGTERM", "SIGQUIT")
+            m.setenv("INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S", "2")
+            st.add_worker("compute", 2, name="soft-1")  # prefork
+        st.wait_for_workers(1)
+        env = {k[len("INTERPQ_") :].lower(): v for k, v in st.env.items()}
+        client = Client(Settings(**env))
+        batch = client.submit([Noop(name="long", sleep_s=20, on_queue="compute")], name="soft")
+        engine = get_engine(st.env["INTERPQ_DATABASE_URL"])
+
+        def running_on(worker: str) -> bool:
+            with engine.connect() as conn:
+                row = conn.execute(select(Job.state, Job.worker)).one()
+            return row.state == "running" and row.worker.startswith(f"{worker}@")
+
+        _wait_for(lambda: running_on("soft-1"), 30, "soft-1 to run the job")
+        st.add_worker("compute", 1, name="compute-2")
+        st.wait_for_workers(1)
+        st.stop_worker("soft-1", signal.SIGTERM, timeout_s=15)  # before the task could end
+        log = (st.workdir / "logs" / "worker-soft-1.log").read_text()
+        assert "Soft Shutdown" in log, log[-2000:]
+        status = batch.wait(timeout_s=90)
+        (job,) = batch.results()
+    assert status.counts == {"succeeded": 1}
+    assert job.attempts == 2 and job.worker.startswith("compute-2@"), job

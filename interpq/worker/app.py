@@ -9,6 +9,13 @@ message is acknowledged after its task ends, so a worker that dies mid-task gets
 redelivered; tasks are idempotent by job id, so a redelivery never duplicates rows. The one
 exception is ``interpq.scheduled_batch`` (``interpq.beat``), acknowledged on receipt: a periodic
 batch is submitted at most once per tick.
+
+Stopping: SIGTERM is Celery's warm shutdown (finish every running task, however long).
+Containers run workers with ``REMAP_SIGTERM=SIGQUIT`` and ``INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S``
+below their stop grace period instead: running tasks get that long, then are cancelled and
+their messages requeued at once, rather than being SIGKILLed and coming back only after the
+visibility timeout. A cancelled part's run lease lapses within ``INTERPQ_PART_LEASE_S``, after
+which another worker redoes it (skipping the calls that already succeeded).
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ def make_app(broker_url: str | None = None) -> Celery:
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Cold shutdown (SIGQUIT; SIGTERM too under REMAP_SIGTERM=SIGQUIT, as compose sets):
+        # running tasks get this long to finish, then are cancelled, and kombu's Redis QoS
+        # puts every unacknowledged message back on its queue as the channel closes.
+        worker_soft_shutdown_timeout=settings.soft_shutdown_timeout_s,
     )
     import interpq.beat  # noqa: F401  (interpq.scheduled_batch: what beat's ticks run)
     import interpq.worker.tasks  # noqa: F401  (shared tasks bind to this app)
