@@ -352,17 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="start one Celery worker against INTERPQ_BROKER_URL")
     w.add_argument("--queues", "-Q", default="api", choices=["api", "compute", "api,compute"],
-                   help="api: model API calls (threads); compute: CPU/GPU work (processes)")  # fmt: skip
+                   metavar="QUEUES",
+                   help="api, compute or api,compute (default api). api: model API calls "
+                   "(threads); compute: CPU/GPU work (processes)")  # fmt: skip
     w.add_argument("--concurrency", "-c", type=int, default=None,
                    help="threads (api) or processes (compute); default from settings")  # fmt: skip
-    w.add_argument("--pool", "-P", default=None, choices=["threads", "prefork", "solo"])
+    w.add_argument("--pool", "-P", default=None, choices=["threads", "prefork", "solo"],
+                   help="Celery pool (default: threads for api, prefork for compute)")  # fmt: skip
     w.add_argument("--name", "-n", default=None, help="node name (default QUEUE-PID@host)")
-    w.add_argument("--loglevel", "-l", default="INFO")
+    w.add_argument("--loglevel", "-l", default="INFO",
+                   help="DEBUG, INFO, WARNING, ERROR (default INFO)")  # fmt: skip
     w.set_defaults(fn=cmd_worker)
 
     f = sub.add_parser("flower", help="start Flower (basic auth) against INTERPQ_BROKER_URL")
     f.add_argument("--address", default="127.0.0.1", help="listen address (default localhost)")
-    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--port", type=int, default=5555, help="listen port (default 5555)")
     f.set_defaults(fn=cmd_flower)
 
     sub.add_parser("serve", help="run the local OpenAI-compatible provider (see serve --help)",
@@ -401,13 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where beat remembers each entry's last run (a writable path)")  # fmt: skip
     b.add_argument("--check", action="store_true",
                    help="check the schedule file, print its entries and exit")  # fmt: skip
-    b.add_argument("--loglevel", "-l", default="INFO")
+    b.add_argument("--loglevel", "-l", default="INFO",
+                   help="DEBUG, INFO, WARNING, ERROR (default INFO)")  # fmt: skip
     b.set_defaults(fn=cmd_beat)
 
     db = sub.add_parser("db", help="database migrations")
     dbs = db.add_subparsers(dest="db_command", required=True)
     up = dbs.add_parser("upgrade", help="apply Alembic migrations to INTERPQ_DATABASE_URL")
-    up.add_argument("revision", nargs="?", default="head")
+    up.add_argument("revision", nargs="?", default="head",
+                    help="Alembic revision to upgrade to (default head, the newest)")  # fmt: skip
     up.set_defaults(fn=cmd_db)
 
     sc = sub.add_parser("schema", help="print the JSON schema of batch files and job specs")
