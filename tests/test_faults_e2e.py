@@ -147,6 +147,51 @@ def test_401_fails_fast_naming_the_key_variable(stack: Stack) -> None:
     assert "sk-a-wrong-key" not in job.error
 
 
+def test_a_key_the_provider_echoes_is_stored_nowhere(
+    stack: Stack, keyed_server: LocalProviderServer
+) -> None:
+    from sqlalchemy import select
+
+    from interpq.models import ApiCall
+    from interpq.models.db import get_engine
+
+    keys = {"right": os.environ[KEY_ENV], "wrong": os.environ[f"{KEY_ENV}_W"]}
+    auth = {"Authorization": f"Bearer {keys['right']}"}
+
+    def faults(body: dict) -> None:
+        url = keyed_server.root_url + "/faults"
+        requests.post(url, json=body, headers=auth, timeout=10).raise_for_status()
+
+    def one(name: str, provider: str) -> Benchmark:
+        return Benchmark(name=name, provider=provider, models=["all-MiniLM-L6-v2"],
+                         endpoint="embeddings", requests=2, concurrency=1, max_attempts=2)  # fmt: skip
+
+    client = _client(stack)
+    faults({"echo_authorization": True})  # error bodies quote "Authorization: Bearer <key>"
+    try:
+        unauth = client.submit([one("echo401", "keyed")], name="echo401")  # the wrong key: 401
+        unauth.wait(timeout_s=60)
+        faults({"error_rate": 1.0})
+        flaky = client.submit([one("echo5xx", "priced")], name="echo5xx")  # the right key: 5xx
+        flaky.wait(timeout_s=120)
+    finally:
+        faults({"echo_authorization": False, "error_rate": 0.0})
+    (u,), (f,) = unauth.results(), flaky.results()
+    with get_engine(stack.env["INTERPQ_DATABASE_URL"]).connect() as conn:
+        rows = conn.execute(
+            select(ApiCall.job_id, ApiCall.error).where(ApiCall.job_id.in_([u.job_id, f.job_id]))
+        ).all()
+    errors = {job: [r.error for r in rows if r.job_id == job] for job in (u.job_id, f.job_id)}
+    assert len(errors[u.job_id]) == 1 and len(errors[f.job_id]) == 4, errors
+    stored = [*errors[u.job_id], *errors[f.job_id], u.error or "", f.error or ""]
+    assert u.state == "failed" and "401" in u.error
+    assert all("Bearer ***" in e for e in stored[:6]), stored  # the echo was there, redacted
+    logs = "".join(p.read_text(errors="replace") for p in (stack.workdir / "logs").glob("*.log"))
+    for key in keys.values():
+        assert not any(key in e for e in stored), key
+        assert key not in logs
+
+
 def test_budget_guard_stops_calls_past_max_cost(stack: Stack) -> None:
     from interpq.specs import BatchSpec
 
@@ -167,27 +212,61 @@ def test_budget_guard_stops_calls_past_max_cost(stack: Stack) -> None:
 
 
 def test_status_shows_provider_activity(stack: Stack) -> None:
+    batch = _client(stack).submit([_embeddings("visible", 5, concurrency=1)], name="visible")
+    batch.wait(timeout_s=60)
+    out = _status(stack)
+    assert "calls/min" in out and "in flight" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("local "))
+    assert int(line.split()[1]) >= 5
+
+
+def _status(stack: Stack) -> str:
     import subprocess
     import sys
 
-    batch = _client(stack).submit([_embeddings("visible", 5, concurrency=1)], name="visible")
-    batch.wait(timeout_s=60)
     proc = subprocess.run(
         [sys.executable, "-m", "interpq.cli", "status"], env={**os.environ, **stack.env},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "calls/min" in proc.stdout and "in flight" in proc.stdout
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("local "))
-    assert int(line.split()[1]) >= 5
+    return proc.stdout
 
 
-def test_a_small_batch_is_not_starved_by_a_big_one_submitted_first(stack: Stack) -> None:
+def test_status_lists_providers_busy_or_cooling_down_without_recent_calls(stack: Stack) -> None:
+    from interpq.providers.config import get_provider
+    from interpq.worker.limiter import Limiter, redis_for
+
+    r = redis_for(stack.env["INTERPQ_BROKER_URL"])
+    openai, deepseek = get_provider("openai"), get_provider("deepseek")  # presets, never called
+    Limiter(r, openai).cool_down("gpt-4.1", 30.0)
+    leases = "interpq:limit:deepseek:leases"
+    Limiter(r, deepseek)._acquire(keys=[leases], args=["stuck-call", 30.0, 16])
+    try:
+        out = _status(stack)
+    finally:
+        r.delete("interpq:limit:openai:gpt-4.1:cooldown", leases)
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
+    assert "openai" in lines and "deepseek" in lines, out
+    assert lines["openai"][1:5] == ["0", "0", "0", "0"] and 25 < float(lines["openai"][5]) <= 30
+    assert lines["deepseek"][1:6] == ["0", "0", "0", "1", "-"], out
+    assert "holysheep" not in lines  # configured but idle: not listed
+
+
+@pytest.mark.parametrize(
+    ("requests_per_turn", "n_big"),
+    [(2, 200), (None, 400)],  # None: the spec's default turn (10 requests)
+    ids=["turn-2", "default-turn"],
+)
+def test_a_small_batch_is_not_starved_by_a_big_one_submitted_first(
+    stack: Stack, requests_per_turn: int | None, n_big: int
+) -> None:
     import time
 
     client = _client(stack)
-    big = client.submit([_embeddings("big", 200, concurrency=16, requests_per_turn=2)],
-                        name="big")  # fmt: skip
+    # 16 slices fill all 16 api threads; at L_RPS each slice makes a turn in n_turn * 16 / L s,
+    # and the big batch needs n_big / L s in all: the small one must get in between.
+    turn = {} if requests_per_turn is None else {"requests_per_turn": requests_per_turn}
+    big = client.submit([_embeddings("big", n_big, concurrency=16, **turn)], name="big")
     time.sleep(1.0)  # every api thread is now busy with the big batch
     small = client.submit([_embeddings("small", 6, concurrency=2)], name="small")
     small.wait(timeout_s=120)
@@ -197,4 +276,4 @@ def test_a_small_batch_is_not_starved_by_a_big_one_submitted_first(stack: Stack)
     assert s.state == b.state == "succeeded"
     assert s.finished_at < b.finished_at
     assert (b.finished_at - s.finished_at).total_seconds() > 5, (s.finished_at, b.finished_at)
-    assert b.latency[0].n_ok == 200  # turns lose nothing and repeat nothing
+    assert b.latency[0].n_ok == n_big  # turns lose nothing and repeat nothing
