@@ -69,7 +69,12 @@ def test_missing_or_placeholder_key_names_the_variable(
 
 def test_real_looking_key_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-live-0123456789abcdef")
-    Benchmark(provider="holysheep", models=["gpt-4.1", "deepseek-chat"]).check(_ctx())
+    spec = Benchmark(provider="holysheep", models=["gpt-4.1", "deepseek-chat"])
+    assert spec.check(_ctx()) is None  # no MissingApiKey
+    _order_and_check([spec], _ctx())
+    monkeypatch.setenv("HOLYSHEEP_API_KEY", "YOUR_HOLYSHEEP_API_KEY")  # the same, refused
+    with pytest.raises(MissingApiKey):
+        spec.check(_ctx())
 
 
 @pytest.mark.parametrize(
@@ -134,11 +139,26 @@ def test_batch_file_yaml_and_json_with_references(tmp_path: Path) -> None:
 
 
 def test_json_schema_covers_every_kind() -> None:
+    import jsonschema
+
+    from interpq.demo import demo_jobs
+    from interpq.specs import SPEC_TYPES
+
     schema = json_schema()
+    kinds = {"benchmark", "noop", "extract", "train_sae", "patch"}
+    assert set(schema["properties"]["jobs"]["items"]["discriminator"]["mapping"]) == kinds
+    assert set(SPEC_TYPES) == kinds
+    for kind, spec_type in SPEC_TYPES.items():
+        props = schema["$defs"][spec_type.__name__]["properties"]
+        assert props["kind"]["const"] == kind
     text = json.dumps(schema)
-    for kind in ("benchmark", "noop"):
-        assert f'"{kind}"' in text
     assert "Requests in flight at once per model" in text  # field docstrings become descriptions
+    # the demo's jobs (one of every kind but noop) and a noop, as a batch file holds them
+    jobs = [j.model_dump(mode="json") for j in [*demo_jobs(4, 8), Noop(name="n")]]
+    assert {j["kind"] for j in jobs} == kinds
+    jsonschema.validate({"name": "all-kinds", "jobs": jobs}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "x", "jobs": [{"kind": "teleport"}]}, schema)
 
 
 def test_benchmark_parts_cover_every_request_once() -> None:
@@ -152,3 +172,71 @@ def test_benchmark_parts_cover_every_request_once() -> None:
             for i in spec.request_indices(spec.part_of(p)[1])
         )
         assert indices == list(range(10))
+
+
+def test_a_batch_the_broker_refuses_leaves_no_job_to_run(tmp_path: Path) -> None:
+    """The broker answers but refuses the messages (a real Redis at its memory limit, with
+    noeviction): every job of the batch is cancelled, and the error is one line."""
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from sqlalchemy import select
+
+    from interpq.errors import EnqueueError
+    from interpq.models import Job
+    from interpq.scheduler.client import Client
+    from interpq.stack import find_redis_server
+
+    sockdir = tempfile.mkdtemp(prefix="iq-full-")
+    sock = Path(sockdir) / "redis.sock"
+    redis_proc = subprocess.Popen(
+        [find_redis_server(), "--port", "0", "--unixsocket", str(sock), "--save", "",
+         "--appendonly", "no", "--dir", sockdir, "--maxmemory", "1",
+         "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.02)
+        client = Client(
+            Settings(broker_url=f"redis+socket://{sock}",
+                     database_url=f"sqlite:///{tmp_path / 'refused.db'}", providers=None)
+        )  # fmt: skip
+        a = Noop(name="a")
+        with pytest.raises(EnqueueError) as info:
+            client.submit([a, Noop(name="b", after=[a]), Noop(name="c")], name="refused")
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "'refused'" in msg and "no job of it will run" in msg, msg
+    with client.engine.connect() as conn:
+        states = conn.execute(select(Job.name, Job.state, Job.error)).all()
+    assert sorted((n, st) for n, st, _ in states) == [
+        ("a", "cancelled"), ("b", "cancelled"), ("c", "cancelled"),
+    ]  # fmt: skip
+    assert all(e.startswith("not enqueued: ") and "\n" not in e for _, _, e in states)
+
+
+def test_a_batch_is_not_stored_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+    import socket
+
+    from interpq.errors import EnqueueError
+    from interpq.scheduler.client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = Client(
+        Settings(broker_url=f"redis://127.0.0.1:{port}/0",
+                 database_url=f"sqlite:///{tmp_path / 'unreachable.db'}", providers=None)
+    )  # fmt: skip
+    with pytest.raises(EnqueueError, match="cannot reach the broker") as info:
+        client.submit([Noop(name="a")], name="unreachable")
+    assert "\n" not in str(info.value)
+    assert client.batches() == []
