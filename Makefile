@@ -37,4 +37,4 @@ bench-queue: install
 	$(PY) benchmarks/queue_overhead.py
 
 clean:
-	rm -rf $(VENV) interpq-demo interpq-stack *.egg-info
+	rm -rf $(VENV) interpq-demo interpq-stack interpq-beat-schedule* *.egg-info
