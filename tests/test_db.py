@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select
@@ -28,16 +29,21 @@ def test_migrations_create_every_table_and_match_the_models(db_url: str) -> None
     assert diff == [], f"models and migrations differ: {diff}"
 
 
+def _one_job(engine: Any, batch_id: str, job_id: str, state: str, now: datetime) -> None:
+    """A batch holding one noop job in ``state``."""
+    with write(engine) as conn:
+        conn.execute(insert(Batch), [{"id": batch_id, "name": "t", "n_jobs": 1, "created_at": now}])
+        conn.execute(
+            insert(Job),
+            [{"id": job_id, "batch_id": batch_id, "name": "j", "kind": "noop", "queue": "api",
+              "state": state, "spec": {}, "depends_on": [], "created_at": now}],
+        )  # fmt: skip
+
+
 def test_api_call_rows_are_idempotent(db_url: str) -> None:
     engine = get_engine(db_url)
     now = datetime.now(UTC)
-    with write(engine) as conn:
-        conn.execute(insert(Batch), [{"id": "b" * 32, "name": "t", "n_jobs": 1, "created_at": now}])
-        conn.execute(
-            insert(Job),
-            [{"id": "j" * 32, "batch_id": "b" * 32, "name": "j", "kind": "noop", "queue": "api",
-              "state": "running", "spec": {}, "depends_on": [], "created_at": now}],
-        )  # fmt: skip
+    _one_job(engine, "b" * 32, "j" * 32, "running", now)
     row = {
         "job_id": "j" * 32, "part": 0, "request_index": 3, "attempt": 1, "provider": "p",
         "model": "m", "endpoint": "/chat/completions", "started_at": now, "latency_ms": 12.5,
@@ -54,15 +60,9 @@ def test_artifact_sizes_past_32_bits_are_stored(db_url: str) -> None:
     from interpq.models import Artifact
 
     engine = get_engine(db_url)
-    now = datetime.now(UTC)
     size = 5 * 2**30  # a 5 GiB shard: past INTEGER's 2**31 - 1 on PostgreSQL
+    _one_job(engine, "c" * 32, "k" * 32, "succeeded", datetime.now(UTC))
     with write(engine) as conn:
-        conn.execute(insert(Batch), [{"id": "c" * 32, "name": "t", "n_jobs": 1, "created_at": now}])
-        conn.execute(
-            insert(Job),
-            [{"id": "k" * 32, "batch_id": "c" * 32, "name": "j", "kind": "noop", "queue": "api",
-              "state": "succeeded", "spec": {}, "depends_on": [], "created_at": now}],
-        )  # fmt: skip
         conn.execute(
             insert(Artifact),
             [{"job_id": "k" * 32, "kind": "shard", "uri": "file:///big", "size_bytes": size}],

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Engine, bindparam, func, update
 
@@ -209,12 +209,7 @@ def _run(job_id: str, part: int, task: Any) -> str:
     try:
         row = _claim_or_none(engine, job_id, part, worker)
     except Exception as exc:  # database unreachable or locked for too long: try again later
-        if task is None or task.request.retries >= MAX_TASK_RETRIES:
-            raise
-        log.warning("job %s part %d: cannot claim (%s); retrying", job_id, part, exc)
-        raise task.retry(
-            exc=exc, countdown=2.0**task.request.retries, max_retries=MAX_TASK_RETRIES
-        ) from None
+        _retry_later(task, exc, f"job {job_id} part {part}: cannot claim")
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         _repair(engine, job_id, part, task)
@@ -254,18 +249,23 @@ def _run(job_id: str, part: int, task: Any) -> str:
     return "part-done"
 
 
+def _retry_later(task: Any, exc: Exception, what: str) -> NoReturn:
+    """Retry the task with exponential backoff (bounded), or re-raise when out of retries."""
+    if task is None or task.request.retries >= MAX_TASK_RETRIES:
+        raise exc
+    log.warning("%s (%s); retrying", what, exc)
+    raise task.retry(
+        exc=exc, countdown=2.0**task.request.retries, max_retries=MAX_TASK_RETRIES
+    ) from None
+
+
 def _repair(engine: Engine, job_id: str, part: int, task: Any) -> None:
     """A finished job's message came back: its worker may have died before its dependents
     were released or cancelled. Do that now (idempotent; see ``repair_dependents``)."""
     try:
         n = repair_dependents(engine, job_id)
     except Exception as exc:  # broker or database away: the message comes back to try again
-        if task is None or task.request.retries >= MAX_TASK_RETRIES:
-            raise
-        log.warning("job %s part %d: cannot repair dependents (%s); retrying", job_id, part, exc)
-        raise task.retry(
-            exc=exc, countdown=2.0**task.request.retries, max_retries=MAX_TASK_RETRIES
-        ) from None
+        _retry_later(task, exc, f"job {job_id} part {part}: cannot repair dependents")
     if n:
         log.warning("job %s: released or cancelled %d dependent job(s) left behind", job_id, n)
 
