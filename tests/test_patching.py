@@ -12,7 +12,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+)
 
 import interpq.patching as patching
 from interpq.patching import (
@@ -227,11 +234,13 @@ def _tiny(arch: str):
     small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 64}
     if arch == "llama":  # rotary embeddings, grouped-query attention
         return LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **small))
+    if arch == "olmo2":  # norms after attention and MLP: the patched layer is replayed whole
+        return Olmo2ForCausalLM(Olmo2Config(num_attention_heads=4, eos_token_id=None, **small))
     return GPTNeoXForCausalLM(GPTNeoXConfig(num_attention_heads=4, **small))  # parallel attention
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "olmo2"])
 def test_fast_equals_naive_other_architectures(arch: str) -> None:
     model = _tiny(arch).eval()
     gen = torch.Generator().manual_seed(2)

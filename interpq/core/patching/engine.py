@@ -6,7 +6,11 @@ reads the metrics at the end. The engine computes exactly that, skipping work th
 
 - Layers before the patch are never recomputed: a run starts at its layer from the base run's
   cached residual stream (for ``resid_post``, and for ``mlp_out`` in pre-LN blocks, one layer
-  later: the patched residual is the cached one plus the difference).
+  later: the patched residual is the cached one plus the difference; likewise for ``attn_out``
+  and ``head_out`` in parallel blocks, where a head's difference goes through the output
+  projection alone). The sums this relies on are checked once against the traced run
+  (``Engine._additive``); where they do not hold (norms after the attention or the MLP, as in
+  OLMo 2 and Gemma 2), the block at the patch's layer is replayed with the patch inside it.
 - In a causal model positions before the first patched position that actually differs cannot
   change, at any layer: only the suffix is recomputed, attending to the base run's cached keys
   and values for the prefix (passed to each block through a small stand-in for the Hugging Face
@@ -34,7 +38,7 @@ import torch
 from interpq.runtime.layout import Layout
 
 from .readout import Readout
-from .replay import Replay, Trace
+from .replay import Replay, Trace, _close
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class Engine:
         self.memory_budget_mb = memory_budget_mb
         self.batch_size = batch_size
         self.replay = Replay(layout, readout.logits)
+        after = ("mlp_out", "attn_out", "head_out") if layout.parallel else ("mlp_out",)
+        self._sums_hold: bool | None = None if layout.additive and component in after else False
+        """Whether a run can start one layer after its patch (the block outputs add up as
+        ``_additive`` checks); None until checked on the first trace."""
 
     @property
     def n_forward_passes(self) -> int:
@@ -71,7 +79,40 @@ class Engine:
 
     def trace(self, ids: torch.Tensor) -> Trace:
         """One unpatched run of the prompts, keeping what patching the component needs."""
-        return self.replay.trace(ids, _site_points(self.component))
+        points = _site_points(self.component)
+        if self._sums_hold is not False:
+            lay = self.layout
+            parts = ("attn_out", "mlp_out") if lay.parallel else ("resid_mid", "mlp_out")
+            points = tuple(dict.fromkeys((*points, *parts)))
+        trace = self.replay.trace(ids, points)
+        if self._sums_hold is None:
+            self._sums_hold = self._additive(trace)
+        return trace
+
+    @torch.no_grad()
+    def _additive(self, trace: Trace) -> bool:
+        """Whether the traced run is reproduced, at every layer and up to float rounding, by
+        the sums a run started one layer after its patch relies on: ``resid_post = resid_mid +
+        mlp_out`` (parallel blocks: ``resid_post = resid_pre + attn_out + mlp_out``, and for
+        heads ``attn_out = out_proj(heads)``). Norms after the attention or the MLP (OLMo 2,
+        Gemma 2) break them."""
+        lay = self.layout
+        try:
+            for i in range(lay.n_layers):
+                mlp_out, after = trace.sites["mlp_out", i], trace.resid[i + 1]
+                if not lay.parallel:
+                    if not _close(trace.sites["resid_mid", i] + mlp_out, after):
+                        return False
+                    continue
+                attn = trace.sites["attn_out", i]
+                if not _close(trace.resid[i] + attn + mlp_out, after):
+                    return False
+                heads = trace.sites.get(("head_out", i))
+                if heads is not None and not _close(lay.out_projs[i](heads), attn):
+                    return False
+        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError):
+            return False
+        return True
 
     # ---- patched runs ---------------------------------------------------------------------
 
@@ -109,11 +150,11 @@ class Engine:
     @property
     def _offset(self) -> int:
         """1 where a patched run can start one layer after its patch (the residual after the
-        block is the cached one plus the patch's difference), else 0."""
-        c, lay = self.component, self.layout
-        if c == "resid_post" or (c == "mlp_out" and lay.additive):
+        block follows from the cached run and the patch's difference), else 0."""
+        c = self.component
+        if c == "resid_post":
             return 1
-        return int(c == "attn_out" and lay.additive and lay.parallel)
+        return int(c in ("attn_out", "head_out", "mlp_out") and bool(self._sums_hold))
 
     @property
     def _in_block(self) -> bool:
@@ -228,7 +269,15 @@ class Engine:
             return h  # patched by a hook inside the block
         src = source.sites[c, layer - 1][prompt, start:]
         old = base.sites[c, layer - 1][prompt, start:]
-        return h + torch.where(pos_masks[..., None], src - old, torch.zeros_like(h))
+        if c != "head_out":
+            return h + torch.where(pos_masks[..., None], src - old, torch.zeros_like(h))
+        # a head's difference, through the output projection (linear: its bias cancels)
+        heads = torch.tensor([patches[int(k)].head for k in k_idx], device=h.device)
+        channel = torch.arange(src.shape[-1], device=h.device) // self.layout.d_head  # [D]
+        mask = pos_masks[..., None] & (channel[None, None, :] == heads[:, None, None])
+        change = torch.where(mask, src - old, torch.zeros_like(src))
+        proj = self.layout.out_projs[layer - 1]
+        return h + (proj(change) - proj(torch.zeros_like(change[:1, :1])))
 
     def _edits(
         self,
@@ -256,7 +305,9 @@ class Engine:
             mask = pos_masks[a:b, :, None, None] & onehot
 
         def edit(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[:a], torch.where(mask, src.to(x.dtype), x[a:b]), x[b:]])
+            n = x.shape[1]  # the suffix, or only its last position (``last_position_only``)
+            new = torch.where(mask[:, -n:], src[:, -n:].to(x.dtype), x[a:b])
+            return torch.cat([x[:a], new, x[b:]])
 
         return {(c, layer): edit}
 
