@@ -185,3 +185,30 @@ def test_snapshot_keeps_providers_apart(redis_url: str, provider: Provider) -> N
     Limiter(r, other).cool_down("m", 5.0)
     assert snapshot(r, provider.name)["cooldown_s"] == {}
     assert list(snapshot(r, other.name)["cooldown_s"]) == [f"{other.name}:m"]
+
+
+def test_a_call_that_wakes_late_takes_a_new_slot(
+    redis_url: str, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starved of CPU wakes after its slot: it must not go late (it would bunch with
+    the next slots and overrun a sliding window); it reserves again and waits for that one."""
+    import interpq.worker.limiter as limiter_module
+
+    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)  # 100 ms per request
+    assert lim.late_tolerance_s("m") == pytest.approx(0.05)
+    lim.reserve("m", 1)  # the slot now is taken: the next call waits ~100 ms
+    real_sleep = time.sleep
+    sleeps: list[float] = []
+
+    def starved_sleep(seconds: float) -> None:  # the first wake-up comes 150 ms late
+        sleeps.append(seconds)
+        real_sleep(seconds + (0.15 if len(sleeps) == 1 else 0.0))
+
+    monkeypatch.setattr(limiter_module.time, "sleep", starved_sleep)
+    lim.wait_for_slot("m", 1)
+    monkeypatch.setattr(limiter_module.time, "sleep", real_sleep)
+    assert sleeps[0] == pytest.approx(0.1, abs=0.03)
+    # Woken at t ≈ 0.25 s for the slot at 0.1 s, the call reserved again: the slot at 0.25 s,
+    # so the next one is 100 ms away. Had it gone late on its old slot, the clock would stand
+    # at 0.2 s and the next call could go at once, 0 ms after this one.
+    assert lim.reserve("m", 1) == pytest.approx(0.1, abs=0.04)
