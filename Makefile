@@ -3,9 +3,14 @@
 #   make test   install into .venv (with test tools) and run lint + the test suite
 PYTHON ?= python3
 VENV   ?= .venv
-# A CPU build of torch is enough for everything here; pin it first so pip does not pull a
-# multi-GB CUDA build. Override on a GPU machine: make demo TORCH="torch"
+# A CPU build of torch is enough for everything here; it is installed first, pinned, so that
+# no other requirement pulls a newer multi-GB CUDA build. On Linux, PyPI's own torch wheel is
+# the CUDA one: where PyTorch's CPU index is reachable, ask for it with
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# On a GPU machine: make demo TORCH="torch"
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
@@ -16,11 +21,11 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 install: $(PY)
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(TORCH_ARGS) "$(TORCH)"
 	$(PIP) install -q -e .
 
 install-test: $(PY)
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(TORCH_ARGS) "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
 
 demo: install
