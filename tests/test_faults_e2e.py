@@ -133,6 +133,30 @@ def test_errors_and_timeouts_are_retried_and_recorded(stack: Stack) -> None:
     assert job.latency[0].n == len(rows) > 40
 
 
+def test_a_counterfactual_comparison_calls_through_the_limiter_and_retries(stack: Stack) -> None:
+    """Its calls are API calls like any other: each attempt a row, a 429 retried after the
+    shared cool-down, every request answered exactly once."""
+    from sqlalchemy import select
+
+    from interpq.models import ApiCall
+    from interpq.models.db import get_engine
+    from interpq.specs import Patch
+
+    _server(stack, "/faults", {"next_429s": 1, "retry_after_s": 1})
+    job = Patch(name="cf", model="local:tiny-gpt2-random-weights", endpoint="completions",
+                clean=["the cat sat on the", "a red ball fell"],
+                corrupted=["the dog sat on the", "a blue ball fell"], answers="mat")  # fmt: skip
+    batch = _client(stack).submit([job], name="cf-faults")
+    assert batch.wait(timeout_s=120).counts == {"succeeded": 1}, batch.results()[0].error
+    (res,) = batch.results()
+    with get_engine(stack.env["INTERPQ_DATABASE_URL"]).connect() as conn:
+        rows = conn.execute(select(ApiCall.__table__).where(ApiCall.job_id == res.job_id)).all()
+    assert [r.attempt for r in rows if r.error_class == "rate_limited"] == [1]
+    answered = sorted(r.request_index for r in rows if r.status_code == 200)
+    assert answered == list(range(len(answered))) and len(answered) >= 4
+    assert len(rows) == len(answered) + 1
+
+
 def test_401_fails_fast_naming_the_key_variable(stack: Stack) -> None:
     batch = _client(stack).submit(
         [Benchmark(name="unauth", provider="keyed", models=["all-MiniLM-L6-v2"],

@@ -30,6 +30,8 @@ from interpq.specs import Patch
 
 log = logging.getLogger(__name__)
 PATCH_DIR = "patching"
+MAX_API_ATTEMPTS = 5
+"""Attempts per HTTP request of a counterfactual prompt comparison (retryable errors only)."""
 _models: dict[str, Any] = {}
 
 
@@ -150,19 +152,16 @@ def _run_counterfactual(ctx: Any, spec: Patch) -> None:
     try:
         provider = get_provider(provider_name)
         key = provider.api_key()
+        price = provider.price(model)
     except ConfigError as exc:
         raise PermanentJobError(str(exc)) from exc
+    call = _ApiCaller(ctx, provider, model, key, price, _dir(ctx) / "responses")
 
     def logprobs_fn(prompt: str) -> dict[str, float]:
-        out = openai_http.attempt(
-            provider.base_url, spec.endpoint,
-            logprobs_request(model, prompt, spec.endpoint, spec.top_logprobs),
-            api_key=key, key_env=provider.api_key_env, timeout_s=60,
-        )  # fmt: skip
-        if not out.ok or out.body is None:
-            raise PermanentJobError(f"{spec.model}: {out.error}")
+        body = call.answer(spec.endpoint, logprobs_request(model, prompt, spec.endpoint,
+                                                           spec.top_logprobs), prompt)  # fmt: skip
         try:
-            return read_top_logprobs(out.body, spec.endpoint)
+            return read_top_logprobs(body, spec.endpoint)
         except MissingLogprobsError as exc:
             raise PermanentJobError(f"endpoint: {spec.model} {exc}") from None
 
@@ -189,3 +188,53 @@ def _run_counterfactual(ctx: Any, spec: Patch) -> None:
         "n_pairs": len(comparisons),
         "artifact": path.as_uri(),
     }
+
+
+class _ApiCaller:
+    """The comparison's HTTP calls, each under the provider's global limits and the batch's
+    budget, every attempt an ``api_calls`` row, retryable failures (429, 5xx, timeouts) retried
+    with backoff up to ``MAX_API_ATTEMPTS``. Answers are kept under the job's directory by
+    request index (the order of requests is fixed by the spec), so a redelivered job re-pays
+    for none of the calls that already succeeded."""
+
+    def __init__(self, ctx: Any, provider: Any, model: str, key: str | None, price: Any,
+                 directory: Path) -> None:  # fmt: skip
+        from interpq.worker.runners.benchmark import batch_budget, make_limiter
+        from interpq.worker.runners.extract import _previous_attempts
+
+        self.ctx, self.provider, self.model, self.key, self.price = ctx, provider, model, key, price
+        self.directory = directory
+        self.limiter = make_limiter(provider)
+        self.budget = batch_budget(ctx)
+        self.last_attempt, _ = _previous_attempts(ctx)
+        self.index = 0
+
+    def answer(self, endpoint: Any, payload: dict[str, Any], prompt: str) -> dict[str, Any]:
+        import time
+
+        from interpq.worker.limiter import estimate_tokens
+        from interpq.worker.runners.benchmark import backoff_s, limited_attempt
+
+        index, self.index = self.index, self.index + 1
+        saved = self.directory / f"{index:06d}.json"
+        if saved.exists():
+            return dict(json.loads(saved.read_text()))
+        attempt = self.last_attempt.get(index, 0)
+        while True:
+            attempt += 1
+            out = limited_attempt(
+                self.ctx, self.limiter, self.provider, self.model, endpoint, payload,
+                api_key=self.key, price=self.price, budget=self.budget, request_index=index,
+                attempt=attempt, est_tokens=(estimate_tokens(prompt), 1), timeout_s=60,
+            )  # fmt: skip
+            if out.ok and out.body is not None:
+                break
+            if not out.retryable or attempt >= MAX_API_ATTEMPTS:
+                raise PermanentJobError(
+                    f"{self.provider.name}:{self.model} request {index}: {out.error} "
+                    f"({out.error_class}, attempt {attempt})"
+                )
+            time.sleep(backoff_s(attempt, out.retry_after_s))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_whole(saved, json.dumps(out.body))
+        return dict(out.body)
