@@ -314,3 +314,30 @@ def test_out_of_memory_in_a_shard_is_retryable_not_an_internal_error(
     assert "gave up after" in job["error"] and "internal error" not in job["error"]
     again = _run(spec.model_copy(update={"name": "oom-again"}), db_url)
     assert again["state"] == "succeeded" and again["result"]["cache_hits"] == 0
+
+
+def test_an_api_shard_yields_its_turn_and_continues_paying_nothing_twice(
+    env: Path, server: LocalProviderServer, db_url: str
+) -> None:
+    """After ``requests_per_turn`` requests an API shard goes to the back of its queue (so a
+    batch submitted later gets a worker: fairness) and resumes from its answered requests."""
+    texts = [f"turns {uuid.uuid4().hex} sentence {i}." for i in range(5 * 8)]
+    spec = Extract(name="turns", model="local:all-MiniLM-L6-v2", texts=texts, shard_size=40,
+                   api_batch_size=8, requests_per_turn=2)  # fmt: skip
+    job_id = _store(spec, db_url)
+    before = _n_requests(server)
+    outcomes = [run_part(job_id, 0) for _ in range(3)]
+    assert outcomes == ["yielded", "yielded", "succeeded"]
+    assert _n_requests(server) - before == 5, "each of the 5 requests was sent once"
+    calls = _rows(db_url, ApiCall, job_id)
+    assert sorted(c.request_index for c in calls) == [0, 1, 2, 3, 4]
+    job = _job(db_url, job_id)
+    assert job["result"]["n_rows"] == 40
+    ds = ActivationDataset.open(job["result"]["manifest_uri"])
+    emb = np.concatenate(list(ds.iter_batches(64, as_numpy=True)))
+    direct = requests.post(
+        server.base_url + "/embeddings",
+        json={"model": "all-MiniLM-L6-v2", "input": [texts[0], texts[39]]},
+        timeout=60,
+    ).json()["data"]
+    np.testing.assert_allclose(emb[[0, 39]], [d["embedding"] for d in direct], atol=1e-6)

@@ -72,6 +72,10 @@ class Extract(JobSpec):
     max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
     """APIs: time from a request's first attempt after which it is not retried any more (the
     job fails, naming the request)."""
+    requests_per_turn: int = Field(default=10, ge=1)
+    """APIs: after this many requests a shard goes to the back of its queue, so that the parts
+    of batches submitted later get a worker too (fairness); it continues where it stopped,
+    re-paying for nothing."""
 
     @field_validator("texts")
     @classmethod

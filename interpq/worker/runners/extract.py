@@ -465,10 +465,14 @@ def _embed_shard(
     last_attempt, first_start = _previous_attempts(ctx)
     vectors: list[np.ndarray] = []
     n_tokens = 0
+    made = 0
     for index, lo in enumerate(range(0, len(texts), spec.api_batch_size)):
         chunk = texts[lo : lo + spec.api_batch_size]
         piece = store.uri_for(PARTIAL_DIR, key, f"{index:06d}.npz")
         if not store.exists(piece):
+            if made == spec.requests_per_turn:  # answered requests stay under PARTIAL_DIR
+                raise YieldTurn(f"shard {key[:12]}: {made} requests this turn")
+            made += 1
             attempt = last_attempt.get(index, 0) + 1
             out = limited_attempt(
                 ctx, limiter, call.provider, call.model, "embeddings",
