@@ -19,6 +19,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -146,6 +148,12 @@ ARCHS = {
         "self_attn.o_proj",
         True,
     ),
+    "olmo2": (  # no norm in front of attention or MLP, one after each
+        lambda: Olmo2ForCausalLM(Olmo2Config(num_attention_heads=4, eos_token_id=None, **SMALL)),
+        "model.layers",
+        "self_attn.o_proj",
+        True,
+    ),
 }
 
 
@@ -174,6 +182,48 @@ def test_tiny_random_architectures_locate(arch: str) -> None:
         assert torch.equal(acts["resid_pre", i], hidden[i])
         assert acts["head_out", i].shape == (2, 7, 4, layout.d_head)
     torch.testing.assert_close(layout.final_norm(acts["resid_post", 1]), hidden[-1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ["gpt2", "minilm", *sorted(ARCHS)])
+def test_block_outputs_add_up_to_the_residual_stream(arch: str, gpt2, minilm) -> None:
+    """resid_mid = resid_pre + attn_out and resid_post = resid_pre + attn_out + mlp_out."""
+    if arch == "minilm":
+        pytest.skip("post-LN BERT: each add is followed by a LayerNorm, so sums do not hold")
+    model = gpt2.model if arch == "gpt2" else ARCHS[arch][0]().eval()
+    layout = locate(model)
+    ids = _random_ids(64)
+    points = [(p, i) for p in layout.points() if p != "head_out" for i in range(2)]
+    with torch.no_grad(), layout.capture(points) as acts:
+        model(ids)
+    for i in range(2):
+        pre, attn, mlp = (acts[p, i] for p in ("resid_pre", "attn_out", "mlp_out"))
+        if layout.has_resid_mid:
+            torch.testing.assert_close(acts["resid_mid", i], pre + attn, rtol=0, atol=1e-6)
+        torch.testing.assert_close(acts["resid_post", i], pre + attn + mlp, rtol=1e-5, atol=1e-5)
+    assert layout.has_resid_mid == (arch != "gpt_neox")
+
+
+@pytest.mark.timeout(60)
+def test_olmo2_points_are_the_post_norm_outputs() -> None:
+    model = ARCHS["olmo2"][0]().eval()
+    layout = locate(model)
+    blk = model.model.layers[1]
+    assert layout.hook_module("attn_out", 1) == (blk.post_attention_layernorm, "output")
+    assert layout.hook_module("mlp_out", 1) == (blk.post_feedforward_layernorm, "output")
+    assert layout.hook_module("resid_mid", 1) == (blk.mlp, "input")
+    assert not layout.parallel and layout.additive
+
+
+@pytest.mark.timeout(60)
+def test_norm_after_the_mlp_without_one_in_front_is_refused() -> None:
+    model = ARCHS["llama"][0]()
+    for blk in model.model.layers:  # a pre-LN attention, then an OLMo 2-style MLP: ambiguous
+        blk.post_feedforward_layernorm = nn.LayerNorm(32)
+    with pytest.raises(
+        LayoutError, match="cannot locate resid_mid and attn_out of LlamaForCausalLM"
+    ):
+        locate(model)
 
 
 @pytest.mark.timeout(60)

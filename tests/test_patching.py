@@ -248,7 +248,7 @@ def test_fast_equals_naive_other_architectures(arch: str) -> None:
     corrupt = clean.clone()
     corrupt[0, 2], corrupt[1, 5] = (clean[0, 2] + 1) % 64, (clean[1, 5] + 1) % 64
     points = ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
-    points += ["resid_mid"] if arch == "llama" else []
+    points += ["resid_mid"] if arch in ("llama", "olmo2") else []
     for component in points:
         kw = {"answers": [1, 2], "wrong_answers": [3, 4], "component": component}
         fast = patch(model, None, clean, corrupt, **kw)

@@ -3,17 +3,20 @@
 ``locate(model)`` finds the embeddings, the list of blocks, per block the attention module, the
 module whose *input* holds the per-head outputs (the attention output projection), the MLP, the
 norm in front of the MLP, the final norm and the unembedding, for GPT-2, GPT-NeoX/Pythia,
-Llama/Mistral/Qwen2/Gemma(2/3) and BERT-style encoders. Anything else fails with one line that
-names the model class.
+Llama/Mistral/Qwen2/Gemma(2/3), OLMo 2 and BERT-style encoders. Anything else fails with one
+line that names the model class.
 
 Hook points (each with a layer index):
 
 - ``resid_pre``: the residual stream entering block ``layer`` (the block's input).
-- ``resid_mid``: between the attention and the MLP residual adds. Only sequential pre-LN blocks
-  have one; parallel-attention blocks (NeoX/Pythia, GPT-J) and post-LN encoders (BERT) do not.
+- ``resid_mid``: between the attention and the MLP residual adds (the MLP's input residual).
+  Sequential blocks have one (pre-LN, Gemma 2's sandwich norms, OLMo 2's norms after each
+  sublayer); parallel-attention blocks (NeoX/Pythia, GPT-J) and post-LN encoders (BERT) do not.
 - ``resid_post``: the residual stream leaving block ``layer`` (the block's output).
-- ``attn_out`` / ``mlp_out``: what the attention / MLP adds to the residual stream (for post-LN
-  BERT: the output of the dense projection, before the add-and-LayerNorm).
+- ``attn_out`` / ``mlp_out``: what the attention / MLP adds to the residual stream: the output of
+  the norm after it where the block has one (Gemma 2/3, OLMo 2), so that ``resid_mid =
+  resid_pre + attn_out`` and ``resid_post = resid_mid + mlp_out`` in every sequential non-BERT
+  block (for post-LN BERT: the output of the dense projection, before the add-and-LayerNorm).
 - ``head_out``: per-head outputs, the input of the attention output projection, shaped
   ``[batch, pos, n_heads, d_head]`` when captured.
 
@@ -58,6 +61,9 @@ _OUT_PROJ = (
 )
 _MLP = ("mlp", "feed_forward", "ffn", "intermediate")
 _PRE_MLP_NORM = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")
+# Norms applied to a sublayer's output before its residual add (Gemma 2/3 and OLMo 2).
+_POST_ATTN_NORM, _POST_MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
+_INPUT_NORMS = ("input_layernorm", "ln_1", "pre_feedforward_layernorm")
 _FINAL_NORM = ("ln_f", "final_layer_norm", "norm", "final_norm", "ln_final")
 
 
@@ -87,7 +93,8 @@ class Layout:
     mlps: list[nn.Module]
     """Per block, the MLP (BERT: ``intermediate``, whose projection back is ``output.dense``)."""
     pre_mlp_norms: list[nn.Module] | None
-    """Per block, the norm whose input is ``resid_mid`` (None where there is no resid_mid)."""
+    """Per block, the module whose input is ``resid_mid``: the norm in front of the MLP, or the
+    MLP itself where it has none (OLMo 2); None where there is no resid_mid."""
     final_norm: nn.Module | None
     unembed: nn.Module | None
     n_heads: int
@@ -293,10 +300,29 @@ def locate(model: nn.Module) -> Layout:
 
     post_ln = _get(block, "attention.output.LayerNorm") is not None
     sandwich = _get(block, "pre_feedforward_layernorm") is not None
+    # OLMo 2: no norm in front of the attention or the MLP, one after each of them.
+    post_norm_only = (
+        not post_ln
+        and _first(block, _INPUT_NORMS) is None
+        and _first(block, (_POST_ATTN_NORM,)) is not None
+        and _first(block, (_POST_MLP_NORM,)) is not None
+    )
     parallel = bool(getattr(config, "use_parallel_residual", False)) or (
         not post_ln and _first(block, _PRE_MLP_NORM) is None
     )
+    if _first(block, (_POST_MLP_NORM,)) is not None and not (sandwich or post_norm_only):
+        raise LayoutError(
+            f"cannot locate resid_mid and attn_out of {cls}: its blocks have a norm after the MLP "
+            "and a norm in front of the attention but none in front of the MLP"
+        )
+    if post_norm_only and parallel:
+        raise LayoutError(
+            f"cannot locate resid_mid, attn_out and mlp_out of {cls}: its blocks have norms "
+            "after the attention and MLP but a parallel residual"
+        )
     norm_name = None if post_ln or parallel else _first(block, _PRE_MLP_NORM)
+    if post_norm_only:
+        norm_name = mlp_name  # the MLP reads resid_mid itself
 
     def each(path: str) -> list[nn.Module]:
         return [_get(b, path) for b in blocks]
@@ -304,9 +330,9 @@ def locate(model: nn.Module) -> Layout:
     if post_ln:
         attn_sites = [Site(m, "output") for m in each("attention.output.dense")]
         mlp_sites = [Site(m, "output") for m in each("output.dense")]
-    elif sandwich:
-        attn_sites = [Site(m, "output") for m in each("post_attention_layernorm")]
-        mlp_sites = [Site(m, "output") for m in each("post_feedforward_layernorm")]
+    elif sandwich or post_norm_only:
+        attn_sites = [Site(m, "output") for m in each(_POST_ATTN_NORM)]
+        mlp_sites = [Site(m, "output") for m in each(_POST_MLP_NORM)]
     else:
         attn_sites = [Site(m, "output") for m in each(attn_name)]
         mlp_sites = [Site(m, "output") for m in each(mlp_name)]

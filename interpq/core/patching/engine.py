@@ -9,8 +9,9 @@ reads the metrics at the end. The engine computes exactly that, skipping work th
   later: the patched residual is the cached one plus the difference; likewise for ``attn_out``
   and ``head_out`` in parallel blocks, where a head's difference goes through the output
   projection alone). The sums this relies on are checked once against the traced run
-  (``Engine._additive``); where they do not hold (norms after the attention or the MLP, as in
-  OLMo 2 and Gemma 2), the block at the patch's layer is replayed with the patch inside it.
+  (``Engine._additive``; they hold for OLMo 2 and Gemma 2 too, whose ``attn_out``/``mlp_out``
+  are the outputs of the norms after the sublayers); where they do not hold, the block at the
+  patch's layer is replayed with the patch inside it.
 - In a causal model positions before the first patched position that actually differs cannot
   change, at any layer: only the suffix is recomputed, attending to the base run's cached keys
   and values for the prefix (passed to each block through a small stand-in for the Hugging Face
@@ -94,8 +95,8 @@ class Engine:
         """Whether the traced run is reproduced, at every layer and up to float rounding, by
         the sums a run started one layer after its patch relies on: ``resid_post = resid_mid +
         mlp_out`` (parallel blocks: ``resid_post = resid_pre + attn_out + mlp_out``, and for
-        heads ``attn_out = out_proj(heads)``). Norms after the attention or the MLP (OLMo 2,
-        Gemma 2) break them."""
+        heads ``attn_out = out_proj(heads)``). A hook site that is not exactly what the block
+        adds to its residual (a norm after ``out_proj`` in a parallel block) breaks them."""
         lay = self.layout
         try:
             for i in range(lay.n_layers):
