@@ -20,7 +20,8 @@ The manifest records the model and its weights hash (or hub revision), the hook 
 their widths, the dtype, token handling and settings, and per shard its (relative) URI,
 sha256, size, rows, first text id and whether it was a cache hit. Rows are ordered by text,
 then position. ``ActivationDataset.open(uri)`` reads it back; ``iter_batches`` memory-maps the
-shards and copies out one batch at a time, so a dataset larger than RAM streams.
+shards and copies out one batch at a time, so a dataset larger than RAM streams (shuffled:
+within windows of ``SHUFFLE_WINDOW_ROWS`` rows, visited in a random order).
 
 This module knows the file formats; it knows nothing about models, jobs or the database.
 """
@@ -47,6 +48,8 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 META_COLUMNS = ("text_id", "position", "token_id")
 StoreDtype = Literal["float32", "float16"]
+SHUFFLE_WINDOW_ROWS = 1 << 20
+"""Rows a shuffle window holds at most (``iter_batches(shuffle=True)``): 8 MiB of indices."""
 
 _TO_ST = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64"}
 _FROM_ST = {v: np.dtype(k) for k, v in _TO_ST.items()}
@@ -379,22 +382,38 @@ class ActivationDataset:
         drop_last: bool = False,
         as_numpy: bool = False,
         with_metadata: bool = False,
+        start_batch: int = 0,
+        shuffle_window_rows: int = SHUFFLE_WINDOW_ROWS,
     ) -> Iterator[Any]:
         """Batches of rows ``[batch_size, d]`` (the last may be shorter unless ``drop_last``).
 
-        ``shuffle``: a seeded permutation of all rows (each batch gathered from the memory
-        maps). Torch tensors by default, numpy arrays with ``as_numpy``. ``with_metadata``
-        yields ``(x, {"text_id", "position", "token_id"})`` with global text ids.
+        ``shuffle``: the rows are cut into windows of ``shuffle_window_rows`` consecutive rows
+        (many texts each); the windows are visited in a seeded random order and the rows of
+        each window in a seeded random permutation, batches running on across windows. A
+        dataset of at most ``shuffle_window_rows`` rows is thus one full permutation; a larger
+        one mixes rows within a window, never across two. Memory: one window's row indices
+        (8 bytes a row) and one batch; rows are gathered from the memory maps, never loaded
+        whole. ``start_batch`` skips that many batches of the same order without reading
+        them (a resumed run). Torch tensors by default, numpy arrays with ``as_numpy``.
+        ``with_metadata`` yields ``(x, {"text_id", "position", "token_id"})`` with global
+        text ids.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        order = np.random.default_rng(seed).permutation(self.n_rows) if shuffle else None
-        for lo in range(0, self.n_rows, batch_size):
-            hi = min(lo + batch_size, self.n_rows)
-            if drop_last and hi - lo < batch_size:
+        if shuffle_window_rows < 1:
+            raise ValueError(f"shuffle_window_rows must be positive, got {shuffle_window_rows}")
+        cols = [self.hook, *META_COLUMNS] if with_metadata else [self.hook]
+        skip_rows = max(0, start_batch) * batch_size
+        chunks: Iterator[np.ndarray | slice]
+        if shuffle:
+            chunks = _shuffled_order(self.n_rows, seed, shuffle_window_rows, skip_rows)
+        else:
+            chunks = iter([slice(min(skip_rows, self.n_rows), self.n_rows)])
+        for rows in _cut(chunks, batch_size):
+            n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+            if drop_last and n < batch_size:
                 return
-            cols = [self.hook, *META_COLUMNS] if with_metadata else [self.hook]
-            got = self._gather(cols, order[lo:hi] if order is not None else slice(lo, hi))
+            got = self._gather(cols, rows)
             x: Any = got[self.hook] if as_numpy else torch.from_numpy(got[self.hook])
             if not with_metadata:
                 yield x
@@ -431,3 +450,41 @@ class ActivationDataset:
                 joined = placed
             out[c] = joined
         return out
+
+
+def _shuffled_order(
+    n_rows: int, seed: int, window_rows: int, skip_rows: int = 0
+) -> Iterator[np.ndarray]:
+    """Row indices in shuffled order, one window at a time, less the first ``skip_rows``.
+
+    One window: ``default_rng(seed).permutation(n_rows)``. Several: the windows in the order
+    ``default_rng(seed).permutation(n_windows)``, window ``w`` permuted by
+    ``default_rng((seed, w))``, so a skipped window is never drawn.
+    """
+    n_windows = max(1, -(-n_rows // window_rows))
+    if n_windows == 1:
+        yield np.random.default_rng(seed).permutation(n_rows)[skip_rows:]
+        return
+    for w in np.random.default_rng(seed).permutation(n_windows).tolist():
+        lo, hi = w * window_rows, min((w + 1) * window_rows, n_rows)
+        if skip_rows >= hi - lo:
+            skip_rows -= hi - lo
+            continue
+        yield lo + np.random.default_rng((seed, w)).permutation(hi - lo)[skip_rows:]
+        skip_rows = 0
+
+
+def _cut(chunks: Iterator[np.ndarray | slice], batch_size: int) -> Iterator[np.ndarray | slice]:
+    """Batches of ``batch_size`` rows (the last may be shorter) from ranges or index arrays."""
+    pending = np.empty(0, dtype=np.int64)
+    for chunk in chunks:
+        if isinstance(chunk, slice):  # unshuffled: one range, cut into ranges
+            for lo in range(chunk.start, chunk.stop, batch_size):
+                yield slice(lo, min(lo + batch_size, chunk.stop))
+            continue
+        pending = np.concatenate([pending, chunk]) if pending.size else chunk
+        while pending.size >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if pending.size:
+        yield pending

@@ -255,6 +255,31 @@ def test_dataset_round_trip_is_memory_mapped_and_checked(tmp_path: Path, dtype: 
     order = np.random.default_rng(3).permutation(36)
     np.testing.assert_array_equal(np.concatenate(shuffled), expected[order])
     np.testing.assert_array_equal(np.concatenate(again), np.concatenate(shuffled))
+    later = list(ds.iter_batches(5, shuffle=True, seed=3, as_numpy=True, start_batch=2))
+    np.testing.assert_array_equal(np.concatenate(later), expected[order][10:])
+    # a dataset larger than one shuffle window: windows in a random order, rows mixed in each
+    kw = {"shuffle": True, "seed": 3, "as_numpy": True, "with_metadata": True}
+    windowed = list(ds.iter_batches(5, shuffle_window_rows=8, **kw))
+    rows = np.concatenate([m["text_id"] * 100 + m["position"] for _, m in windowed])
+    all_rows = np.concatenate(
+        [
+            m["text_id"] * 100 + m["position"]
+            for _, m in ds.iter_batches(36, with_metadata=True, as_numpy=True)
+        ]
+    )
+    row_of = {int(r): i for i, r in enumerate(all_rows)}
+    index = np.array([row_of[int(r)] for r in rows])
+    assert sorted(index.tolist()) == list(range(36)) and index.tolist() != sorted(index.tolist())
+    windows = index // 8
+    assert [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]] == sorted(
+        set(windows.tolist()), key=windows.tolist().index
+    )  # each window's rows come together
+    assert windows.tolist() != sorted(windows.tolist())  # and the windows are reordered
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in windowed]), expected[index])
+    skipped = list(ds.iter_batches(5, shuffle_window_rows=8, start_batch=3, **kw))
+    np.testing.assert_array_equal(
+        np.concatenate([x for x, _ in skipped]), np.concatenate([x for x, _ in windowed[3:]])
+    )
 
     assert ds.manifest.hooks[0].shape == (36, 8)
     x, meta = next(ds.iter_batches(36, with_metadata=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import interpq.sae as sae_api
+from interpq.core.sae.data import BatchSource
 from interpq.core.sae.kernels import (
     SparsePattern,
     naive_decode,
@@ -308,8 +310,78 @@ def _stream(x, chunk=100):
     return Dataset()
 
 
+def _activation_dataset(root: Path, x: torch.Tensor, rows_per_text: int = 16, n_shards: int = 2):
+    """A real ActivationDataset (safetensors shards + manifest) holding the rows of ``x``."""
+    from interpq.datasets import (
+        META_COLUMNS,
+        ActivationDataset,
+        HookInfo,
+        Manifest,
+        ShardInfo,
+        shard_writer,
+    )
+
+    root.mkdir(parents=True, exist_ok=True)
+    n, d = x.shape
+    bounds = np.linspace(0, n // rows_per_text, n_shards + 1).astype(int) * rows_per_text
+    bounds[-1] = n
+    shards = []
+    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        lo, hi = int(lo), int(hi)
+        path = root / f"s{s}.safetensors"
+        n_texts = -(-(hi - lo) // rows_per_text)
+        tensors = {"h": ("float32", (hi - lo, d))} | {
+            c: ("int32", (hi - lo,)) for c in META_COLUMNS
+        }
+        meta = {"texts": json.dumps([f"text {lo // rows_per_text + t}" for t in range(n_texts)])}
+        with shard_writer(path, tensors, meta) as out:
+            out["h"][:] = x[lo:hi].numpy()
+            out["text_id"][:] = np.arange(hi - lo) // rows_per_text
+            out["position"][:] = np.arange(hi - lo) % rows_per_text
+            out["token_id"][:] = 0
+        shards.append(ShardInfo(uri=path.name, sha256="", size_bytes=path.stat().st_size,
+                                n_rows=hi - lo, n_texts=n_texts, text_offset=lo // rows_per_text,
+                                n_tokens=hi - lo, cache_key=f"k{s}"))  # fmt: skip
+    manifest = Manifest(model="m", source="local", weights="sha256:0", hooks=[HookInfo(name="h", d=d)],
+                        dtype="float32", tokens="all", n_texts=-(-n // rows_per_text), n_rows=n,
+                        shards=shards)  # fmt: skip
+    (root / "manifest.json").write_bytes(manifest.to_json())
+    return ActivationDataset.open(root / "manifest.json")
+
+
+@pytest.mark.timeout(30)
+def test_a_dataset_is_shuffled_per_epoch_reproducibly(tmp_path):
+    x = torch.arange(1024, dtype=torch.float32)[:, None].repeat(1, 4)  # row i holds i
+    ds = _activation_dataset(tmp_path, x)
+
+    def order(seed, n_batches=32, shuffle=True):
+        source = BatchSource(ds, 64, shuffle=shuffle, seed=seed)
+        return torch.cat([source.next()[:, 0] for _ in range(n_batches)]).long()
+
+    got = order(seed=0)
+    epoch0, epoch1 = got[:1024], got[1024:]
+    for epoch in (epoch0, epoch1):  # each epoch is a permutation of every row
+        assert epoch.sort().values.tolist() == list(range(1024))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(order(seed=0), got)
+    assert not torch.equal(order(seed=1), got)
+    assert order(seed=0, shuffle=False).tolist() == list(range(1024)) * 2
+    # the first batch (which initialises b_dec and the input scale) mixes many texts
+    assert len(set((epoch0[:64] // 16).tolist())) > 32
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("source", ["array", "dataset", "list"])
+def test_fewer_rows_than_a_batch_is_refused_naming_batch_size(tmp_path, source):
+    x, _ = sparse_data(n=300)
+    data = {"array": x, "dataset": _activation_dataset(tmp_path, x, n_shards=1),
+            "list": [x[:150], x[150:]]}[source]  # fmt: skip
+    with pytest.raises(ValueError, match="300 rows, fewer than batch_size 512"):
+        BatchSource(data, 512)
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("source", ["array", "dataset"])
+@pytest.mark.parametrize("source", ["array", "dataset", "shuffled_dataset"])
 def test_resumed_run_equals_uninterrupted(tmp_path, source):
     x, _ = sparse_data(n=2048)
     cfg = tiny(
@@ -323,7 +395,12 @@ def test_resumed_run_equals_uninterrupted(tmp_path, source):
         grad_clip_norm=1.0,
     )
 
+    activations = _activation_dataset(tmp_path / "ds", x) if source == "shuffled_dataset" else None
+    # 30 steps of 256 rows over 2048 rows (8 a pass): the kill at step 20 is in the 3rd pass
+
     def data():
+        if activations is not None:
+            return activations
         return x if source == "array" else _stream(x)
 
     full = train(data(), cfg, progress=False)
@@ -333,8 +410,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, source):
             raise _Killed
 
     with pytest.raises(_Killed):
-        train(data(), cfg, checkpoint_dir=tmp_path, callbacks=[kill_at_20], progress=False)
-    resumed = train(data(), cfg, checkpoint_dir=tmp_path, progress=False)
+        train(data(), cfg, checkpoint_dir=tmp_path / "ckpt", callbacks=[kill_at_20], progress=False)
+    resumed = train(data(), cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
     for name, p in full.sae.state_dict().items():
         assert_close(resumed.sae.state_dict()[name], p, rtol=0, atol=1e-6, msg=name)
     assert resumed.curves == full.curves

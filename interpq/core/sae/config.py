@@ -92,7 +92,9 @@ class SAEConfig:
     """Passes over the data (arrays and sized datasets only). Exclusive with ``n_steps``."""
 
     shuffle: bool = True
-    """Shuffle array rows every epoch (seeded by ``seed`` and the epoch number)."""
+    """Shuffle the rows every epoch, seeded by ``seed`` and the epoch number: arrays fully,
+    activation datasets within windows of ``interpq.datasets.SHUFFLE_WINDOW_ROWS`` rows;
+    other iterables are taken in their own order."""
 
     seed: int = 0
     """Seed of the initialisation and of the data order."""
