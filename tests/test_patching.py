@@ -375,6 +375,54 @@ def test_sweep_split_by_layers_merges_into_the_whole(gpt2) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_heatmap_appears_whole_or_not_at_all(gpt2, tmp_path) -> None:
+    grid = run_gpt2(gpt2, layers=[0], positions=[GPT2_DIFF])
+    plot_heatmap(grid, tmp_path / "ok.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.png"]  # no temporary file left behind
+    (tmp_path / "taken.png").mkdir()  # the rename onto it fails after the image is drawn
+    with pytest.raises(OSError):
+        plot_heatmap(grid, tmp_path / "taken.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png", "taken.png"]
+    assert not any((tmp_path / "taken.png").iterdir())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_largest_effect_is_ranked_by_recovery_and_labelled(gpt2, direction: str) -> None:
+    """At layer 0 only the differing position changes anything: it holds the largest effect,
+    in both directions (noising: recovery 0 there, 1 where the prompts agree)."""
+    grid = run_gpt2(gpt2, layers=[0], direction=direction)
+    best = grid.largest_effect()
+    assert best is not None
+    assert (best["layer"], best["position"], best["head"]) == (0, GPT2_DIFF, None)
+    assert best["token"] == grid.position_labels[GPT2_DIFF] and "→" in best["token"]
+    assert best["recovery"] == pytest.approx(1.0 if direction == "denoising" else 0.0, abs=1e-5)
+    assert best["value"] == pytest.approx(float(grid.values["logit_diff"][0, GPT2_DIFF]))
+    heads = run_gpt2(gpt2, component="head_out", layers=[1], positions="all").largest_effect()
+    assert heads is not None and heads["position"] is None and heads["token"] == "all"
+    assert heads["head"] in range(4)
+
+
+@pytest.mark.timeout(60)
+def test_attribution_split_in_two_chunks_keeps_every_verified_cell(gpt2) -> None:
+    parts = [
+        run_gpt2(gpt2, component="attn_out", layers=[i], mode="attribution", verify_top_k=4)
+        for i in (0, 1)
+    ]
+    merged = PatchGrid.merge(parts)
+    assert merged.verified == parts[0].verified + parts[1].verified and len(merged.verified) == 8
+    est = [r["attribution"] for r in merged.verified]
+    exact = [r["exact"] for r in merged.verified]
+    assert merged.correlation == pytest.approx(float(np.corrcoef(est, exact)[0, 1]))
+    back = PatchGrid.from_json(merged.to_json())
+    assert back.verified == merged.verified and back.correlation == merged.correlation
+    exact_merged = PatchGrid.merge(
+        [run_gpt2(gpt2, component="attn_out", layers=[i]) for i in (0, 1)]
+    )
+    assert exact_merged.verified is None and exact_merged.correlation is None
+
+
+@pytest.mark.timeout(60)
 def test_public_api_is_exported() -> None:
     for name in patching.__all__:
         assert getattr(patching, name) is not None

@@ -57,9 +57,12 @@ class PatchGrid:
     """The clean prompts' tokens."""
     correlation: float | None = None
     """Attribution mode with ``verify_top_k``: Pearson correlation of the estimated and the
-    exactly patched recovery over the re-checked cells."""
+    exactly patched primary metric over the re-checked cells (after :meth:`merge`: over the
+    re-checked cells of all the merged grids)."""
     verified: list[dict[str, Any]] | None = None
-    """Attribution mode with ``verify_top_k``: the re-checked cells, estimate and exact value."""
+    """Attribution mode with ``verify_top_k``: the re-checked cells, estimate and exact value.
+    ``verify_top_k`` applies per sweep, so a grid merged from n chunks holds up to n·k cells
+    (each chunk's top k among its own layers)."""
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -76,6 +79,36 @@ class PatchGrid:
         }
         if self.heads is not None:
             row["head"] = self.heads[index[2]]
+        return row
+
+    def largest_effect(self) -> dict[str, Any] | None:
+        """The cell whose patch moved the primary metric furthest from the unpatched base run
+        (the corrupted run when denoising, the clean run when noising), with its labels (layer,
+        position, token, head), its value and recovery. Ranked by the distance of its recovery
+        from the base run's (0 denoising, 1 noising); by the distance of its value from the base
+        run's value where clean and corrupted agree (recovery undefined). None if every cell is
+        NaN."""
+        value = np.asarray(self.values[self.primary], dtype=float)
+        rec = self.values.get("recovery")
+        base = self.corrupted if self.direction == "denoising" else self.clean
+        if rec is not None and not np.all(np.isnan(rec)):
+            effect = np.abs(np.asarray(rec, dtype=float) - base["recovery"])
+            ranked_by = "recovery"
+        else:
+            effect = np.abs(value - base[self.primary])
+            ranked_by = self.primary
+        if effect.size == 0 or np.all(np.isnan(effect)):
+            return None
+        index = np.unravel_index(int(np.nanargmax(effect)), effect.shape)
+        row = {"head": None, **self.cell(tuple(int(i) for i in index))}
+        row.update(
+            {
+                "metric": self.primary,
+                "value": _num(value[index]),
+                "recovery": None if rec is None else _num(rec[index]),
+                "ranked_by": f"|{ranked_by} - {self.direction} base run's|",
+            }
+        )
         return row
 
     def to_rows(self) -> list[dict[str, Any]]:
@@ -100,7 +133,9 @@ class PatchGrid:
     @classmethod
     def merge(cls, grids: list[PatchGrid]) -> PatchGrid:
         """One grid from sweeps of the same prompts split by layers (e.g. run on several
-        workers): layers are concatenated in order, forward passes added up."""
+        workers): layers are concatenated in order, forward passes added up; attribution
+        grids keep the re-checked cells of every part, and the correlation is recomputed over
+        all of them."""
         if not grids:
             raise ValueError("nothing to merge")
         first = grids[0]
@@ -125,8 +160,7 @@ class PatchGrid:
                     m: np.concatenate([g.per_prompt[m] for g in parts]) for m in first.per_prompt
                 },
                 "n_forward_passes": sum(g.n_forward_passes for g in parts),
-                "correlation": None,
-                "verified": None,
+                **_merge_verified(parts),
             }
         )
 
@@ -136,6 +170,21 @@ class PatchGrid:
         for key in ("values", "per_prompt"):
             data[key] = {m: np.array(v, dtype=float) for m, v in data[key].items()}
         return cls(**data)
+
+
+def _merge_verified(parts: list[PatchGrid]) -> dict[str, Any]:
+    """``verified`` and ``correlation`` of merged grids: every part's re-checked cells, and the
+    Pearson correlation of estimate and exact value over all of them."""
+    if all(g.verified is None for g in parts):
+        return {"verified": None, "correlation": None}
+    rows = [row for g in parts for row in g.verified or []]
+    est = np.array([r["attribution"] for r in rows], dtype=float)
+    exact = np.array([r["exact"] for r in rows], dtype=float)
+    ok = ~(np.isnan(est) | np.isnan(exact))
+    est, exact = est[ok], exact[ok]
+    if len(est) < 3 or np.std(est) == 0 or np.std(exact) == 0:
+        return {"verified": rows, "correlation": None}
+    return {"verified": rows, "correlation": float(np.corrcoef(est, exact)[0, 1])}
 
 
 def _close(a: dict[str, float], b: dict[str, float]) -> bool:

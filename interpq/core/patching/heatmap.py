@@ -6,6 +6,8 @@ display and no global backend state are needed. Per-position head grids get one 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,10 @@ def plot_heatmap(
     cmap: str = "RdBu",
     dpi: int = 120,
 ) -> Path:
-    """Write ``grid.values[metric]`` as a PNG heatmap to ``path``; return the path."""
+    """Write ``grid.values[metric]`` as a PNG heatmap to ``path``; return the path.
+
+    The image is written to a temporary file in the same folder, then renamed: ``path`` never
+    holds a half-written PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -68,5 +73,12 @@ def plot_heatmap(
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
