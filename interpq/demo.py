@@ -18,6 +18,9 @@ from interpq.scheduler.batch import JobResult
 from interpq.specs import Benchmark, JobSpec, Patch, TrainSAE
 from interpq.worker.runners.extract import demo_jobs as extract_jobs
 
+DEMO_DEAD_WINDOW_TOKENS = 25_000
+"""The demo SAE's dead-latent window, in training tokens."""
+
 
 def demo_jobs(requests: int = 40, n_texts: int = 256) -> list[JobSpec]:
     benchmarks: list[JobSpec] = [
@@ -30,8 +33,11 @@ def demo_jobs(requests: int = 40, n_texts: int = 256) -> list[JobSpec]:
     ]  # fmt: skip
     extracts = extract_jobs(n_texts)
     resid = extracts[0]
+    # a dead window of a few passes over the demo's ~10k rows (the default 10M tokens is
+    # longer than the whole run): AuxK revives dead latents, the training dead fraction is real
     sae = TrainSAE(name="sae-minilm-l3", activations=resid, k=16, expansion_factor=8,
-                   n_epochs=20, batch_size=256, lr_warmup_steps=20)  # fmt: skip
+                   n_epochs=20, batch_size=256, lr_warmup_steps=20,
+                   dead_window_tokens=DEMO_DEAD_WINDOW_TOKENS)  # fmt: skip
     patch = Patch(name="patch-minilm", model="all-MiniLM-L6-v2",
                   clean=["the film was wonderful and moving"],
                   corrupted=["the film was terrible and moving"], component="resid_pre")  # fmt: skip
@@ -50,10 +56,17 @@ def science_summary(results: Sequence[JobResult]) -> str:
             )
         elif r.kind == "train_sae" and r.result:
             for s in r.result["saes"]:
+                train_dead = (
+                    f", training dead fraction {s['train_dead_fraction']:.3f} (window "
+                    f"{s['dead_window_tokens']:.0f} tokens)"
+                    if "train_dead_fraction" in s
+                    else ""
+                )
                 lines.append(
                     f"{r.name} [{s['label']}]: FVU {s['fvu']:.3f} (explained variance "
                     f"{s['explained_variance']:.3f}), L0 {s['l0']:.1f}, dead fraction "
-                    f"{s['dead_fraction']:.3f}  [{s['formulas'].get('fvu', '')}]"
+                    f"{s['dead_fraction']:.3f} over all {s['n_tokens']:.0f} rows{train_dead}"
+                    f"  [{s['formulas'].get('fvu', '')}]"
                 )
                 lines += _top_texts(s)
         elif r.kind == "patch" and r.result:

@@ -599,6 +599,15 @@ def test_plots_are_written_as_png(tmp_path):
     )
     for path in (curves, density):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.n_tokens == 5120 and not any(result.curves["dead_fraction"])
+    # a dead window longer than the run: the panel says so instead of drawing the flat zero
+    long, short = (
+        sae_api.plot_training_curves(result.curves, tmp_path / f"w{w}.png", dead_window_tokens=w)
+        for w in (10_000_000, 1024)
+    )
+    plain = sae_api.plot_training_curves(result.curves, tmp_path / "plain.png")
+    assert long.read_bytes() != short.read_bytes() != plain.read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))  # written under a temporary name, then renamed
 
 
 @pytest.mark.timeout(10)

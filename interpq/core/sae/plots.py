@@ -30,16 +30,31 @@ def plot_training_curves(
     *,
     title: str = "SAE training",
     panels: Sequence[tuple[str, str]] = CURVE_PANELS,
+    dead_window_tokens: int | None = None,
 ) -> Path:
-    """Write one panel per curve (against tokens) to a PNG; returns the path."""
+    """Write one panel per curve (against tokens) to a PNG; returns the path.
+
+    With ``dead_window_tokens`` (the window of the training dead fraction) longer than the
+    run, the dead-fraction panel says so instead of drawing its meaningless flat zero.
+    """
     x = list(curves.get("n_tokens") or curves.get("step") or [])
+    run_tokens = int(x[-1]) if x and "n_tokens" in curves else None
     fig = Figure(figsize=(4.0 * len(panels), 3.4), layout="constrained")
     FigureCanvasAgg(fig)
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         values = list(curves.get(key, []))
-        ax.plot(x[: len(values)], values, lw=1.4)
         ax.set_title(label, fontsize=10)
+        if key == "dead_fraction" and dead_window_tokens and run_tokens is not None:
+            ax.set_title(f"{label} (window {_tokens(dead_window_tokens)} tokens)", fontsize=10)
+            if run_tokens < dead_window_tokens:
+                ax.text(0.5, 0.5, f"window {_tokens(dead_window_tokens)} tokens\n> run "
+                        f"({_tokens(run_tokens)}):\nnot yet defined", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+        ax.plot(x[: len(values)], values, lw=1.4)
         ax.set_xlabel("training tokens")
         if key in ("loss", "fvu") and values and min(values) > 0:
             ax.set_yscale("log")
@@ -63,6 +78,14 @@ def plot_density_histogram(
     ax.set_title(f"{title}\n{FORMULAS['density']}", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _tokens(n: int) -> str:
+    """``10M``, ``150k``, ``900``: a token count in a few characters."""
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

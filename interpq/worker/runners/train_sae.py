@@ -7,9 +7,10 @@ SAE is saved in the layout SAELens loads (weights + ``cfg.json``) with its metri
 formulas: the evaluation's (over the dataset's rows, which are the training rows), the last
 training window's (``train_*``), and the downstream loss with the SAE spliced into the
 dataset's causal LM where there is one (``sae_downstream.py``). Beside it: the raw training
-curves (JSON) and PNGs of them and of the feature density, and the top-activating examples of
-every feature (one compact JSON); every file is recorded in ``artifacts``, the metrics and a
-few readable examples in the job's result.
+curves (JSON) and PNGs of them and of the evaluation's feature density, and the
+top-activating examples of every feature (one compact JSON); every file is written under a
+temporary name and renamed into place, recorded in ``artifacts``, the metrics and a few
+readable examples in the job's result. The checkpoints are deleted once all of it is saved.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def run_part(ctx: Any, spec: TrainSAE) -> None:
         configs = spec.configs(d_in=ds.d)
     except ValueError as exc:
         raise PermanentJobError(f"invalid SAE settings: {exc}") from None
+    if ds.n_rows < spec.batch_size:
+        raise PermanentJobError(
+            f"invalid SAE settings: batch_size {spec.batch_size} is more than the dataset's "
+            f"{ds.n_rows} rows; lower batch_size"
+        )
     store = get_store()
     root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
     results = train_many(ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
@@ -101,14 +107,15 @@ def run_part(ctx: Any, spec: TrainSAE) -> None:
     rows: list[dict[str, Any]] = []
     for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
         label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
-        evaluation = evaluate(res.sae, ds.iter_batches(4096)).as_dict()
+        evaluation = evaluate(res.sae, ds.iter_batches(4096))
         down = downstream[i] if isinstance(downstream, list) else {}
-        stored = {**evaluation, **_train_window(res), **down}
-        entry, files = _outputs(ctx, store, root, label, uri, ds, res, stored, texts)
+        stored = {**evaluation.as_dict(), **_train_window(res), **down}
+        entry, files = _outputs(ctx, store, root, label, uri, ds, res, evaluation, stored, texts)
         summary["saes"].append(entry)
         rows += files
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
+    store.delete((root / "checkpoints").as_uri())  # every SAE is saved and recorded
     ctx.extra["result"] = summary
 
 
@@ -129,10 +136,11 @@ def _train_window(res: Any) -> dict[str, float]:
 
 def _outputs(
     ctx: Any, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
-    stored: dict[str, Any], texts: list[str],
+    evaluation: Any, stored: dict[str, Any], texts: list[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
-    its artifact rows."""
+    its artifact rows. The density histogram is the evaluation's (``evaluation.fire_counts``
+    over its ``n_tokens`` rows), the window its stored dead fraction is counted over."""
     from interpq.sae import (
         FORMULAS,
         plot_density_histogram,
@@ -150,16 +158,21 @@ def _outputs(
         lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta),
     )
     curves_json = root / f"{label}-curves.json"
-    curves_json.write_text(json.dumps({"label": label, **res.curves}))
-    curves = plot_training_curves(res.curves, root / f"{label}-curves.png", title=label)
+    store.put_atomic(curves_json.as_uri(), json.dumps({"label": label, **res.curves}).encode())
+    curves = plot_training_curves(  # plots are written to a temporary file, then renamed
+        res.curves, root / f"{label}-curves.png", title=label,
+        dead_window_tokens=res.config.dead_window_tokens,
+    )  # fmt: skip
     density = plot_density_histogram(
-        res.fire_counts, res.n_tokens, root / f"{label}-density.png", title=label
-    )
+        evaluation.fire_counts, evaluation.n_tokens, root / f"{label}-density.png",
+        title=f"{label}: evaluation over the dataset's {evaluation.n_tokens} rows",
+    )  # fmt: skip
     tops = top_activating_examples(
         res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES
     )
     tops_json = root / f"{label}-top-examples.json"
-    tops_json.write_text(json.dumps(compact_top_examples(tops, texts), separators=(",", ":")))
+    compact = json.dumps(compact_top_examples(tops, texts), separators=(",", ":"))
+    store.put_atomic(tops_json.as_uri(), compact.encode())
     readable = {
         str(f): [
             {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
