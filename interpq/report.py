@@ -74,10 +74,22 @@ def latency_table(results: Sequence[JobResult]) -> str:
 def jobs_table(results: Sequence[JobResult]) -> str:
     """One row per job: name, kind, state, attempts, duration, cached shards reused, error."""
     rows = [
-        [r.name, r.kind, r.state, r.attempts, r.duration_s, shards_reused(r), (r.error or "")[:100]]
+        [r.name, kind_label(r), r.state, r.attempts, r.duration_s, shards_reused(r),
+         (r.error or "")[:100]]
         for r in results
-    ]
+    ]  # fmt: skip
     return table(("job", "kind", "state", "attempts", "seconds", "reused", "error"), rows)
+
+
+def kind_label(result: JobResult) -> str:
+    """The job's kind, with the method of a finished patch job: ``patch (activation patching)``
+    on a local model, ``patch (counterfactual prompt comparison)`` through an API."""
+    method = (result.result or {}).get("method")
+    if result.kind != "patch" or not isinstance(method, str):
+        return result.kind
+    if method.startswith("counterfactual prompt comparison"):
+        return "patch (counterfactual prompt comparison)"
+    return f"patch ({method})"
 
 
 def shards_reused(result: JobResult) -> str | None:

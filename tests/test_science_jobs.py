@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from interpq.artifacts import to_local_path
@@ -263,3 +264,66 @@ def test_train_sae_spec_passes_its_training_knobs_to_every_config() -> None:
                          ("lr_decay", "step"), ("downstream_texts", -1)):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainSAE(activations="/data/manifest.json", **{field: value})
+
+
+@pytest.mark.timeout(10)
+def test_patch_spec_checks_positions_metrics_and_memory_budget() -> None:
+    ok = Patch(model="m", clean=["a b c"], corrupted=["a d c"], positions="all",
+               metrics=["logit_diff"], memory_budget_mb=64)  # fmt: skip
+    assert (ok.positions, ok.metrics, ok.memory_budget_mb) == ("all", ["logit_diff"], 64.0)
+    for field, value in (("positions", [-1]), ("positions", [1, 1]), ("positions", "each"),
+                         ("metrics", ["logit_diff", "logit_diff"]), ("metrics", ["bleu"]),
+                         ("memory_budget_mb", 0)):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            Patch(model="m", clean=["a"], corrupted=["b"], **{field: value})
+    with pytest.raises(ValueError, match="positions: applies to local models only"):
+        Patch(model="local:m", clean=["a"], corrupted=["b"], answers="c", positions=[0])
+
+
+def test_patch_jobs_chunked_attribution_options_and_methods_in_the_report(stack: Stack) -> None:
+    """Chunked attribution keeps every chunk's re-checked cells; positions, metrics and the
+    memory budget reach the sweep; the jobs table names each patch job's method."""
+    from interpq.report import jobs_table
+
+    prompts = {"clean": ["the cat sat on the mat", "a dog ran in the park"],
+               "corrupted": ["the dog sat on the mat", "a cat ran in the park"],
+               "answers": "mat", "wrong_answers": "park"}  # fmt: skip
+    model = "tiny-gpt2-random-weights"
+    jobs = [
+        Patch(name="attr", model=model, component="attn_out", mode="attribution",
+              verify_top_k=3, chunks=2, positions=[1, 2, 3], metrics=["logit_diff"], **prompts),
+        Patch(name="roomy", model=model, component="resid_pre", layers=[1], **prompts),
+        Patch(name="tight", model=model, component="resid_pre", layers=[1],
+              memory_budget_mb=0.001, **prompts),
+        Patch(name="api", model="local:tiny-gpt2-random-weights", clean=prompts["clean"][:1],
+              corrupted=prompts["corrupted"][:1], answers="mat"),
+    ]  # fmt: skip
+    batch = _client(stack).submit(jobs, name="patch-options")
+    batch.wait(timeout_s=240)
+    results = batch.results()
+    res = {r.name: r for r in results}
+    assert all(r.state == "succeeded" for r in results), {n: r.error for n, r in res.items()}
+
+    attr = res["attr"].result
+    (grid_art,) = [a for a in res["attr"].artifacts if a.kind == "patch_grid"]
+    grid = json.loads(to_local_path(grid_art.uri).read_text())
+    assert grid["positions"] == [1, 2, 3] and set(grid["values"]) == {"logit_diff", "recovery"}
+    assert len(grid["verified"]) == 6 and {r["layer"] for r in grid["verified"]} == {0, 1}
+    est = [r["attribution"] for r in grid["verified"]]
+    exact = [r["exact"] for r in grid["verified"]]
+    pearson = float(np.corrcoef(est, exact)[0, 1])
+    assert attr["correlation_with_exact"] == pytest.approx(pearson)
+    best = attr["largest_effect"]
+    assert {"layer", "position", "token", "head", "recovery"} <= best.keys()
+    assert (
+        best["position"] in (1, 2, 3)
+        and best["token"] == grid["position_labels"][grid["positions"].index(best["position"])]
+    )
+    # one patched run per forward pass under a tiny budget, many per pass by default
+    assert res["tight"].result["n_forward_passes"] > res["roomy"].result["n_forward_passes"]
+
+    table = jobs_table(results)
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "patch (counterfactual prompt comparison)" in rows["api"]
+    for name in ("attr", "roomy", "tight"):
+        assert "patch (activation patching)" in rows[name]

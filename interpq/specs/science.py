@@ -131,6 +131,16 @@ class Patch(JobSpec):
     """Layers to patch (default all)."""
     heads: list[int] | None = None
     """Heads for ``head_out`` (default all)."""
+    positions: list[int] | Literal["all"] | None = None
+    """Local models: positions to patch one at a time (default every position), or ``"all"``
+    to patch every position at once (one column; with ``head_out``, the per-head sweep)."""
+    metrics: list[Literal["logit_diff", "logprob", "prob", "kl", "cosine"]] | None = None
+    """Local models: metrics to compute (default all that apply: ``logit_diff``, ``logprob``,
+    ``prob``, ``kl`` for causal LMs, ``cosine`` for encoders); ``["logit_diff"]`` alone is
+    fastest (two tokens unembedded)."""
+    memory_budget_mb: float = Field(default=1024.0, gt=0)
+    """Local models: activation memory one packed forward pass may use, in MiB (sets how many
+    patched runs share a pass)."""
     direction: Literal["denoising", "noising"] = "denoising"
     """denoising: clean activations into the corrupted run; noising: the reverse."""
     mode: Literal["exact", "attribution"] = "exact"
@@ -152,6 +162,21 @@ class Patch(JobSpec):
         if len(self.clean) != len(self.corrupted):
             raise ValueError(
                 f"corrupted: {len(self.corrupted)} prompts for {len(self.clean)} clean prompts"
+            )
+        if isinstance(self.positions, list):
+            if not self.positions or min(self.positions) < 0:
+                raise ValueError(f"positions: expected indices >= 0, got {self.positions}")
+            if len(set(self.positions)) != len(self.positions):
+                raise ValueError(f"positions: {self.positions} repeats a position")
+        if self.metrics is not None and (
+            not self.metrics or len(set(self.metrics)) != len(self.metrics)
+        ):
+            raise ValueError(f"metrics: expected distinct metric names, got {self.metrics}")
+        if self.is_api and (self.positions is not None or self.metrics is not None):
+            field = "positions" if self.positions is not None else "metrics"
+            raise ValueError(
+                f"{field}: applies to local models only (a counterfactual prompt comparison "
+                "patches nothing inside the model)"
             )
         return self
 

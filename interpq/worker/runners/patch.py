@@ -72,7 +72,8 @@ def run_part(ctx: Any, spec: Patch) -> None:
         grid = patch(
             loaded.model, loaded.tokenizer, spec.clean, spec.corrupted,
             answers=spec.answers, wrong_answers=spec.wrong_answers, component=spec.component,
-            layers=mine, heads=spec.heads, direction=spec.direction, mode=spec.mode,
+            layers=mine, heads=spec.heads, positions=spec.positions, metrics=spec.metrics,
+            memory_budget_mb=spec.memory_budget_mb, direction=spec.direction, mode=spec.mode,
             verify_top_k=spec.verify_top_k,
         )  # fmt: skip
     except (PatchingInputError, LayoutError, ValueError) as exc:
@@ -112,19 +113,13 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
     ]  # fmt: skip
     insert_ignore(conn, Artifact.__table__, rows)
     values = np.asarray(grid.values[grid.primary], dtype=float)
-    flat = int(np.nanargmax(np.abs(values))) if values.size else 0
-    where = np.unravel_index(flat, values.shape) if values.size else ()
     return {
         "method": "activation patching",
         "component": spec.component,
         "direction": spec.direction,
         "metric": grid.primary,
         "shape": list(values.shape),
-        "largest_effect": {
-            "layer": grid.layers[where[0]] if where else None,
-            "position": int(where[1]) if len(where) > 1 else None,
-            "value": float(values[where]) if where else None,
-        },  # fmt: skip
+        "largest_effect": grid.largest_effect(),  # layer, position, token, head, recovery
         "clean": grid.clean,
         "corrupted": grid.corrupted,
         "n_forward_passes": grid.n_forward_passes,
