@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 
 from interpq.errors import ConfigError, EnqueueError, SpecError
 from interpq.models import Batch as BatchRow
@@ -144,12 +144,26 @@ class Client:
                 conn.execute(insert(JobPart), part_rows)
         try:
             publish(dispatches, self.settings.broker_url)
-        except Exception as exc:
-            cancel_jobs(self.engine, [r["id"] for r in job_rows], f"not enqueued: {exc}")
+        except BaseException as exc:  # Ctrl-C too: what was published must not run
+            cancel_jobs(self.engine, [r["id"] for r in job_rows], f"not enqueued: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
             raise EnqueueError(
                 f"the broker refused batch {name!r} ({type(exc).__name__}: {exc}); "
                 "no job of it will run"
             ) from exc
+        # Every message is on the broker: only now may workers start the batch's jobs (one
+        # that took a message early waits for this; see lifecycle._wait_for_publish).
+        with write(self.engine) as conn:
+            conn.execute(
+                update(Job)
+                .where(
+                    Job.batch_id == batch_id,
+                    Job.state == JobState.PENDING,
+                    Job.queued_at.is_not(None),
+                )
+                .values(state=JobState.QUEUED)
+            )
         log.info("submitted batch %s (%s): %d jobs", name, batch_id, len(specs))
         return Batch(self, batch_id, name)
 
@@ -163,7 +177,9 @@ class Client:
         for seq, spec in enumerate(specs):
             deps = [ids[r] for r in dict.fromkeys(spec.references())]
             n_parts = spec.n_parts()
-            state = JobState.PENDING if deps else JobState.QUEUED
+            # PENDING until the whole batch is published (then QUEUED; queued_at marks the
+            # jobs that wait for nothing but that); jobs with dependencies until released
+            state = JobState.PENDING
             job_id = ids[spec.name]
             job_rows.append(
                 {

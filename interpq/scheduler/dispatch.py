@@ -42,7 +42,8 @@ def publish(
     """Send one message per part of each job; returns messages sent.
 
     On kombu's Redis transport the messages go out as one pipelined batch, flushed at the
-    end: a failure before the flush sends none of them (the batch is all or nothing).
+    end. The pipeline is not a transaction: Redis may take part of it (e.g. out of memory),
+    which is why the submitter keeps a batch's jobs pending until this returns.
     ``part``: send only that part of a single job (a continuation after its turn).
     """
     from interpq.worker.app import get_app

@@ -8,15 +8,45 @@ lease it holds. A redelivered message that finds the lease held by a live worker
 later (Celery retry with a countdown) instead of running; once the holder finishes, the retry
 finds the part done and does nothing. A worker that died stops renewing, its lease expires
 after ``lease_s``, and the next delivery runs the part: redone exactly once.
+
+Each delivery also leaves a "started" marker that its release removes; a delivery that finds
+the marker of one that never released knows a worker died running the part, and counts it.
+The lifecycle fails a part whose workers died ``MAX_WORKER_DEATHS`` times (a job that kills
+its worker, e.g. out of memory, is not redelivered forever).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from typing import Any
 
+log = logging.getLogger(__name__)
 PREFIX = "interpq:run"
+STARTED_TTL_MS = 7 * 24 * 3600 * 1000
+"""How long the 'a delivery started this part' marker outlives a dead worker."""
+
+# KEYS: lease, started marker, crash counter; ARGV: owner value, lease ms, marker ttl ms.
+# Returns -1 when a live worker holds the lease, else how many deliveries of this part died
+# (a marker left by a delivery that never released its lease is one more).
+_ACQUIRE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
+local crashes = tonumber(redis.call('GET', KEYS[3]) or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  crashes = redis.call('INCR', KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return crashes
+"""
+
+# KEYS: lease, started marker; ARGV: owner value. Deletes the lease only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('DEL', KEYS[2])
+return 1
+"""
 
 
 class Leases:
@@ -30,27 +60,36 @@ class Leases:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
 
     @staticmethod
     def key(job_id: str, part: int) -> str:
         return f"{PREFIX}:{job_id}:{part}"
 
-    def acquire(self, job_id: str, part: int) -> bool:
-        """Take the lease; False when another live worker holds it."""
+    def acquire(self, job_id: str, part: int) -> int | None:
+        """Take the lease: None when another live worker holds it, else how many earlier
+        deliveries of this part died while running it (0 normally)."""
         key = self.key(job_id, part)
-        value = f"{self.owner}:{threading.get_ident()}"
-        if not self.r.set(key, value, nx=True, px=self.lease_ms):
-            return False
+        got = self._acquire(
+            keys=[key, f"{key}:started", f"{key}:crashes"],
+            args=[self._value(), self.lease_ms, STARTED_TTL_MS],
+        )
+        if int(got) < 0:
+            return None
         with self._lock:
             self._held.add(key)
             self._ensure_thread()
-        return True
+        return int(got)
 
     def release(self, job_id: str, part: int) -> None:
         key = self.key(job_id, part)
         with self._lock:
             self._held.discard(key)
-        self.r.delete(key)
+        self._release(keys=[key, f"{key}:started"], args=[self._value()])
+
+    def _value(self) -> str:
+        return f"{self.owner}:{threading.get_ident()}"
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -62,11 +101,15 @@ class Leases:
         while not self._wake.wait(interval):
             with self._lock:
                 keys = list(self._held)
-            if keys:
+            if not keys:
+                continue
+            try:
                 pipe = self.r.pipeline(transaction=False)
                 for k in keys:
                     pipe.pexpire(k, self.lease_ms)
                 pipe.execute()
+            except Exception as exc:  # Redis briefly away: keep the thread, renew next round
+                log.warning("cannot renew %d run lease(s): %s", len(keys), exc)
 
 
 _leases: dict[str, Leases] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import Connection, Engine, bindparam, func, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
 from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError, YieldTurn
 from interpq.models import Job, JobPart, JobState
@@ -33,6 +33,10 @@ log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
 """Retries of a part that failed to claim (database unreachable)."""
 MAX_RUNNER_RETRIES = 200
+PUBLISH_WAIT_S = 60.0
+"""How long a worker that got a message before its batch was fully published waits for it."""
+MAX_WORKER_DEATHS = 3
+"""A part whose workers died this many times while running it fails instead of running again."""
 """Safety net: runners bound their own retries (attempts per call, total time)."""
 
 
@@ -173,11 +177,13 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     if task is None or not settings.broker_url:
         return _run(job_id, part, task)
     leases = leases_for(settings.broker_url, settings.part_lease_s)
-    if not leases.acquire(job_id, part):
+    deaths = leases.acquire(job_id, part)
+    if deaths is None:
         log.info("job %s part %d: another live worker runs it; checking again later", job_id, part)
-        raise task.retry(countdown=settings.part_lease_s / 2, max_retries=MAX_RUNNER_RETRIES)
+        # no bound: the holder is alive (it renews its lease), however long the part takes
+        raise task.retry(countdown=settings.part_lease_s / 2, max_retries=None)
     try:
-        outcome = _run(job_id, part, task)
+        outcome = _run(job_id, part, task, worker_deaths=deaths)
     finally:
         leases.release(job_id, part)
     if outcome == "yielded":  # after the release, so the continuation can take the lease
@@ -200,7 +206,7 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     return outcome
 
 
-def _run(job_id: str, part: int, task: Any) -> str:
+def _run(job_id: str, part: int, task: Any, worker_deaths: int = 0) -> str:
     from interpq.worker.runners import RUNNERS
 
     engine = get_engine()
@@ -210,13 +216,29 @@ def _run(job_id: str, part: int, task: Any) -> str:
         row = _claim_or_none(engine, job_id, part, worker)
     except Exception as exc:  # database unreachable or locked for too long: try again later
         _retry_later(task, exc, f"job {job_id} part {part}: cannot claim")
+    if row is None and _awaiting_publish(engine, job_id):
+        row = _wait_for_publish(engine, job_id, part, worker)
+        if row is None:
+            log.warning("job %s: its batch was never fully enqueued; not run", job_id)
+            return "skipped"
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         _repair(engine, job_id, part, task)
         return "skipped"
-    spec = SPEC_TYPES[row.kind].model_validate(row.spec)
     ctx = JobContext(engine, job_id, row.batch_id, row.name, part, row.n_parts, worker)
-    runner = RUNNERS[row.kind]
+    try:
+        runner = RUNNERS[row.kind]
+        spec = SPEC_TYPES[row.kind].model_validate(row.spec)
+    except Exception as exc:  # a row written by another version of interpq, say
+        log.exception("job %s part %d: cannot load its spec", job_id, part)
+        return _failed(engine, ctx, f"internal error: cannot load the job's spec: "
+                       f"{type(exc).__name__}: {exc}", t0, None, None)  # fmt: skip
+    if worker_deaths >= MAX_WORKER_DEATHS:
+        return _failed(
+            engine, ctx,
+            f"the worker running this job died {worker_deaths} times (killed, or out of "
+            "memory?); not redelivered again", t0, runner, spec,
+        )  # fmt: skip
     try:
         runner.run_part(ctx, spec)
         with write(engine) as conn:
@@ -247,6 +269,26 @@ def _run(job_id: str, part: int, task: Any) -> str:
             release_dependents(engine, row.batch_id, job_id)
         return "succeeded"
     return "part-done"
+
+
+def _awaiting_publish(engine: Engine, job_id: str) -> bool:
+    """The job's batch is still being published (or its submitter died while publishing)."""
+    with engine.connect() as conn:
+        row = conn.execute(select(Job.state, Job.queued_at).where(Job.id == job_id)).first()
+    return row is not None and row.state == JobState.PENDING and row.queued_at is not None
+
+
+def _wait_for_publish(engine: Engine, job_id: str, part: int, worker: str) -> Any:
+    """Claim the job once its submitter has published the whole batch (a message can arrive
+    while the rest is still being sent); None if that does not happen within
+    ``PUBLISH_WAIT_S`` (the submitter failed: then it has cancelled the batch, or died)."""
+    deadline = time.monotonic() + PUBLISH_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        row = _claim_or_none(engine, job_id, part, worker)
+        if row is not None or not _awaiting_publish(engine, job_id):
+            return row
+    return None
 
 
 def _retry_later(task: Any, exc: Exception, what: str) -> NoReturn:
@@ -281,11 +323,11 @@ def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
 
 
 def _failed(
-    engine: Engine, ctx: JobContext, message: str, t0: float, runner: Any, spec: JobSpec
+    engine: Engine, ctx: JobContext, message: str, t0: float, runner: Any, spec: JobSpec | None
 ) -> str:
     if fail_job(engine, ctx.job_id, ctx.part, ctx.n_parts, message):
         on_failure = getattr(runner, "on_failure", None)
-        if on_failure is not None:  # e.g. latency summaries of the calls that were made
+        if on_failure is not None and spec is not None:  # e.g. latency summaries so far
             with write(engine) as conn:
                 on_failure(conn, ctx, spec)
         log.warning(

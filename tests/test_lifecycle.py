@@ -1,0 +1,127 @@
+"""Job lifecycle edge cases against a real Redis and real databases: workers that keep dying,
+messages that arrive while their batch is still being published."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from interpq.models import Batch, Job, JobState
+from interpq.models.db import get_engine, write
+from interpq.settings import reload_settings
+from interpq.specs import Noop
+from interpq.worker.leases import Leases
+from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
+from interpq.worker.limiter import redis_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """Settings as a worker has them (no broker: parts run in-process)."""
+    values = {"INTERPQ_DATABASE_URL": db_url, "INTERPQ_ARTIFACTS_DIR": str(tmp_path)}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    reload_settings()
+    yield db_url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reload_settings()
+
+
+def _noop_job(db_url: str, state: str, queued: bool = True) -> str:
+    batch_id, job_id, now = uuid.uuid4().hex, uuid.uuid4().hex, datetime.now(UTC)
+    with write(get_engine(db_url)) as conn:
+        conn.execute(insert(Batch), [{"id": batch_id, "name": "t", "n_jobs": 1, "created_at": now}])
+        conn.execute(insert(Job), [{
+            "id": job_id, "batch_id": batch_id, "name": "n", "kind": "noop", "queue": "api",
+            "state": state, "spec": Noop(name="n").model_dump(mode="json"), "n_parts": 1,
+            "created_at": now, "queued_at": now if queued else None,
+        }])  # fmt: skip
+    return job_id
+
+
+def _job(db_url: str, job_id: str) -> dict:
+    with get_engine(db_url).connect() as conn:
+        return dict(conn.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one())
+
+
+def test_deliveries_that_die_are_counted_across_workers(redis_url: str) -> None:
+    """A delivery that never releases its lease (its worker was killed) is counted by the next
+    one; a delivery that ends normally is not."""
+    r = redis_for(redis_url)
+    job_id = uuid.uuid4().hex
+    workers = [Leases(redis_for(redis_url), lease_s=5.0) for _ in range(5)]
+    assert workers[0].acquire(job_id, 0) == 0
+    assert workers[1].acquire(job_id, 0) is None  # a live holder: the copy waits
+    for i in range(1, 4):
+        # worker i-1 is killed: it stops renewing and its lease expires (done here at once)
+        workers[i - 1]._held.clear()
+        r.delete(Leases.key(job_id, 0))
+        assert workers[i].acquire(job_id, 0) == i
+    workers[3].release(job_id, 0)  # this delivery ended: no death to count
+    assert workers[4].acquire(job_id, 0) == 3
+    workers[4].release(job_id, 0)
+    assert r.get(Leases.key(job_id, 0)) is None
+
+
+def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(env: str) -> None:
+    job_id = _noop_job(env, JobState.QUEUED)
+    assert _run(job_id, 0, None, worker_deaths=MAX_WORKER_DEATHS) == "failed"
+    job = _job(env, job_id)
+    assert job["state"] == "failed"
+    assert job["error"].startswith(f"the worker running this job died {MAX_WORKER_DEATHS} times")
+    assert "\n" not in job["error"]
+    other = _noop_job(env, JobState.QUEUED)
+    assert _run(other, 0, None, worker_deaths=MAX_WORKER_DEATHS - 1) == "succeeded"
+
+
+def test_a_message_that_arrives_before_its_batch_is_published_waits_for_it(env: str) -> None:
+    """The submitter marks a batch's jobs runnable only once every message is on the broker;
+    a worker that got one of the first messages waits, then runs the job (exactly once)."""
+    job_id = _noop_job(env, JobState.PENDING)  # as the submitter writes it before publishing
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(_run(job_id, 0, None)))
+    worker.start()
+    time.sleep(0.5)
+    assert _job(env, job_id)["state"] == "pending", "the job ran before its batch was enqueued"
+    with write(get_engine(env)) as conn:  # what the submitter does once publish() returned
+        conn.execute(update(Job).where(Job.id == job_id).values(state=JobState.QUEUED))
+    worker.join(10)
+    assert outcome == ["succeeded"]
+    assert _job(env, job_id)["attempts"] == 1
+
+
+def test_a_message_of_a_batch_cancelled_while_publishing_runs_nothing(env: str) -> None:
+    job_id = _noop_job(env, JobState.PENDING)
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(_run(job_id, 0, None)))
+    worker.start()
+    time.sleep(0.3)
+    with write(get_engine(env)) as conn:  # publish() failed: the submitter cancels the batch
+        conn.execute(update(Job).where(Job.id == job_id).values(state=JobState.CANCELLED))
+    worker.join(10)
+    assert outcome == ["skipped"]
+    job = _job(env, job_id)
+    assert job["state"] == "cancelled" and job["attempts"] == 0
+
+
+def test_a_dependent_job_is_not_mistaken_for_one_awaiting_publish(env: str) -> None:
+    """Pending because of its dependencies (queued_at unset): a stray message skips at once."""
+    job_id = _noop_job(env, JobState.PENDING, queued=False)
+    t0 = time.monotonic()
+    assert _run(job_id, 0, None) == "skipped"
+    assert time.monotonic() - t0 < 5
+    assert _job(env, job_id)["state"] == "pending"
