@@ -324,6 +324,10 @@ class ActivationDataset:
         self.shard_uris = [resolve(uri, s.uri) for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum([s.n_rows for s in manifest.shards])])
         self._shards: dict[int, Shard] = {}
+        self.rows: np.ndarray | None = None
+        """The dataset rows this view holds, in order (None: all of them)."""
+        self.n_texts: int | None = manifest.n_texts
+        """Texts with rows in this view (None when a view does not know)."""
 
     @classmethod
     def open(cls, uri: str | Path, hook: str | None = None) -> ActivationDataset:
@@ -366,6 +370,40 @@ class ActivationDataset:
             if sha256_file(path) != info.sha256:
                 raise DatasetError(f"shard {i} does not match its sha256 in the manifest: {uri}")
 
+    def select_rows(self, rows: np.ndarray, n_texts: int | None = None) -> ActivationDataset:
+        """A view holding only the given rows of this one (indices, in that order);
+        ``texts()`` and text ids stay global. Shares the memory maps."""
+        view = object.__new__(ActivationDataset)
+        view.__dict__.update(self.__dict__)
+        base = np.asarray(rows, dtype=np.int64)
+        view.rows = base if self.rows is None else self.rows[base]
+        view.n_rows = int(len(base))
+        view.n_texts = n_texts
+        return view
+
+    def split_texts(
+        self, fraction: float, seed: int = 0
+    ) -> tuple[ActivationDataset, ActivationDataset]:
+        """``(rest, held_out)``: views splitting the rows by text, ``round(fraction ·
+        n_texts)`` texts (at least one when ``fraction`` > 0) drawn with ``seed`` held out
+        whole. Reads only the memory-mapped ``text_id`` column."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        text_id = np.concatenate(
+            [self.shard(i).tensors["text_id"].astype(np.int64) + s.text_offset
+             for i, s in enumerate(self.manifest.shards)]
+        )  # fmt: skip
+        if self.rows is not None:
+            text_id = text_id[self.rows]
+        ids = np.unique(text_id)
+        n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+        if n_held < 1:
+            raise ValueError(f"{len(ids)} text(s) cannot be split into training and held-out")
+        held = np.random.default_rng(seed).choice(ids, size=n_held, replace=False)
+        is_held = np.isin(text_id, held)
+        rest = self.select_rows(np.flatnonzero(~is_held), n_texts=len(ids) - n_held)
+        return rest, self.select_rows(np.flatnonzero(is_held), n_texts=n_held)
+
     def texts(self) -> list[str]:
         """Every text, indexed by global text id."""
         out: list[str] = []
@@ -396,7 +434,7 @@ class ActivationDataset:
         whole. ``start_batch`` skips that many batches of the same order without reading
         them (a resumed run). Torch tensors by default, numpy arrays with ``as_numpy``.
         ``with_metadata`` yields ``(x, {"text_id", "position", "token_id"})`` with global
-        text ids.
+        text ids. A view (``select_rows``, ``split_texts``) iterates over its own rows.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -413,7 +451,7 @@ class ActivationDataset:
             n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
             if drop_last and n < batch_size:
                 return
-            got = self._gather(cols, rows)
+            got = self._gather(cols, rows if self.rows is None else self.rows[rows])
             x: Any = got[self.hook] if as_numpy else torch.from_numpy(got[self.hook])
             if not with_metadata:
                 yield x

@@ -370,6 +370,32 @@ def test_a_dataset_is_shuffled_per_epoch_reproducibly(tmp_path):
     assert len(set((epoch0[:64] // 16).tolist())) > 32
 
 
+@pytest.mark.timeout(30)
+def test_split_texts_holds_out_whole_texts_and_views_iterate_their_rows(tmp_path):
+    x = torch.arange(1024, dtype=torch.float32)[:, None].repeat(1, 4)  # row i holds i
+    ds = _activation_dataset(tmp_path, x)  # 64 texts of 16 rows, in 2 shards
+    train_ds, held = ds.split_texts(0.25, seed=5)
+    assert (held.n_texts, train_ds.n_texts, held.n_rows, train_ds.n_rows) == (16, 48, 256, 768)
+
+    def rows(view, **kw):
+        return torch.cat([b[:, 0] for b in view.iter_batches(100, **kw)]).long()
+
+    held_rows, train_rows = rows(held), rows(train_ds)
+    assert sorted(torch.cat([held_rows, train_rows]).tolist()) == list(range(1024))
+    held_texts = set((held_rows // 16).tolist())
+    assert len(held_texts) == 16 and not held_texts & set((train_rows // 16).tolist())
+    again, other = ds.split_texts(0.25, seed=5)[1], ds.split_texts(0.25, seed=6)[1]
+    assert torch.equal(rows(again), held_rows) and not torch.equal(rows(other), held_rows)
+    shuffled = rows(train_ds, shuffle=True, seed=1)
+    assert sorted(shuffled.tolist()) == train_rows.tolist() != shuffled.tolist()
+    _, meta = next(held.iter_batches(256, with_metadata=True))
+    assert set(meta["text_id"].tolist()) == held_texts  # text ids stay global
+    source = BatchSource(train_ds, 256)
+    assert source.batches_per_epoch == 3
+    with pytest.raises(ValueError, match="fraction must be in"):
+        ds.split_texts(1.0)
+
+
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("source", ["array", "dataset", "list"])
 def test_fewer_rows_than_a_batch_is_refused_naming_batch_size(tmp_path, source):

@@ -345,8 +345,8 @@ def test_a_dataset_smaller_than_one_batch_is_refused_naming_batch_size(stack: St
     n_rows = res["few"].result["n_rows"]
     assert res["sae"].state == "failed"
     assert res["sae"].error == (
-        f"invalid SAE settings: batch_size 4096 is more than the dataset's {n_rows} rows; "
-        "lower batch_size"
+        f"invalid SAE settings: batch_size 4096 is more than the dataset's {n_rows} training "
+        "rows; lower batch_size"
     )
 
 
@@ -364,3 +364,30 @@ def test_the_demo_science_jobs_run_and_are_summarised(stack: Stack) -> None:
     summary = science_summary(results)
     assert f"FVU {sae['fvu']:.3f}" in summary and "training dead fraction" in summary
     assert summary.count("    feature ") == 3 and "heatmap " in summary
+
+
+def test_eval_fraction_holds_out_whole_texts_for_the_evaluation(stack: Stack) -> None:
+    acts = Extract(name="acts", model="all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings",
+                   n_texts=96, layers=[3], hooks=["resid_post"], shard_size=48)  # fmt: skip
+    sae = TrainSAE(name="sae", activations=acts, k=8, expansion_factor=2, n_steps=150,
+                   batch_size=256, lr_warmup_steps=5, eval_fraction=0.25)  # fmt: skip
+    batch = _client(stack).submit([acts, sae], name="held-out")
+    batch.wait(timeout_s=240)
+    res = {r.name: r for r in batch.results()}
+    assert res["sae"].state == "succeeded", res["sae"].error
+    out = res["sae"].result
+    assert out["evaluation"].startswith("on 24 held-out texts (eval_fraction 0.25")
+    assert out["n_train_rows"] + out["n_eval_rows"] == out["n_rows"] == res["acts"].result["n_rows"]
+    (s,) = out["saes"]
+    assert s["n_tokens"] == out["n_eval_rows"] and s["n_train_tokens"] == 150 * 256
+    assert 0 < s["fvu"] < 0.6  # on texts it never saw (0.29 on its training rows, above)
+    cfg = json.loads((to_local_path(s["uri"]) / "cfg.json").read_text())
+    assert cfg["metadata"]["evaluation"] == out["evaluation"]
+
+
+@pytest.mark.timeout(10)
+def test_train_sae_eval_fraction_is_checked() -> None:
+    assert TrainSAE(activations="/data/manifest.json").eval_fraction == 0.0
+    for value in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="eval_fraction"):
+            TrainSAE(activations="/data/manifest.json", eval_fraction=value)

@@ -64,6 +64,10 @@ class TrainSAE(JobSpec):
     """Datasets of a local causal LM read at every token at a residual-stream, attn_out or
     mlp_out hook: on this many of the dataset's texts, the LM's loss with the SAE spliced in
     (ΔCE, CE recovered, KL). 0 skips it."""
+    eval_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of the dataset's texts held out whole (chosen by ``seed``, by text id) and
+    used only for the evaluation metrics (mse, fvu, l0, dead fraction, density). 0 (the
+    default): no held-out split, the evaluation runs over the training rows."""
 
     queue: ClassVar[Queue] = "compute"
 

@@ -4,7 +4,8 @@ The dataset is an ``Extract`` job's output (found through the ``artifacts`` tabl
 manifest URI. Training checkpoints into the artifact store, so a worker killed mid-training
 is resumed from its last checkpoint by whichever worker gets the redelivered message. Each
 SAE is saved in the layout SAELens loads (weights + ``cfg.json``) with its metrics and their
-formulas: the evaluation's (over the dataset's rows, which are the training rows), the last
+formulas: the evaluation's (over the dataset's rows, which are the training rows, or over
+the texts ``eval_fraction`` holds out of training), the last
 training window's (``train_*``), and the downstream loss with the SAE spliced into the
 dataset's causal LM where there is one (``sae_downstream.py``). Beside it: the raw training
 curves (JSON) and PNGs of them and of the evaluation's feature density, and the
@@ -74,6 +75,23 @@ EVALUATION = (
     "on the dataset's rows, which are also the training rows (no held-out split): mse, fvu, "
     "explained_variance, l0 and dead_fraction are over these n_tokens rows"
 )
+EVALUATION_HELD_OUT = (
+    "on {n_texts} held-out texts (eval_fraction {fraction:g} of the texts, chosen by seed, "
+    "never trained on): mse, fvu, explained_variance, l0 and dead_fraction are over their "
+    "n_tokens rows"
+)
+
+
+def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
+    """(training rows, evaluation rows, what the evaluation is over)."""
+    if spec.eval_fraction == 0:
+        return ds, ds, EVALUATION
+    try:
+        train_ds, eval_ds = ds.split_texts(spec.eval_fraction, seed=spec.seed)
+    except ValueError as exc:
+        raise PermanentJobError(f"invalid SAE settings: eval_fraction: {exc}") from None
+    what = EVALUATION_HELD_OUT.format(n_texts=eval_ds.n_texts, fraction=spec.eval_fraction)
+    return train_ds, eval_ds, what
 
 
 def run_part(ctx: Any, spec: TrainSAE) -> None:
@@ -90,27 +108,32 @@ def run_part(ctx: Any, spec: TrainSAE) -> None:
         configs = spec.configs(d_in=ds.d)
     except ValueError as exc:
         raise PermanentJobError(f"invalid SAE settings: {exc}") from None
-    if ds.n_rows < spec.batch_size:
+    train_ds, eval_ds, what = _split(ds, spec)
+    if train_ds.n_rows < spec.batch_size:
+        held = f" (after eval_fraction held out {eval_ds.n_rows})" if eval_ds is not ds else ""
         raise PermanentJobError(
             f"invalid SAE settings: batch_size {spec.batch_size} is more than the dataset's "
-            f"{ds.n_rows} rows; lower batch_size"
+            f"{train_ds.n_rows} training rows{held}; lower batch_size"
         )
     store = get_store()
     root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
-    results = train_many(ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
+    results = train_many(train_ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
     summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
-                               "evaluation": EVALUATION, "saes": []}  # fmt: skip
+                               "n_train_rows": train_ds.n_rows, "n_eval_rows": eval_ds.n_rows,
+                               "evaluation": what, "saes": []}  # fmt: skip
     if isinstance(downstream, str):
         summary["downstream_skipped"] = downstream
     rows: list[dict[str, Any]] = []
     for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
         label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
-        evaluation = evaluate(res.sae, ds.iter_batches(4096))
+        evaluation = evaluate(res.sae, eval_ds.iter_batches(4096))
         down = downstream[i] if isinstance(downstream, list) else {}
         stored = {**evaluation.as_dict(), **_train_window(res), **down}
-        entry, files = _outputs(ctx, store, root, label, uri, ds, res, evaluation, stored, texts)
+        entry, files = _outputs(
+            ctx, store, root, label, uri, ds, res, (evaluation, what), stored, texts
+        )
         summary["saes"].append(entry)
         rows += files
     with write(ctx.engine) as conn:
@@ -136,11 +159,13 @@ def _train_window(res: Any) -> dict[str, float]:
 
 def _outputs(
     ctx: Any, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
-    evaluation: Any, stored: dict[str, Any], texts: list[str],
+    evaluated: tuple[Any, str], stored: dict[str, Any], texts: list[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
-    its artifact rows. The density histogram is the evaluation's (``evaluation.fire_counts``
-    over its ``n_tokens`` rows), the window its stored dead fraction is counted over."""
+    its artifact rows. ``evaluated`` is the ``evaluate`` result and what it is over; the
+    density histogram is its ``fire_counts`` over its ``n_tokens`` rows, the window its
+    stored dead fraction is counted over."""
+    evaluation, what = evaluated
     from interpq.sae import (
         FORMULAS,
         plot_density_histogram,
@@ -151,7 +176,7 @@ def _outputs(
 
     out = root / label
     meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri,
-            "evaluation": EVALUATION}  # fmt: skip
+            "evaluation": what}  # fmt: skip
     _save_dir_atomic(
         Path(store.local_path(store.uri_for())),
         out,
@@ -165,7 +190,8 @@ def _outputs(
     )  # fmt: skip
     density = plot_density_histogram(
         evaluation.fire_counts, evaluation.n_tokens, root / f"{label}-density.png",
-        title=f"{label}: evaluation over the dataset's {evaluation.n_tokens} rows",
+        title=f"{label}: evaluation over {evaluation.n_tokens} rows"
+        + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
     )  # fmt: skip
     tops = top_activating_examples(
         res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES
