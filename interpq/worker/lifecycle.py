@@ -216,7 +216,11 @@ def _run(job_id: str, part: int, task: Any, worker_deaths: int = 0) -> str:
         row = _claim_or_none(engine, job_id, part, worker)
     except Exception as exc:  # database unreachable or locked for too long: try again later
         _retry_later(task, exc, f"job {job_id} part {part}: cannot claim")
-    if row is None and _awaiting_publish(engine, job_id):
+    try:
+        awaiting = row is None and _awaiting_publish(engine, job_id)
+    except Exception as exc:  # database unreachable or locked for too long
+        _retry_later(task, exc, f"job {job_id} part {part}: cannot read its state")
+    if awaiting:
         row = _wait_for_publish(engine, job_id, part, worker)
         if row is None:
             log.warning("job %s: its batch was never fully enqueued; not run", job_id)
@@ -285,9 +289,12 @@ def _wait_for_publish(engine: Engine, job_id: str, part: int, worker: str) -> An
     deadline = time.monotonic() + PUBLISH_WAIT_S
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        row = _claim_or_none(engine, job_id, part, worker)
-        if row is not None or not _awaiting_publish(engine, job_id):
-            return row
+        try:  # reads while waiting: the submitter is writing the batch's rows
+            if _awaiting_publish(engine, job_id):
+                continue
+            return _claim_or_none(engine, job_id, part, worker)
+        except Exception as exc:  # the database busy (SQLite locked): look again
+            log.debug("job %s: waiting for its batch to be enqueued (%s)", job_id, exc)
     return None
 
 
