@@ -6,17 +6,35 @@ itself is read from the database by id.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Ignore, Reject, Retry
 
 from interpq.worker.lifecycle import run_part
+
+log = logging.getLogger(__name__)
+MAX_INFRA_RETRIES = 10
+"""Redeliveries of a part whose bookkeeping failed (Redis or the database away)."""
 
 
 def _define(kind: str) -> Any:
     @shared_task(name=f"interpq.{kind}", bind=True, acks_late=True)
     def _task(self: Any, job_id: str, part: int = 0, label: str = "") -> str:
-        return run_part(job_id, part, task=self)
+        try:
+            return run_part(job_id, part, task=self)
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as exc:
+            # Runner errors are the job's outcome already (lifecycle); what reaches here is
+            # the bookkeeping around it (a lease, a state change, releasing dependents,
+            # publishing a continuation) failing. A failed task's message would be dropped:
+            # send it again, so that the part runs or its redelivery repairs what is missing.
+            log.warning("job %s part %d: %s: %s; trying again", job_id, part,
+                        type(exc).__name__, exc)  # fmt: skip
+            countdown = min(60.0, 2.0**self.request.retries)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=MAX_INFRA_RETRIES) from None
 
     _task.__doc__ = f"Run one part of an interpq {kind!r} job (the label is what Flower shows)."
     return _task
