@@ -212,3 +212,33 @@ def test_a_call_that_wakes_late_takes_a_new_slot(
     # so the next one is 100 ms away. Had it gone late on its old slot, the clock would stand
     # at 0.2 s and the next call could go at once, 0 ms after this one.
     assert lim.reserve("m", 1) == pytest.approx(0.1, abs=0.04)
+
+
+def test_a_clock_lives_as_long_as_the_slots_it_has_reserved(
+    redis_url: str, provider: Provider
+) -> None:
+    """Calls queued more than the keys' 15-minute TTL ahead must not reset the clock (that
+    would let the next calls burst)."""
+    r = redis_for(redis_url)
+    lim = Limiter(r, provider, safety_margin=1.0)
+    lim.reserve("m", tokens=1_200_000)  # 60k tpm: 20 minutes of tokens ahead
+    ttl_ms = r.pttl(f"interpq:limit:{provider.name}:tat_tok")
+    assert ttl_ms > 20 * 60 * 1000
+    assert lim.reserve("m", tokens=1) == pytest.approx(20 * 60, abs=1)
+
+
+def test_a_held_permit_can_be_renewed(redis_url: str, provider: Provider) -> None:
+    r = redis_for(redis_url)
+    lim = Limiter(r, provider)
+    key = f"interpq:limit:{provider.name}:leases"
+    with lim.permit(lease_s=1) as renew:
+        (first,) = r.zrange(key, 0, -1, withscores=True)
+        time.sleep(0.6)
+        renew()
+        (renewed,) = r.zrange(key, 0, -1, withscores=True)
+        assert renewed[0] == first[0] and renewed[1] == pytest.approx(first[1] + 0.6, abs=0.2)
+        time.sleep(0.6)  # past the first expiry: what every acquirer prunes keeps ours
+        sec, usec = r.time()
+        r.zremrangebyscore(key, "-inf", sec + usec / 1e6)
+        assert r.zcard(key) == 1
+    assert r.zcard(key) == 0

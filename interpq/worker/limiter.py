@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,13 +56,16 @@ for i = 1, #KEYS, 3 do
   local cd = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
   start = math.max(start, tr, tt, cd)
 end
+-- a clock lives at least KEY_TTL after the last slot it reserved (however far ahead that is)
+local function ttl(until_s) return math.max(tonumber(ARGV[#ARGV]), math.ceil((until_s - now) * 1000) + 60000) end
 for i = 1, #KEYS, 3 do
   local s = (i - 1) / 3
   local ri = tonumber(ARGV[2 + 2 * s])
   local ti = tonumber(ARGV[3 + 2 * s])
-  redis.call('SET', KEYS[i], tostring(start + ri), 'PX', ARGV[#ARGV])
+  redis.call('SET', KEYS[i], tostring(start + ri), 'PX', ttl(start + ri))
   local tt = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
-  redis.call('SET', KEYS[i + 1], tostring(math.max(tt, start) + tokens * ti), 'PX', ARGV[#ARGV])
+  local new_tt = math.max(tt, start) + tokens * ti
+  redis.call('SET', KEYS[i + 1], tostring(new_tt), 'PX', ttl(new_tt))
 end
 return tostring(start - now) .. ' ' .. tostring(start)
 """
@@ -268,10 +271,20 @@ class Limiter:
             out.append((f"{PREFIX}:{p.name}:{model}", info.max_concurrency))
         return out
 
+    def _renew_leases(self, zkeys: list[str], member: str, lease_s: float) -> None:
+        """Push a held permit's expiry to ``lease_s`` from now (before a call that may have
+        waited long for its slot, e.g. through a cool-down)."""
+        now_s, now_us = self.r.time()
+        pipe = self.r.pipeline()
+        for zkey in zkeys:
+            pipe.zadd(zkey, {member: now_s + now_us / 1e6 + lease_s}, xx=True)
+        pipe.execute()
+
     @contextmanager
-    def permit(self, lease_s: float, model: str | None = None) -> Iterator[None]:
+    def permit(self, lease_s: float, model: str | None = None) -> Iterator[Callable[[], None]]:
         """Hold one of the provider's ``max_concurrency`` permits, and one of ``model``'s when
-        it sets its own; both are taken at once or not at all, and expire after ``lease_s``."""
+        it sets its own; both are taken at once or not at all, and expire after ``lease_s``.
+        Yields ``renew()``, which restarts the ``lease_s`` from now."""
         scopes = self.lease_scopes(model)
         zkeys = [f"{prefix}:leases" for prefix, _ in scopes]
         wakes = [f"{prefix}:wake" for prefix, _ in scopes]
@@ -289,7 +302,7 @@ class Limiter:
             popped = self.r.blpop([wake], timeout=max(0.05, min(1.0, float(wait_s))))
             woken_by = wake if popped else None
         try:
-            yield
+            yield lambda: self._renew_leases(zkeys, args[0], lease_s)
         finally:
             pipe = self.r.pipeline()
             for zkey, wake in zip(zkeys, wakes, strict=True):

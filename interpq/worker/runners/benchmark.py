@@ -168,8 +168,9 @@ def limited_attempt(
     estimate_usd = price.cost_usd(est_in, est_out)
     if budget is not None:
         limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
-    with limiter.permit(lease_s=timeout_s + 30, model=model):
+    with limiter.permit(lease_s=timeout_s + 30, model=model) as renew:
         limiter.wait_for_slot(model, est_in + est_out)
+        renew()  # the wait (a cool-down, say) may have outlasted the permit's lease
         out = openai_http.attempt(
             provider.base_url,
             endpoint,
