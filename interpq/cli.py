@@ -438,6 +438,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except TimeoutError as exc:  # batch.wait(timeout_s=...) ran out
+        print(f"interpq: error: {exc or 'timed out'}", file=sys.stderr)
+        return 3
+    except Exception as exc:  # the broker or the database away: one line, not a traceback
+        line = _infrastructure_error(exc)
+        if line is None:
+            raise
+        print(f"interpq: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _infrastructure_error(exc: Exception) -> str | None:
+    """One line for an unreachable Redis or database (passwords masked), else None."""
+    import redis
+    import sqlalchemy.exc
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from interpq.scheduler.client import _redact
+    from interpq.settings import get_settings
+
+    settings = get_settings()
+    if isinstance(exc, redis.RedisError | KombuOperationalError):
+        what = f"cannot reach the broker at {_redact(settings.broker_url)}"
+    elif isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        what = f"cannot use the database at {_redact(settings.database_url)}"
+        exc = getattr(exc, "orig", None) or exc  # the driver's message, not the SQL
+    else:
+        return None
+    detail = " ".join(str(exc).split())
+    for secret in filter(None, (_password(settings.broker_url), _password(settings.database_url))):
+        detail = detail.replace(secret, "***")
+    return f"{what} ({type(exc).__name__}: {detail[:200]}); is it running?"
+
+
+def _password(url: str | None) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password if url else None
 
 
 if __name__ == "__main__":

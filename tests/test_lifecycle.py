@@ -125,3 +125,29 @@ def test_a_dependent_job_is_not_mistaken_for_one_awaiting_publish(env: str) -> N
     assert _run(job_id, 0, None) == "skipped"
     assert time.monotonic() - t0 < 5
     assert _job(env, job_id)["state"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "says"),
+    [
+        ("INTERPQ_BROKER_URL", "redis://:s3cret-pw@127.0.0.1:1/0", "cannot reach the broker"),
+        ("INTERPQ_DATABASE_URL", "postgresql://u:s3cret-pw@127.0.0.1:1/db",
+         "cannot use the database"),
+    ],
+)  # fmt: skip
+def test_cli_says_in_one_line_when_redis_or_the_database_is_away(
+    variable: str, url: str, says: str, tmp_path: Path
+) -> None:
+    """Not a traceback, and never the password."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "INTERPQ_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+           "INTERPQ_BROKER_URL": "redis://127.0.0.1:1/0", variable: url}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "interpq.cli", "status"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("interpq: error:")]
+    assert len(errors) == 1 and says in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "s3cret-pw" not in proc.stderr + proc.stdout
+    assert ":***@127.0.0.1:1/" in errors[0]  # the URL it could not reach, password masked
