@@ -44,24 +44,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flower=not args.no_flower,
         provider_args=["--preload"],
     )
-    with stack:
-        print(f"  broker   {stack.env['INTERPQ_BROKER_URL']} (embedded Redis)")
-        print(f"  database {stack.env['INTERPQ_DATABASE_URL']}")
-        print(f"  provider {stack.provider_url} (local models; chat model has random weights)")
-        if stack.flower_url:
-            print(f"  flower   {stack.flower_url}  {_flower_auth(stack)}")
-        client = Client(Settings(**_settings_kwargs(stack.env)))
-        batch = client.submit(demo_jobs(args.requests), name="demo")
-        print(f"submitted batch {batch.name} ({batch.id})", flush=True)
-        batch.wait(progress=True, timeout_s=args.timeout)
-        results = batch.results()
-        print()
-        print(jobs_table(results))
-        print()
-        print("latency per model (ms; percentiles over successful calls, linear interpolation)")
-        print(latency_table(results))
-        print()
-        print(science_summary(results))
+    try:
+        with stack:
+            print(f"  broker   {stack.env['INTERPQ_BROKER_URL']} (embedded Redis)")
+            print(f"  database {stack.env['INTERPQ_DATABASE_URL']}")
+            print(f"  provider {stack.provider_url} (local models; chat model has random weights)")
+            if stack.flower_url:
+                print(f"  flower   {stack.flower_url}  {_flower_auth(stack)}")
+            client = Client(Settings(**_settings_kwargs(stack.env)))
+            batch = client.submit(demo_jobs(args.requests), name="demo")
+            print(f"submitted batch {batch.name} ({batch.id})", flush=True)
+            batch.wait(progress=True, timeout_s=args.timeout)
+            results = batch.results()
+            print()
+            print(jobs_table(results))
+            print()
+            print("latency per model (ms; percentiles over successful calls, linear interpolation)")
+            print(latency_table(results))
+            print()
+            print(science_summary(results))
+    except KeyboardInterrupt:  # the stack's __exit__ has stopped every child by now
+        print(f"\ndemo interrupted after {time.monotonic() - t0:.1f} s; every process stopped.")
+        return 130
     print(f"\ndemo finished in {time.monotonic() - t0:.1f} s; every process stopped.")
     print(f"inspect it later: INTERPQ_DATABASE_URL={stack.env['INTERPQ_DATABASE_URL']} "
           f"interpq results {batch.id}")  # fmt: skip
