@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,12 @@ def _payload(spec: Benchmark, model: str) -> dict[str, Any]:
     )
 
 
+MAX_TURN_S = 30.0
+"""A turn also ends after this long (slow or rate-limited calls): a worker told to stop
+(scaling down) then finishes its running parts well within compose's stop_grace_period, and
+their continuations go to other workers."""
+
+
 def backoff_s(attempt: int, retry_after_s: float | None) -> float:
     """Exponential backoff with full jitter; the server's Retry-After wins when given."""
     if retry_after_s is not None:
@@ -102,13 +109,14 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
     est_in = estimate_tokens(spec.prompt)
     est_out = spec.max_tokens if spec.endpoint == "chat" else 0
     made = 0
+    turn_ends = time.monotonic() + MAX_TURN_S
     for index in spec.request_indices(slice_index):
         if index in done:
             continue
         attempt = last_attempt.get(index, 0)
         if attempt >= spec.max_attempts or _out_of_time(first_start.get(index), spec):
             continue  # this request has failed for good; the summary counts its attempts
-        if made == spec.requests_per_turn:
+        if made == spec.requests_per_turn or (made and time.monotonic() > turn_ends):
             raise YieldTurn(f"slice {slice_index}: {made} requests this turn")
         made += 1
         attempt += 1

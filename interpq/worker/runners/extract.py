@@ -61,7 +61,13 @@ from interpq.providers.config import get_provider
 from interpq.settings import get_settings
 from interpq.specs import Extract
 from interpq.worker.limiter import estimate_tokens, redis_for
-from interpq.worker.runners.benchmark import backoff_s, batch_budget, limited_attempt, make_limiter
+from interpq.worker.runners.benchmark import (
+    MAX_TURN_S,
+    backoff_s,
+    batch_budget,
+    limited_attempt,
+    make_limiter,
+)
 from interpq.worker.shard_locks import StillLocked, computing
 
 log = logging.getLogger(__name__)
@@ -466,11 +472,14 @@ def _embed_shard(
     vectors: list[np.ndarray] = []
     n_tokens = 0
     made = 0
+    turn_ends = time.monotonic() + MAX_TURN_S
     for index, lo in enumerate(range(0, len(texts), spec.api_batch_size)):
         chunk = texts[lo : lo + spec.api_batch_size]
         piece = store.uri_for(PARTIAL_DIR, key, f"{index:06d}.npz")
         if not store.exists(piece):
-            if made == spec.requests_per_turn:  # answered requests stay under PARTIAL_DIR
+            # a turn ends after requests_per_turn requests or MAX_TURN_S; answered requests
+            # stay under PARTIAL_DIR
+            if made == spec.requests_per_turn or (made and time.monotonic() > turn_ends):
                 raise YieldTurn(f"shard {key[:12]}: {made} requests this turn")
             made += 1
             attempt = last_attempt.get(index, 0) + 1
