@@ -216,10 +216,14 @@ def _run(job_id: str, part: int, task: Any, worker_deaths: int = 0) -> str:
         row = _claim_or_none(engine, job_id, part, worker)
     except Exception as exc:  # database unreachable or locked for too long: try again later
         _retry_later(task, exc, f"job {job_id} part {part}: cannot claim")
-    try:
-        awaiting = row is None and _awaiting_publish(engine, job_id)
-    except Exception as exc:  # database unreachable or locked for too long
-        _retry_later(task, exc, f"job {job_id} part {part}: cannot read its state")
+    awaiting = False
+    if row is None:
+        try:
+            awaiting = _awaiting_publish(engine, job_id)
+            if not awaiting:  # the batch's publish may have landed just after the claim
+                row = _claim_or_none(engine, job_id, part, worker)
+        except Exception as exc:  # database unreachable or locked for too long
+            _retry_later(task, exc, f"job {job_id} part {part}: cannot read its state")
     if awaiting:
         row = _wait_for_publish(engine, job_id, part, worker)
         if row is None:
