@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,23 @@ def db_url(
     url = _create_pg_database(PG_URL)
     yield url
     _drop_pg_database(PG_URL, url)
+
+
+@contextmanager
+def worker_settings(values: dict[str, str]) -> Iterator[None]:
+    """These ``INTERPQ_*`` variables set (and the settings reloaded) as a worker would have
+    them, for code run in-process; the previous environment comes back afterwards."""
+    from interpq.settings import reload_settings
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    reload_settings()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reload_settings()

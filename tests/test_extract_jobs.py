@@ -8,7 +8,6 @@ directly instead of by worker processes (``test_extract_e2e.py`` runs those).
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import worker_settings
 from sqlalchemy import insert, select
 
 from interpq.corpus import load_texts
@@ -29,7 +29,6 @@ from interpq.providers import openai_http
 from interpq.providers.local_server import LocalProviderServer, ServerOptions
 from interpq.report import jobs_table
 from interpq.scheduler.batch import JobResult
-from interpq.settings import reload_settings
 from interpq.specs import Extract
 from interpq.worker.lifecycle import run_part
 from interpq.worker.limiter import redis_for
@@ -66,16 +65,8 @@ def env(
         "INTERPQ_BROKER_URL": redis_url,
         "INTERPQ_LOCAL_PROVIDER_URL": server.base_url,
     }
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    reload_settings()
-    yield root
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reload_settings()
+    with worker_settings(values):
+        yield root
 
 
 def _run(spec: Extract, db_url: str) -> dict:

@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import worker_settings
 from sqlalchemy import insert, select, update
 
 from interpq.models import Batch, Job, JobState
 from interpq.models.db import get_engine, write
-from interpq.settings import reload_settings
 from interpq.specs import Noop
 from interpq.worker.leases import Leases
 from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
@@ -28,17 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def env(db_url: str, tmp_path: Path) -> Iterator[str]:
     """Settings as a worker has them (no broker: parts run in-process)."""
-    values = {"INTERPQ_DATABASE_URL": db_url, "INTERPQ_ARTIFACTS_DIR": str(tmp_path)}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    reload_settings()
-    yield db_url
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reload_settings()
+    with worker_settings({"INTERPQ_DATABASE_URL": db_url, "INTERPQ_ARTIFACTS_DIR": str(tmp_path)}):
+        yield db_url
 
 
 def _noop_job(db_url: str, state: str, queued: bool = True) -> str:
