@@ -459,6 +459,7 @@ def _infrastructure_error(exc: Exception) -> str | None:
     import sqlalchemy.exc
     from kombu.exceptions import OperationalError as KombuOperationalError
 
+    from interpq.providers.openai_http import redact
     from interpq.scheduler.client import _redact
     from interpq.settings import get_settings
 
@@ -471,8 +472,8 @@ def _infrastructure_error(exc: Exception) -> str | None:
     else:
         return None
     detail = " ".join(str(exc).split())
-    for secret in filter(None, (_password(settings.broker_url), _password(settings.database_url))):
-        detail = detail.replace(secret, "***")
+    for url in (settings.broker_url, settings.database_url):
+        detail = redact(detail, _password(url))
     return f"{what} ({type(exc).__name__}: {detail[:200]}); is it running?"
 
 

@@ -35,8 +35,9 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
 
 
-def _previous_attempts(ctx: Any) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
-    """Request indices already answered; last attempt number and first start of each index."""
+def previous_attempts(ctx: Any) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
+    """For this part's recorded calls: request indices already answered; per index, the last
+    attempt number (redeliveries go on from it) and when its first attempt started."""
     with ctx.engine.connect() as conn:
         rows = conn.execute(
             select(
@@ -104,7 +105,7 @@ def run_part(ctx: Any, spec: Benchmark) -> None:
         raise PermanentJobError(str(exc)) from exc
     limiter = make_limiter(provider)
     budget = batch_budget(ctx)
-    done, last_attempt, first_start = _previous_attempts(ctx)
+    done, last_attempt, first_start = previous_attempts(ctx)
     payload = _payload(spec, model)
     est_in = estimate_tokens(spec.prompt)
     est_out = spec.max_tokens if spec.endpoint == "chat" else 0

@@ -37,7 +37,7 @@ from typing import Any, cast
 from urllib.parse import urldefrag
 
 import numpy as np
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Table, select
 
 from interpq.artifacts import ArtifactStore, Stored, get_store, relative, sha256_file
 from interpq.core.extraction import extract, rows_per_text
@@ -52,7 +52,6 @@ from interpq.datasets import (
     write_shard,
 )
 from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
-from interpq.models import ApiCall
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.models.tables import Artifact
@@ -67,6 +66,7 @@ from interpq.worker.runners.benchmark import (
     batch_budget,
     limited_attempt,
     make_limiter,
+    previous_attempts,
 )
 from interpq.worker.shard_locks import StillLocked, computing
 
@@ -468,7 +468,7 @@ def _embed_shard(
     under ``activations/partial/<key>/`` until the shard is stored), and store the shard."""
     limiter = make_limiter(call.provider)
     budget = batch_budget(ctx)
-    last_attempt, first_start = _previous_attempts(ctx)
+    _, last_attempt, first_start = previous_attempts(ctx)
     vectors: list[np.ndarray] = []
     n_tokens = 0
     made = 0
@@ -512,18 +512,6 @@ def _embed_shard(
     )  # fmt: skip
     store.delete(store.uri_for(PARTIAL_DIR, key))
     return ShardOutcome(key, stored, False, n, n_tokens, meta)
-
-
-def _previous_attempts(ctx: Any) -> tuple[dict[int, int], dict[int, datetime]]:
-    """Per request index of this part: the highest attempt number recorded (redeliveries)
-    and when its first attempt started."""
-    with ctx.engine.connect() as conn:
-        rows = conn.execute(
-            select(ApiCall.request_index, func.max(ApiCall.attempt), func.min(ApiCall.started_at))
-            .where(ApiCall.job_id == ctx.job_id, ApiCall.part == ctx.part)
-            .group_by(ApiCall.request_index)
-        ).all()
-    return {int(i): int(a) for i, a, _ in rows}, {int(i): t for i, _, t in rows}
 
 
 def _raise_unless_ok(

@@ -194,14 +194,17 @@ class _ApiCaller:
 
     def __init__(self, ctx: Any, provider: Any, model: str, key: str | None, price: Any,
                  directory: Path) -> None:  # fmt: skip
-        from interpq.worker.runners.benchmark import batch_budget, make_limiter
-        from interpq.worker.runners.extract import _previous_attempts
+        from interpq.worker.runners.benchmark import (
+            batch_budget,
+            make_limiter,
+            previous_attempts,
+        )
 
         self.ctx, self.provider, self.model, self.key, self.price = ctx, provider, model, key, price
         self.directory = directory
         self.limiter = make_limiter(provider)
         self.budget = batch_budget(ctx)
-        self.last_attempt, _ = _previous_attempts(ctx)
+        _, self.last_attempt, _ = previous_attempts(ctx)
         self.index = 0
 
     def answer(self, endpoint: Any, payload: dict[str, Any], prompt: str) -> dict[str, Any]:
