@@ -301,6 +301,7 @@ RUNNERS: dict[str, Callable[..., Outcome]] = {
     "sae_lens": run_saelens,
     # variants of interpq, for seeing where its time and its FVU come from
     "interpq_eager": lambda *a: run_interpq(*a, name="interpq_eager", cuda_graph=False),
+    "interpq_torch_topk": lambda *a: run_interpq(*a, name="interpq_torch_topk", fused_topk=False),
     "interpq_raw": lambda *a: run_interpq(
         *a, name="interpq_raw", normalize_activations="none", b_dec_init="mean"
     ),

@@ -1,4 +1,5 @@
-"""SAE training on CUDA: the CUDA-graph step equals the eager step.
+"""SAE training on CUDA: the CUDA-graph step equals the eager step; the Triton top-k equals
+torch.topk.
 
 Skipped without a GPU (CI has none); run on a GPU machine with
 ``pytest tests/test_sae_cuda.py``.
@@ -52,3 +53,58 @@ def test_graphed_training_equals_eager_training(architecture: str, dead_window_t
     if dead_window_tokens < 10_000_000:
         assert max(eager.curves["aux_loss"]) > 0, "AuxK never ran: the case tests nothing"
     assert graphed.curves["loss"][-1] < graphed.curves["loss"][0]
+
+
+TOPK_CASES = [
+    # (rows, columns, k): the benchmark's batch, AuxK-like shapes, k = columns, odd sizes
+    (4096, 24576, 32),
+    (512, 16384, 64),
+    (300, 1000, 256),
+    (64, 777, 1),
+    (64, 100, 100),
+    (33, 32768, 16),
+]
+
+
+@pytest.mark.parametrize("segment", [2048, 256])  # the default, and three stages
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols", "k"), TOPK_CASES)
+def test_triton_topk_equals_torch_topk(
+    rows: int, cols: int, k: int, dtype: torch.dtype, segment: int
+):
+    from interpq.core.sae.triton_topk import row_topk, supports
+
+    g = torch.Generator(device="cuda").manual_seed(rows + cols + k)
+    base = torch.randn(rows, cols, device="cuda", generator=g)
+    inputs = {
+        "random": base,
+        "ties": torch.round(base * 3),  # few distinct values: ties at the threshold
+        "negative": -base.abs() - 1,
+        "constant": torch.zeros_like(base),
+        "with -inf": base.masked_fill(base < 0.5, -torch.inf),  # as AuxK masks live latents
+    }
+    for name, x in inputs.items():
+        x = x.to(dtype)
+        assert supports(x, k), (rows, cols, k, dtype)
+        values, indices = row_topk(x, k, segment=segment)
+        expected = x.topk(k, dim=-1).values  # sorted, descending
+        got = torch.sort(values, dim=-1, descending=True).values
+        assert torch.equal(got, expected), name
+        assert torch.equal(x.gather(1, indices), values), name
+        assert indices.min() >= 0 and indices.max() < cols, name
+        distinct = torch.sort(indices, dim=-1).values.diff(dim=-1)
+        assert bool((distinct > 0).all()), f"{name}: an index is taken twice"
+
+
+def test_triton_topk_in_training_matches_torch_topk():
+    """Same SAE whether the step picks its latents with the Triton kernel or torch.topk."""
+    data = _data().cuda()
+    common = dict(
+        d_in=64, d_sae=1024, k=8, batch_size=256, n_steps=40, lr_warmup_steps=5,
+        log_every_steps=5, dead_window_tokens=2048, device="cuda", checkpoint_every_steps=None,
+        seed=0,
+    )  # fmt: skip
+    fused = train(data, SAEConfig(**common, fused_topk=True), progress=False)
+    plain = train(data, SAEConfig(**common, fused_topk=False), progress=False)
+    for name, p in plain.sae.state_dict().items():
+        torch.testing.assert_close(fused.sae.state_dict()[name], p, atol=2e-5, rtol=1e-4)

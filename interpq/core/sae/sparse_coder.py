@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import SAEConfig
 from .kernels import SparsePattern, sparse_decode, sparse_preacts
+from .triton_topk import row_topk
 
 
 class ForwardOutput(NamedTuple):
@@ -177,6 +178,13 @@ class SparseAutoencoder(nn.Module):
             # output, an extra pass over the step's largest tensor: add it afterwards.
             return (xc @ w.T).add_(b)
 
+    def _row_topk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each row's k largest entries, unordered: (values, indices)."""
+        if self.cfg.fused_topk and not torch.compiler.is_compiling():
+            return row_topk(pre, k)  # the Triton kernel on CUDA, else torch.topk
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return values, indices
+
     def _forward_sparse(self, xs: Tensor, dead: DeadLatents | None) -> ForwardOutput:
         cfg = self.cfg
         n_rows, d_sae = xs.shape[0], self.d_sae
@@ -184,7 +192,7 @@ class SparseAutoencoder(nn.Module):
             xc = xs - self.b_dec  # [batch, d_in]
             pre = self._dense_preacts_no_grad(xc)  # [batch, d_sae]
             if cfg.architecture == "topk":
-                vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)  # [batch, k]
+                vals, idx = self._row_topk(pre, cfg.k)  # [batch, k]
                 pattern = SparsePattern.from_topk(idx, d_sae)
             else:
                 flat = pre.relu().flatten().topk(cfg.k * n_rows, sorted=False).indices
@@ -230,7 +238,7 @@ class SparseAutoencoder(nn.Module):
             cand_pre = pre.index_select(1, dead.candidates)  # [batch, n_candidates]
             still_dead = dead.mask.index_select(0, dead.candidates)
             cand_pre = cand_pre.masked_fill(~still_dead, -math.inf)
-            a_vals, a_local = cand_pre.topk(k_aux, dim=-1, sorted=False)  # [batch, k_aux]
+            a_vals, a_local = self._row_topk(cand_pre, k_aux)  # [batch, k_aux]
             a_pattern = SparsePattern.from_topk(dead.candidates[a_local], self.d_sae)
         a_acts = sparse_preacts(
             xc, self.W_enc, self.b_enc, self.b_dec, a_vals.to(xc.dtype), a_pattern

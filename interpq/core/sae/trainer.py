@@ -545,7 +545,8 @@ def _restore(directory: str | Path, runs: list[_Run], source: BatchSource) -> in
     if state.get("schema_version", 0) > SCHEMA_VERSION:
         raise ValueError(f"checkpoint in {directory} is from a newer interpq; upgrade to resume")
     saved = state["runs"]
-    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile"}  # not the math
+    # not the math:
+    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile", "fused_topk"}
     for i, run in enumerate(runs):
         now = {k: v for k, v in run.cfg.to_dict().items() if k not in ignore}
         then = (
