@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants",
         default="",
-        help="comma-separated SEGMENT:NUM_WARPS pairs to try as well (tuning), e.g. 1024:4",
+        help="comma-separated CHUNK:NUM_WARPS variants to try as well (tuning), e.g. 32:4,64:2",
     )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -66,17 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         assert torch.equal(x.gather(1, indices), values)
         gbytes = x.numel() * x.element_size() / 1e9
         ref = time_ms(lambda x=x: x.topk(args.k, dim=-1, sorted=False), args.iters)
-        variants = [("interpq row_topk", (tk.SEGMENT, None))]
-        for pair in filter(None, args.variants.split(",")):
-            seg, warps = (int(v) for v in pair.split(":"))
-            variants.append((f"segment={seg} warps={warps}", (seg, warps)))
+        variants = [("interpq row_topk", {})]
+        for spec in filter(None, args.variants.split(",")):
+            chunk, warps = spec.split(":")
+            options = {"chunk": int(chunk), "num_warps": int(warps)}
+            variants.append((spec, options))
         name = str(dtype).removeprefix("torch.")
         print(f"{name:>9} {'torch.topk':>24} {ref:9.3f} {gbytes / ref * 1e3:10.0f} {1:9.2f}x")
-        for label, (seg, warps) in variants:
-            ms = time_ms(
-                lambda x=x, s=seg, w=warps: tk.row_topk(x, args.k, segment=s, num_warps=w),
-                args.iters,
-            )
+        for label, options in variants:
+            ms = time_ms(lambda x=x, o=options: tk.row_topk(x, args.k, **o), args.iters)
             print(f"{name:>9} {label:>24} {ms:9.3f} {gbytes / ms * 1e3:10.0f} {ref / ms:9.2f}x")
     return 0
 

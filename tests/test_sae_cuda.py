@@ -66,11 +66,19 @@ TOPK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("segment", [2048, 256])  # the default, and three stages
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cap": 64},  # few candidate slots: rows with ties take the streaming search
+        {"chunk": 8, "num_warps": 2},
+    ],
+    ids=["default", "cap64", "chunk8"],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("rows", "cols", "k"), TOPK_CASES)
 def test_triton_topk_equals_torch_topk(
-    rows: int, cols: int, k: int, dtype: torch.dtype, segment: int
+    rows: int, cols: int, k: int, dtype: torch.dtype, options: dict
 ):
     from interpq.core.sae.triton_topk import row_topk, supports
 
@@ -86,7 +94,7 @@ def test_triton_topk_equals_torch_topk(
     for name, x in inputs.items():
         x = x.to(dtype)
         assert supports(x, k), (rows, cols, k, dtype)
-        values, indices = row_topk(x, k, segment=segment)
+        values, indices = row_topk(x, k, **options)
         expected = x.topk(k, dim=-1).values  # sorted, descending
         got = torch.sort(values, dim=-1, descending=True).values
         assert torch.equal(got, expected), name

@@ -118,10 +118,9 @@ class SAEConfig:
     the AuxK candidate set changes size; falls back to eager steps if capture fails."""
 
     fused_topk: bool = True
-    """On CUDA with Triton, pick each row's top k with interpq's one-pass Triton kernel
-    (``interpq.core.sae.triton_topk``: exact, ~6x faster than ``torch.topk`` on a
-    [4096, 24576] batch); ties at the threshold go to the lowest latent ids. Elsewhere, or
-    when False, ``torch.topk``."""
+    """On CUDA with Triton, pick each row's top k with interpq's Triton kernel
+    (``interpq.core.sae.triton_topk``: exact, 2.4x faster than ``torch.topk`` on a
+    [4096, 24576] bf16 batch on an H200). Elsewhere, or when False, ``torch.topk``."""
 
     grad_clip_norm: float | None = None
     """Clip the global gradient norm to this value before each step (None: no clipping)."""

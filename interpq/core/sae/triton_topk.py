@@ -1,32 +1,35 @@
-"""Exact per-row top-k on CUDA with a Triton kernel: a threshold search per segment of a row,
-then one compaction, in two stages for long rows.
+"""Exact per-row top-k on CUDA: one Triton program per row, which bounds the k-th largest
+value, keeps the few entries above the bound, and searches among those alone.
 
 ``torch.topk`` over a [4096, 24576] matrix (the TopK SAE's pre-activations) runs a radix
 select in several passes over global memory (``mbtopk``: digit counts, then a gather) and
-costs about 0.8 ms on an H200, 30 % of the whole training step. Here the first stage gives
-one program to each segment of ``SEGMENT`` columns of a row (12 per row there), which it
-reads once and holds in registers:
+costs 0.83 ms on an H200 in bf16, 30 % of the whole training step; this kernel takes
+0.35 ms (``benchmarks/topk.py``). Each program, for its row:
 
-1. every value becomes an integer key with the same order (the float's bits, with the
+1. turns every value into an integer key with the same order (the float's bits, with the
    magnitude bits flipped for negative numbers);
-2. the segment is cut into ``NG ≥ k`` groups; the smallest of the groups' maxima, L, is a
-   lower bound of the k-th largest key (the NG maxima are NG distinct entries ≥ L), and
-   the largest maximum M an upper bound;
-3. a binary search over [L, M] finds T, the largest key with at least k keys ≥ T: the k-th
-   largest. Each round is one count over the registers; for bf16 keys the interval holds a
-   few hundred keys, so it takes about 8 rounds (about 24 for fp32);
-4. the entries > T, and the first (lowest-index) entries == T up to k in all, are written
-   out at ranks given by prefix sums: k values and their column ids.
+2. cuts the row into ``NG ≥ k`` groups of consecutive columns and reads it once, in
+   [NG, CHUNK] tiles, for the groups' maxima: the smallest of them, L, is a lower bound of
+   the k-th largest key (the NG maxima are NG distinct entries ≥ L) and the largest, M, an
+   upper bound;
+3. reads the row again (from L2) and writes the entries with key ≥ L, the candidates,
+   into a scratch buffer of ``CAP`` slots at ranks given by prefix sums (about 110 of the
+   24576 on Gaussian-like rows);
+4. binary-searches [L, M] for T, the largest key with at least k candidates ≥ T: the k-th
+   largest. Each round is one count over the candidates in registers, about 8 rounds for
+   bf16 keys and 24 for fp32;
+5. writes the candidates > T and the first candidates == T, k in all, with their column
+   ids, unordered.
 
-The second stage runs the same kernel once per row over the segments' k·segments
-candidates (with their column ids). The result is exact: the same multiset of values as
-``torch.topk``; where values tie at the threshold the lowest column ids are taken
-(``torch.topk`` leaves ties unspecified). NaNs are ordered by their bits (positive NaN above
-+inf, negative NaN below -inf), not all above everything as in ``torch.topk``; a row with
-NaNs means the training has diverged.
+A row with more candidates than slots (heavy ties, a constant row) takes the same search
+streaming over the whole row instead: slower, the same result. The result is exact: the
+same multiset of values as ``torch.topk``; which of several entries tied at the threshold
+are taken is deterministic (``torch.topk`` leaves it unspecified). NaNs are ordered by
+their bits (positive NaN above +inf, negative NaN below -inf), not all above everything as
+in ``torch.topk``; a row with NaNs means the training has diverged.
 
-``row_topk`` falls back to ``torch.topk`` where the kernel does not apply: no CUDA tensor, no
-Triton, k > 1024, or a dtype other than bf16, fp16 and fp32.
+``row_topk`` falls back to ``torch.topk`` where the kernel does not apply: no CUDA tensor,
+no Triton, k > 1024, or a dtype other than bf16, fp16 and fp32.
 """
 
 from __future__ import annotations
@@ -36,88 +39,17 @@ import functools
 import torch
 from torch import Tensor
 
-SEGMENT = 2048
-"""Target columns per program in the first stage."""
+CHUNK = 64
+"""Columns per group that a row program reads per step of its loops."""
+
+CAP = 1024
+"""Candidate slots per row (at least 4·k)."""
 
 
-@functools.cache
-def _kernel():  # pragma: no cover - needs CUDA and Triton
-    import triton
-    import triton.language as tl
+def _kernels():  # pragma: no cover - needs Triton
+    from . import _topk_kernels
 
-    @triton.jit
-    def select_kernel(
-        x_ptr,
-        x_idx_ptr,
-        vals_ptr,
-        idx_ptr,
-        n_cols,
-        segment,
-        group,
-        stride_row,
-        K: tl.constexpr,
-        NG: tl.constexpr,
-        BG: tl.constexpr,
-        WIDE: tl.constexpr,
-        HAS_IDX: tl.constexpr,
-    ):
-        """Top K of columns [s·segment, (s+1)·segment) of row r -> out[r, s·K:(s+1)·K].
-
-        With HAS_IDX, x holds candidates whose column ids are in x_idx (-1: padding).
-        Slots past the row's end are written as (-inf, -1) when a segment has < K columns.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        seg = tl.program_id(1)
-        n_segments = tl.num_programs(1)
-        g = tl.arange(0, NG)[:, None]
-        c = tl.arange(0, BG)[None, :]
-        col = seg * segment + g * group + c  # [NG, BG]
-        valid = (c < group) & (g * group + c < segment) & (col < n_cols)
-        src = row * stride_row + col
-        x = tl.load(x_ptr + src, mask=valid, other=0.0)
-        if HAS_IDX:
-            ids = tl.load(x_idx_ptr + src, mask=valid, other=-1)
-            valid = valid & (ids >= 0)
-        # Order-preserving integer keys (signed int32): flip the magnitude bits of negatives.
-        if WIDE:
-            b = x.to(tl.int32, bitcast=True)
-            key = b ^ ((b >> 31) & 0x7FFFFFFF)
-        else:
-            b = x.to(tl.int16, bitcast=True).to(tl.int32)
-            key = b ^ ((b >> 15) & 0x7FFF)
-        # Padding gets the smallest key; real keys are kept strictly above it.
-        key = tl.where(valid, tl.maximum(key, -2147483646), -2147483647)
-
-        group_max = tl.max(key, axis=1)  # [NG]
-        lo = tl.min(group_max, axis=0).to(tl.int64)  # ≥ NG ≥ K keys are ≥ lo
-        hi = tl.max(group_max, axis=0).to(tl.int64)
-        while lo < hi:
-            mid = lo + ((hi - lo - 1) >> 1) + 1  # in (lo, hi]
-            count = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=1), axis=0)
-            ok = count >= K
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        threshold = lo.to(tl.int32)  # the K-th largest key
-
-        gt = (key > threshold).to(tl.int32)
-        eq = (key == threshold).to(tl.int32)
-        gt_total = tl.sum(gt, axis=1)  # [NG]
-        eq_total = tl.sum(eq, axis=1)
-        n_gt = tl.sum(gt_total, axis=0)
-        gt_rank = (tl.cumsum(gt_total, axis=0) - gt_total)[:, None] + tl.cumsum(gt, axis=1) - 1
-        eq_rank = (tl.cumsum(eq_total, axis=0) - eq_total)[:, None] + tl.cumsum(eq, axis=1) - 1
-        take = (gt > 0) | ((eq > 0) & (eq_rank < K - n_gt))
-        pos = tl.where(gt > 0, gt_rank, n_gt + eq_rank)
-        out = (row * n_segments + seg) * K + pos
-        vals = tl.load(x_ptr + src, mask=take & valid, other=float("-inf"))
-        if HAS_IDX:
-            out_ids = tl.load(x_idx_ptr + src, mask=take & valid, other=-1)
-        else:
-            out_ids = tl.where(valid, col.to(tl.int64), -1)
-        tl.store(vals_ptr + out, vals.to(vals_ptr.dtype.element_ty), mask=take)
-        tl.store(idx_ptr + out, out_ids, mask=take)
-
-    return select_kernel
+    return _topk_kernels
 
 
 @functools.cache
@@ -137,25 +69,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _shape(n_cols: int, k: int) -> tuple[int, int, int]:
-    """(groups, group length, padded group length) for segments of ``n_cols``."""
-    n_groups = _next_pow2(k)
-    group = -(-n_cols // n_groups)
-    return n_groups, group, _next_pow2(group)
-
-
-def plan(n_cols: int, k: int, segment: int = SEGMENT) -> list[tuple[int, int]] | None:
-    """The stages for rows of ``n_cols``: (columns in, segments) each, or None (no kernel)."""
+def plan(n_cols: int, k: int) -> tuple[int, int] | None:
+    """(groups, group length) for rows of ``n_cols``, or None where the kernel does not apply."""
     if not 1 <= k <= min(n_cols, 1024):
         return None
-    stages = []
-    segment = max(segment, 8 * _next_pow2(k))
-    while n_cols > segment:
-        n_segments = -(-n_cols // segment)
-        stages.append((n_cols, n_segments))
-        n_cols = n_segments * k
-    stages.append((n_cols, 1))
-    return stages
+    n_groups = _next_pow2(k)
+    return n_groups, -(-n_cols // n_groups)
 
 
 def supports(x: Tensor, k: int) -> bool:
@@ -171,47 +90,47 @@ def supports(x: Tensor, k: int) -> bool:
 
 
 def row_topk(
-    x: Tensor, k: int, *, segment: int = SEGMENT, num_warps: int | None = None
+    x: Tensor, k: int, *, chunk: int = CHUNK, cap: int = CAP, num_warps: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of x [rows, n], unordered: (values, int64 indices).
 
     The same values as ``x.topk(k, dim=-1, sorted=False)`` (see the module docstring for
-    ties and NaNs); calls exactly that where the kernel does not apply. Long rows go in two
-    stages: the top k of each ``segment`` columns, then the top k of those candidates.
+    ties and NaNs); calls exactly that where the kernel does not apply. ``chunk``, ``cap``
+    and ``num_warps`` tune the kernel (``benchmarks/topk.py``).
     """
     if not supports(x, k):
         values, indices = x.topk(k, dim=-1, sorted=False)
         return values, indices
-    return _stages(x, k, segment, num_warps)
+    return _stream(x, k, chunk=chunk, cap=cap, num_warps=num_warps)
 
 
-def _stages(x: Tensor, k: int, segment: int, num_warps: int | None) -> tuple[Tensor, Tensor]:
-    n_rows = x.shape[0]
-    values, ids = x, None
-    for n_cols, n_segments in plan(x.shape[1], k, segment):  # type: ignore[union-attr]
-        out_vals = torch.empty(n_rows, n_segments * k, dtype=x.dtype, device=x.device)
-        out_ids = torch.empty(n_rows, n_segments * k, dtype=torch.int64, device=x.device)
-        if n_rows == 0:
-            return out_vals, out_ids
-        seg_len = -(-n_cols // n_segments)
-        n_groups, group, padded = _shape(seg_len, k)
-        slots = n_groups * padded
-        _kernel()[(n_rows, n_segments)](
-            values,
-            values if ids is None else ids,
-            out_vals,
-            out_ids,
-            n_cols,
-            seg_len,
-            group,
-            values.stride(0),
-            K=k,
-            NG=n_groups,
-            BG=padded,
-            WIDE=x.dtype == torch.float32,
-            HAS_IDX=ids is not None,
-            # (a forced num_warps applies to the first stage: small blocks get few warps)
-            num_warps=max(1, min(num_warps or 16, slots // 512)),
-        )
-        values, ids = out_vals, out_ids
-    return values, ids
+def _stream(
+    x: Tensor, k: int, *, chunk: int, cap: int, num_warps: int | None
+) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = x.shape
+    values = torch.empty(n_rows, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n_rows, k, dtype=torch.int64, device=x.device)
+    if n_rows == 0:
+        return values, indices
+    n_groups, group = plan(n_cols, k)  # type: ignore[misc]
+    chunk = min(chunk, max(1, 4096 // n_groups), _next_pow2(group))
+    cap = max(cap, _next_pow2(4 * k))
+    cand_key = torch.empty(n_rows, cap, dtype=torch.int32, device=x.device)
+    cand_col = torch.empty(n_rows, cap, dtype=torch.int32, device=x.device)
+    _kernels().stream_kernel[(n_rows,)](
+        x,
+        values,
+        indices,
+        cand_key,
+        cand_col,
+        n_cols,
+        group,
+        x.stride(0),
+        K=k,
+        NG=n_groups,
+        BC=chunk,
+        CAP=cap,
+        WIDE=x.dtype == torch.float32,
+        num_warps=num_warps or (8 if n_groups * chunk >= 4096 else 4),
+    )
+    return values, indices
