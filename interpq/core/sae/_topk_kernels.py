@@ -18,6 +18,24 @@ def to_key(x, WIDE: tl.constexpr):
 
 
 @triton.jit
+def load_tile(base, start, group, n_cols, NG: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr):
+    """Columns [start, start+BC) of each of the NG groups: (column, valid, value, key)."""
+    c = start + tl.arange(0, BC)[None, :]
+    col = tl.arange(0, NG)[:, None] * group + c
+    valid = (c < group) & (col < n_cols)
+    x = tl.load(base + col, mask=valid, other=0.0)
+    return col, valid, x, tl.where(valid, to_key(x, WIDE), -2147483647)
+
+
+@triton.jit
+def tile_ranks(flags):
+    """Exclusive ranks of the set flags of a [NG, BC] tile (group-major), and their count."""
+    total = tl.sum(flags, axis=1)
+    rank = (tl.cumsum(total, axis=0) - total)[:, None] + tl.cumsum(flags, axis=1) - flags
+    return rank, tl.sum(total, axis=0)
+
+
+@triton.jit
 def stream_kernel(
     x_ptr,
     vals_ptr,
@@ -38,17 +56,12 @@ def stream_kernel(
     PAD: tl.constexpr = -2147483647
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_row
-    g = tl.arange(0, NG)[:, None]
-    c0 = tl.arange(0, BC)[None, :]
 
     # 1. Group maxima: lo = the smallest (≥ NG ≥ K keys are ≥ lo), hi = the largest.
     gmax = tl.full((NG, BC), PAD, tl.int32)
     for start in range(0, group, BC):
-        c = start + c0
-        col = g * group + c
-        valid = (c < group) & (col < n_cols)
-        x = tl.load(base + col, mask=valid, other=0.0)
-        gmax = tl.maximum(gmax, tl.where(valid, to_key(x, WIDE), PAD))
+        _, _, _, key = load_tile(base, start, group, n_cols, NG, BC, WIDE)
+        gmax = tl.maximum(gmax, key)
     group_max = tl.max(gmax, axis=1)
     lo = tl.min(group_max, axis=0)
     hi = tl.max(group_max, axis=0)
@@ -58,19 +71,14 @@ def stream_kernel(
     cand = row * CAP
     n = lo * 0
     for start in range(0, group, BC):
-        c = start + c0
-        col = g * group + c
-        valid = (c < group) & (col < n_cols)
-        key = tl.where(valid, to_key(tl.load(base + col, mask=valid, other=0.0), WIDE), PAD)
-        sel = (key >= lo).to(tl.int32)  # padding is below lo unless lo is PAD
-        sel = tl.where(valid, sel, 0)
-        total = tl.sum(sel, axis=1)
-        rank = (tl.cumsum(total, axis=0) - total)[:, None] + tl.cumsum(sel, axis=1) - sel
+        col, valid, _, key = load_tile(base, start, group, n_cols, NG, BC, WIDE)
+        sel = ((key >= lo) & valid).to(tl.int32)  # padding is below lo unless lo is PAD
+        rank, count = tile_ranks(sel)
         pos = n + rank
         keep = (sel > 0) & (pos < CAP)
         tl.store(cand_key_ptr + cand + pos, key, mask=keep)
         tl.store(cand_col_ptr + cand + pos, col, mask=keep)
-        n += tl.sum(total, axis=0)
+        n += count
     tl.debug_barrier()  # the scratch writes above are read by other threads below
 
     lo64 = lo.to(tl.int64)
@@ -102,11 +110,7 @@ def stream_kernel(
             mid32 = mid.to(tl.int32)
             count = lo * 0
             for start in range(0, group, BC):
-                c = start + c0
-                col = g * group + c
-                valid = (c < group) & (col < n_cols)
-                x = tl.load(base + col, mask=valid, other=0.0)
-                key = tl.where(valid, to_key(x, WIDE), PAD)
+                _, _, _, key = load_tile(base, start, group, n_cols, NG, BC, WIDE)
                 count += tl.sum(tl.sum((key >= mid32).to(tl.int32), axis=1), axis=0)
             ok = count >= K
             lo64 = tl.where(ok, mid, lo64)
@@ -114,31 +118,21 @@ def stream_kernel(
         threshold = lo64.to(tl.int32)
         n_gt = lo * 0
         for start in range(0, group, BC):
-            c = start + c0
-            col = g * group + c
-            valid = (c < group) & (col < n_cols)
-            x = tl.load(base + col, mask=valid, other=0.0)
-            key = tl.where(valid, to_key(x, WIDE), PAD)
+            _, _, _, key = load_tile(base, start, group, n_cols, NG, BC, WIDE)
             n_gt += tl.sum(tl.sum((key > threshold).to(tl.int32), axis=1), axis=0)
         seen_gt = lo * 0
         seen_eq = lo * 0
         for start in range(0, group, BC):
-            c = start + c0
-            col = g * group + c
-            valid = (c < group) & (col < n_cols)
-            x = tl.load(base + col, mask=valid, other=0.0)
-            key = tl.where(valid, to_key(x, WIDE), PAD)
+            col, _, x, key = load_tile(base, start, group, n_cols, NG, BC, WIDE)
             gt = (key > threshold).to(tl.int32)
             eq = (key == threshold).to(tl.int32)
-            gt_total = tl.sum(gt, axis=1)
-            eq_total = tl.sum(eq, axis=1)
-            gt_rank = (tl.cumsum(gt_total, axis=0) - gt_total)[:, None]
-            gt_rank += seen_gt + tl.cumsum(gt, axis=1) - gt
-            eq_rank = (tl.cumsum(eq_total, axis=0) - eq_total)[:, None]
-            eq_rank += seen_eq + tl.cumsum(eq, axis=1) - eq
+            gt_rank, gt_count = tile_ranks(gt)
+            eq_rank, eq_count = tile_ranks(eq)
+            gt_rank += seen_gt
+            eq_rank += seen_eq
             take = (gt > 0) | ((eq > 0) & (eq_rank < K - n_gt))
             pos = tl.where(gt > 0, gt_rank, n_gt + eq_rank)
             tl.store(vals_ptr + row * K + pos, x, mask=take)
             tl.store(idx_ptr + row * K + pos, col.to(tl.int64), mask=take)
-            seen_gt += tl.sum(gt_total, axis=0)
-            seen_eq += tl.sum(eq_total, axis=0)
+            seen_gt += gt_count
+            seen_eq += eq_count
