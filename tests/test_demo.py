@@ -204,6 +204,20 @@ def _assert_stack_running(run: DemoRun) -> None:
     assert len(running) >= 6, f"expected the whole stack, found {[p.cmdline for p in running]}"
 
 
+def _start_until_submitted(
+    demo: list[DemoRun], tmp_path: Path, check_flower: bool = True
+) -> tuple[DemoRun, Path]:
+    """Start the demo, wait for its broker (and Flower) lines and its batch, check the stack:
+    (the run, the embedded Redis socket's directory)."""
+    run = _start(demo, tmp_path)
+    sock = run.wait_for_line(r"broker\s+redis\+socket://(\S+)", timeout_s=120)
+    if check_flower:
+        run.wait_for_line(r"flower\s+http://127\.0\.0\.1:\d+\s+user \S+\s+password \S+", 60)
+    run.wait_for_line(r"^submitted batch demo \([0-9a-f]{32}\)$", timeout_s=60)
+    _assert_stack_running(run)
+    return run, Path(sock.group(1)).parent
+
+
 def _assert_nothing_left(run: DemoRun, sockdir: Path) -> None:
     left = run.processes()
     assert not left, "processes left behind:\n" + "\n".join(
@@ -216,11 +230,7 @@ def _assert_nothing_left(run: DemoRun, sockdir: Path) -> None:
 def test_demo_runs_prints_results_and_stops_every_process(
     tmp_path: Path, demo: list[DemoRun]
 ) -> None:
-    run = _start(demo, tmp_path)
-    sock = run.wait_for_line(r"broker\s+redis\+socket://(\S+)", timeout_s=120)
-    run.wait_for_line(r"flower\s+http://127\.0\.0\.1:\d+\s+user \S+\s+password \S+", 60)
-    run.wait_for_line(r"^submitted batch demo \([0-9a-f]{32}\)$", timeout_s=60)
-    _assert_stack_running(run)
+    run, sockdir = _start_until_submitted(demo, tmp_path)
 
     rc = run.finish(timeout_s=200)
     out = "\n".join(run.lines)
@@ -252,17 +262,14 @@ def test_demo_runs_prints_results_and_stops_every_process(
     assert png.is_relative_to(tmp_path / "interpq-demo"), f"heatmap {png} outside the workdir"
 
     assert re.search(r"^demo finished in [\d.]+ s; every process stopped\.$", out, re.MULTILINE)
-    _assert_nothing_left(run, Path(sock.group(1)).parent)
+    _assert_nothing_left(run, sockdir)
 
 
 @pytest.mark.timeout(180)
 def test_demo_interrupted_with_ctrl_c_stops_every_process(
     tmp_path: Path, demo: list[DemoRun]
 ) -> None:
-    run = _start(demo, tmp_path)
-    sock = run.wait_for_line(r"broker\s+redis\+socket://(\S+)", timeout_s=120)
-    run.wait_for_line(r"^submitted batch demo \([0-9a-f]{32}\)$", timeout_s=60)
-    _assert_stack_running(run)
+    run, sockdir = _start_until_submitted(demo, tmp_path, check_flower=False)
 
     run.popen.send_signal(signal.SIGINT)
     rc = run.finish(timeout_s=60)
@@ -272,4 +279,4 @@ def test_demo_interrupted_with_ctrl_c_stops_every_process(
     assert re.search(
         r"^demo interrupted after [\d.]+ s; every process stopped\.$", "\n".join(run.lines), re.M
     ), run.output()
-    _assert_nothing_left(run, Path(sock.group(1)).parent)
+    _assert_nothing_left(run, sockdir)

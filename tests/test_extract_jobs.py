@@ -98,6 +98,16 @@ def _store(spec: Extract, db_url: str) -> str:
     return job_id
 
 
+def _served(server: LocalProviderServer, texts: list[str]) -> list[list[float]]:
+    """MiniLM embeddings of ``texts`` straight from the provider's /embeddings endpoint."""
+    data = requests.post(
+        server.base_url + "/embeddings",
+        json={"model": "all-MiniLM-L6-v2", "input": texts},
+        timeout=60,
+    ).json()["data"]
+    return [d["embedding"] for d in data]
+
+
 def _rows(db_url: str, table: type, job_id: str) -> list:
     with get_engine(db_url).connect() as conn:
         return conn.execute(select(table.__table__).where(table.job_id == job_id)).all()
@@ -129,12 +139,7 @@ def test_api_extraction_sends_64_texts_per_request_and_reruns_from_cache(
     x = np.concatenate(list(ds.iter_batches(50, as_numpy=True)))
     texts = ds.texts()
     assert texts == load_texts(CORPUS, 130)
-    direct = requests.post(
-        server.base_url + "/embeddings",
-        json={"model": "all-MiniLM-L6-v2", "input": [texts[0], texts[129]]},
-        timeout=60,
-    ).json()["data"]
-    np.testing.assert_allclose(x[[0, 129]], [d["embedding"] for d in direct], atol=1e-6)
+    np.testing.assert_allclose(x[[0, 129]], _served(server, [texts[0], texts[129]]), atol=1e-6)
 
     before = _n_requests(server)
     again = _run(spec.model_copy(update={"name": "emb-again"}), db_url)
@@ -326,9 +331,4 @@ def test_an_api_shard_yields_its_turn_and_continues_paying_nothing_twice(
     assert job["result"]["n_rows"] == 40
     ds = ActivationDataset.open(job["result"]["manifest_uri"])
     emb = np.concatenate(list(ds.iter_batches(64, as_numpy=True)))
-    direct = requests.post(
-        server.base_url + "/embeddings",
-        json={"model": "all-MiniLM-L6-v2", "input": [texts[0], texts[39]]},
-        timeout=60,
-    ).json()["data"]
-    np.testing.assert_allclose(emb[[0, 39]], [d["embedding"] for d in direct], atol=1e-6)
+    np.testing.assert_allclose(emb[[0, 39]], _served(server, [texts[0], texts[39]]), atol=1e-6)

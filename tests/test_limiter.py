@@ -126,19 +126,25 @@ def _holds(
     return held, release
 
 
+def _waits(lim: Limiter, model: str) -> tuple[threading.Thread, threading.Event]:
+    """A thread asking for a permit for ``model``; the event is set once it has one."""
+    got = threading.Event()
+
+    def call() -> None:
+        with lim.permit(lease_s=30, model=model):
+            got.set()
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    return t, got
+
+
 def test_a_models_max_concurrency_holds_besides_the_providers(
     redis_url: str, provider: Provider
 ) -> None:
     lim = Limiter(redis_for(redis_url), provider)
     _, release_one = _holds(lim, "one")  # "one" allows a single call in flight
-    second_one = threading.Event()
-
-    def call_one() -> None:
-        with lim.permit(lease_s=30, model="one"):
-            second_one.set()
-
-    t = threading.Thread(target=call_one, daemon=True)
-    t.start()
+    t, second_one = _waits(lim, "one")
     assert not second_one.wait(0.5), "a second call of 'one' ran beyond its max_concurrency=1"
     # the provider (max_concurrency=2) still has room for another model's call
     with lim.permit(lease_s=30, model="m"):
@@ -152,14 +158,7 @@ def test_a_models_max_concurrency_holds_besides_the_providers(
 def test_a_full_provider_blocks_a_model_with_room(redis_url: str, provider: Provider) -> None:
     lim = Limiter(redis_for(redis_url), provider)
     releases = [_holds(lim, "m")[1] for _ in range(2)]  # the provider's 2 permits
-    got = threading.Event()
-
-    def call_one() -> None:
-        with lim.permit(lease_s=30, model="one"):
-            got.set()
-
-    t = threading.Thread(target=call_one, daemon=True)
-    t.start()
+    t, got = _waits(lim, "one")
     assert not got.wait(0.5), "a call ran beyond the provider's max_concurrency=2"
     # all or nothing: the waiting call took no lease of its model while it waited
     assert lim.r.zcard(f"interpq:limit:{provider.name}:one:leases") == 0

@@ -113,6 +113,14 @@ class Verdict:
     latency_s: float = 0.0
 
 
+def _push(window: deque[float], now_s: float) -> int:
+    """Append ``now_s`` to a window of times, drop those older than STATS_WINDOW_S: its size."""
+    window.append(now_s)
+    while window and window[0] <= now_s - STATS_WINDOW_S:
+        window.popleft()
+    return len(window)
+
+
 class RequestStats:
     """Counts of ``/v1`` requests by path and status, and the busiest 1-second windows: of all
     requests that passed the key check (``max_sent_in_1s``, 429s included) and of those the
@@ -138,18 +146,12 @@ class RequestStats:
     def on_receive(self, now_s: float) -> None:
         """A request reached the fault checks at monotonic time ``now_s`` (before any 429)."""
         with self._lock:
-            self._sent.append(now_s)
-            while self._sent and self._sent[0] <= now_s - STATS_WINDOW_S:
-                self._sent.popleft()
-            self._max_sent = max(self._max_sent, len(self._sent))
+            self._max_sent = max(self._max_sent, _push(self._sent, now_s))
 
     def on_accept(self, now_s: float) -> None:
         """A request passed the rate limit at monotonic time ``now_s``."""
         with self._lock:
-            self._window.append(now_s)
-            while self._window and self._window[0] <= now_s - STATS_WINDOW_S:
-                self._window.popleft()
-            self._max_in_window = max(self._max_in_window, len(self._window))
+            self._max_in_window = max(self._max_in_window, _push(self._window, now_s))
             self._n_accepted += 1
 
     def record(self, path: str, status: int, t_unix_s: float) -> None:
