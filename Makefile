@@ -34,6 +34,7 @@ demo: install
 lint: install-test
 	$(VENV)/bin/ruff check interpq tests benchmarks
 	$(VENV)/bin/ruff format --check interpq tests benchmarks
+	$(VENV)/bin/lint-imports
 
 test: install-test lint
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -40,10 +40,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from interpq.artifacts import FileStore  # noqa: E402
+from interpq.core.corpus import load_texts  # noqa: E402
 from interpq.core.extraction import accepts_position_ids, pad, plan_batches  # noqa: E402
-from interpq.corpus import load_texts  # noqa: E402
 from interpq.specs import Extract  # noqa: E402
+from interpq.store.artifacts import FileStore  # noqa: E402
 from interpq.worker.runners.extract import local_model, write_local_shard  # noqa: E402
 
 CORPUS = "corpus:stdlib-docstrings"
@@ -141,7 +141,7 @@ def bench_api(args: argparse.Namespace) -> dict[str, Any]:
     from interpq.models.db import get_engine
     from interpq.scheduler.client import Client
     from interpq.settings import Settings
-    from interpq.stack import Stack
+    from interpq.stack.embedded import Stack
 
     spec = Extract(name="api-bench", model=f"local:{args.api_model}", texts=CORPUS,
                    n_texts=args.api_texts)  # fmt: skip

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from interpq.scheduler.client import Client  # noqa: E402
 from interpq.settings import Settings  # noqa: E402
 from interpq.specs import Noop  # noqa: E402
-from interpq.stack import Stack  # noqa: E402
+from interpq.stack.embedded import Stack  # noqa: E402
 
 BARE_APP = textwrap.dedent(
     """

@@ -9,8 +9,8 @@ For models reachable only through an API, :func:`compare_prompts` runs a *counte
 comparison* (input variants read through top-k logprobs); it is not activation patching.
 """
 
+from interpq.core.layout import HOOK_POINTS, Layout, LayoutError, locate
 from interpq.core.patching import *  # noqa: F403  (the public names, listed once in core)
 from interpq.core.patching import __all__ as _core_all
-from interpq.runtime.layout import HOOK_POINTS, Layout, LayoutError, locate
 
 __all__ = [*_core_all, "HOOK_POINTS", "Layout", "LayoutError", "locate"]

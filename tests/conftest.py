@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interpq.stack import find_redis_server
+from interpq.stack.embedded import find_redis_server
 
 PG_URL = os.environ.get("INTERPQ_TEST_POSTGRES_URL")
 

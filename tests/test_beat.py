@@ -22,15 +22,16 @@ import pytest
 import yaml
 from sqlalchemy import insert
 
-from interpq.beat import beat_entries, load_schedule, resolve_batch
 from interpq.errors import SpecError
-from interpq.history import latency_history, parse_duration_s, parse_since, plot_history
 from interpq.models import Batch, Job, LatencySummary
 from interpq.models.db import get_engine, write
 from interpq.providers.config import load_providers
+from interpq.reports.history import latency_history, plot_history
 from interpq.scheduler.client import Client
+from interpq.scheduler.periodic import beat_entries, load_schedule, resolve_batch
 from interpq.settings import Settings
-from interpq.stack import Stack
+from interpq.specs.durations import parse_duration_s, parse_since
+from interpq.stack.embedded import Stack
 
 pytestmark = pytest.mark.timeout(120)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

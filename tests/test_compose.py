@@ -205,8 +205,8 @@ def test_gpu_worker_reserves_gpus(services: dict[str, Any]) -> None:
 def test_scheduler_schedule_is_accepted_by_interpq_beat(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
-    from interpq.beat import load_schedule
     from interpq.providers.config import load_providers
+    from interpq.scheduler.periodic import load_schedule
     from interpq.settings import Settings
 
     cmd = compose["services"]["scheduler"]["command"]

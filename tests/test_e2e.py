@@ -23,7 +23,7 @@ from interpq.models.db import get_engine
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Benchmark, Noop
-from interpq.stack import Stack
+from interpq.stack.embedded import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 KEY_ENV = "INTERPQ_TEST_WORKER_KEY"
@@ -291,9 +291,9 @@ def test_redelivered_message_of_a_finished_job_releases_or_cancels_what_a_crash_
     from interpq.models import Batch as BatchRow
     from interpq.models import Job
     from interpq.models.db import write
+    from interpq.queue.limiter import redis_for
+    from interpq.queue.publish import Dispatch, publish
     from interpq.scheduler.batch import Batch
-    from interpq.scheduler.dispatch import Dispatch, publish
-    from interpq.worker.limiter import redis_for
 
     client = _client(stack)
     now = datetime.now(UTC)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from interpq.artifacts import HOST_TAG, FileStore, relative, resolve, sha256_file
+from interpq.core.corpus import TextSourceError, count_texts, load_texts, stdlib_sentences
 from interpq.core.extraction import extract, forward_capture, pad
-from interpq.corpus import TextSourceError, count_texts, load_texts, stdlib_sentences
+from interpq.core.layout import LayoutError, locate
 from interpq.datasets import (
     ActivationDataset,
     DatasetError,
@@ -27,11 +27,11 @@ from interpq.datasets import (
     ShardInfo,
     write_shard,
 )
+from interpq.hf.loading import LoadedModel, load_minilm, tiny_gpt2
 from interpq.providers.config import load_providers
-from interpq.runtime.layout import LayoutError, locate
-from interpq.runtime.models import LoadedModel, load_minilm, tiny_gpt2
 from interpq.settings import Settings
 from interpq.specs import Extract, SubmitContext
+from interpq.store.artifacts import HOST_TAG, FileStore, relative, resolve, sha256_file
 
 pytestmark = pytest.mark.timeout(60)
 TEXTS = [

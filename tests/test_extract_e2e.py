@@ -15,11 +15,11 @@ from sqlalchemy import select
 from interpq.datasets import ActivationDataset, read_shard_header
 from interpq.models import Artifact, JobPart
 from interpq.models.db import get_engine
-from interpq.report import jobs_table
+from interpq.reports.tables import jobs_table
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Extract
-from interpq.stack import Stack
+from interpq.stack.embedded import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

@@ -21,17 +21,17 @@ import torch
 from conftest import worker_settings
 from sqlalchemy import insert, select
 
-from interpq.corpus import load_texts
+from interpq.core.corpus import load_texts
 from interpq.datasets import ActivationDataset
 from interpq.models import ApiCall, Artifact, Batch, Job, JobPart
 from interpq.models.db import get_engine, write
 from interpq.providers import openai_http
-from interpq.providers.local_server import LocalProviderServer, ServerOptions
-from interpq.report import jobs_table
+from interpq.providers.local.server import LocalProviderServer, ServerOptions
+from interpq.queue.limiter import redis_for
+from interpq.reports.tables import jobs_table
 from interpq.scheduler.batch import JobResult
 from interpq.specs import Extract
 from interpq.worker.lifecycle import run_part
-from interpq.worker.limiter import redis_for
 
 pytestmark = pytest.mark.timeout(120)
 CORPUS = "corpus:stdlib-docstrings"
@@ -152,7 +152,7 @@ def test_api_extraction_sends_64_texts_per_request_and_reruns_from_cache(
 
 
 def test_local_extraction_writes_a_dataset_and_reuses_its_shards(env: Path, db_url: str) -> None:
-    from interpq.runtime.models import tiny_gpt2
+    from interpq.hf.loading import tiny_gpt2
 
     spec = Extract(name="acts", model="tiny-gpt2-random-weights", texts=CORPUS, n_texts=40,
                    shard_size=16, layers=[0, 1], hooks=["resid_pre", "mlp_out"])  # fmt: skip

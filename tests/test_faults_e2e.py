@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from interpq.providers.local_server import LocalProviderServer, ServerOptions
+from interpq.providers.local.server import LocalProviderServer, ServerOptions
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Benchmark
-from interpq.stack import Stack
+from interpq.stack.embedded import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 L_RPS = 10
@@ -258,7 +258,7 @@ def _status(stack: Stack) -> str:
 
 def test_status_lists_providers_busy_or_cooling_down_without_recent_calls(stack: Stack) -> None:
     from interpq.providers.config import get_provider
-    from interpq.worker.limiter import Limiter, redis_for
+    from interpq.queue.limiter import Limiter, redis_for
 
     r = redis_for(stack.env["INTERPQ_BROKER_URL"])
     openai, deepseek = get_provider("openai"), get_provider("deepseek")  # presets, never called

@@ -1,4 +1,4 @@
-"""Locating model parts and reading/editing them with hooks (interpq.runtime.layout)."""
+"""Locating model parts and reading/editing them with hooks (interpq.core.layout)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from transformers import (
 )
 
 from interpq.core.extraction import extract
-from interpq.runtime.layout import LayoutError, locate
-from interpq.runtime.models import load_minilm, tiny_gpt2
+from interpq.core.layout import LayoutError, locate
+from interpq.hf.loading import load_minilm, tiny_gpt2
 
 SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 64}
 

@@ -17,10 +17,10 @@ from sqlalchemy import insert, select, update
 
 from interpq.models import Batch, Job, JobState
 from interpq.models.db import get_engine, write
+from interpq.queue.leases import Leases
+from interpq.queue.limiter import redis_for
 from interpq.specs import Noop
-from interpq.worker.leases import Leases
 from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
-from interpq.worker.limiter import redis_for
 
 pytestmark = pytest.mark.timeout(60)
 

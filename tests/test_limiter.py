@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from interpq.providers.config import ModelPrice, Provider
-from interpq.worker.limiter import BudgetExceeded, Limiter, redis_for, snapshot
+from interpq.queue.limiter import BudgetExceeded, Limiter, redis_for, snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -191,7 +191,7 @@ def test_a_call_that_wakes_late_takes_a_new_slot(
 ) -> None:
     """A worker starved of CPU wakes after its slot: it must not go late (it would bunch with
     the next slots and overrun a sliding window); it reserves again and waits for that one."""
-    import interpq.worker.limiter as limiter_module
+    import interpq.queue.limiter as limiter_module
 
     lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)  # 100 ms per request
     assert lim.late_tolerance_s("m") == pytest.approx(0.05)

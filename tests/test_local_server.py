@@ -19,20 +19,20 @@ import pytest
 import requests
 import torch
 
-from interpq.providers.local_backends import render_messages
-from interpq.providers.local_faults import retry_after_header
-from interpq.providers.local_server import (
-    LocalProviderServer,
-    ServerOptions,
-    build_parser,
-    options_from_args,
-)
-from interpq.runtime.models import (
+from interpq.hf.loading import (
     MINILM_NAME,
     TINY_GPT2_NAME,
     LoadedModel,
     minilm_path,
     tiny_gpt2,
+)
+from interpq.providers.local.backends import render_messages
+from interpq.providers.local.faults import retry_after_header
+from interpq.providers.local.server import (
+    LocalProviderServer,
+    ServerOptions,
+    build_parser,
+    options_from_args,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -390,7 +390,7 @@ def test_module_entry_point_serves_until_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "interpq.providers.local_server",
+            "interpq.providers.local.server",
             "--port",
             "0",
             "--torch-threads",

@@ -11,7 +11,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from interpq.providers import openai_http
-from interpq.providers.local_server import LocalProviderServer, ServerOptions
+from interpq.providers.local.server import LocalProviderServer, ServerOptions
 
 pytestmark = pytest.mark.timeout(60)
 NOW = 1_800_000_000.0

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 import interpq.patching as patching
+from interpq.hf.loading import load_minilm, tiny_gpt2
 from interpq.patching import (
     MissingLogprobsError,
     PatchGrid,
@@ -33,7 +34,6 @@ from interpq.patching import (
     plot_heatmap,
     read_top_logprobs,
 )
-from interpq.runtime.models import load_minilm, tiny_gpt2
 
 # Two prompt pairs differing in one token, at the same position (9) in both.
 GPT2_CLEAN = [

@@ -579,8 +579,8 @@ def test_downstream_loss_with_a_toy_language_model():
 def test_identity_splice_into_tiny_gpt2_recovers_all_of_the_loss(point):
     """Through the real hooks: x ↦ x changes nothing (ΔCE = KL = 0, CE recovered = 1),
     while zero-ablation does change the loss (so the splice reached the forward pass)."""
-    from interpq.runtime.layout import locate
-    from interpq.runtime.models import tiny_gpt2
+    from interpq.core.layout import locate
+    from interpq.hf.loading import tiny_gpt2
 
     lm = tiny_gpt2()
     texts = ["the cat sat on the mat", "a dog ran", "interpretability of sparse features"]

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interpq.artifacts import to_local_path
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Extract, Patch, TrainSAE
-from interpq.stack import Stack
+from interpq.stack.embedded import Stack
+from interpq.store.artifacts import to_local_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -182,7 +182,7 @@ def _top2_next_tokens(prompt_text: str) -> list[tuple[str, float]]:
     """The tiny GPT-2's two likeliest next tokens and their log-probabilities, computed here."""
     import torch
 
-    from interpq.runtime.models import load_model
+    from interpq.hf.loading import load_model
 
     lm = load_model("tiny-gpt2-random-weights")
     ids = torch.tensor([lm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]])
@@ -289,7 +289,7 @@ def test_patch_spec_checks_positions_metrics_and_memory_budget() -> None:
 def test_patch_jobs_chunked_attribution_options_and_methods_in_the_report(stack: Stack) -> None:
     """Chunked attribution keeps every chunk's re-checked cells; positions, metrics and the
     memory budget reach the sweep; the jobs table names each patch job's method."""
-    from interpq.report import jobs_table
+    from interpq.reports.tables import jobs_table
 
     prompts = {"clean": ["the cat sat on the mat", "a dog ran in the park"],
                "corrupted": ["the dog sat on the mat", "a cat ran in the park"],
@@ -351,7 +351,7 @@ def test_a_dataset_smaller_than_one_batch_is_refused_naming_batch_size(stack: St
 
 
 def test_the_demo_science_jobs_run_and_are_summarised(stack: Stack) -> None:
-    from interpq.demo import DEMO_DEAD_WINDOW_TOKENS, demo_jobs, science_summary
+    from interpq.stack.demo import DEMO_DEAD_WINDOW_TOKENS, demo_jobs, science_summary
 
     jobs = [j for j in demo_jobs(requests=4, n_texts=128) if j.kind != "benchmark"]
     batch = _client(stack).submit(jobs, name="demo-science")

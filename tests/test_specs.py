@@ -141,8 +141,8 @@ def test_batch_file_yaml_and_json_with_references(tmp_path: Path) -> None:
 def test_json_schema_covers_every_kind() -> None:
     import jsonschema
 
-    from interpq.demo import demo_jobs
     from interpq.specs import SPEC_TYPES
+    from interpq.stack.demo import demo_jobs
 
     schema = json_schema()
     kinds = {"benchmark", "noop", "extract", "train_sae", "patch"}
@@ -187,7 +187,7 @@ def test_a_batch_the_broker_refuses_leaves_no_job_to_run(tmp_path: Path) -> None
     from interpq.errors import EnqueueError
     from interpq.models import Job
     from interpq.scheduler.client import Client
-    from interpq.stack import find_redis_server
+    from interpq.stack.embedded import find_redis_server
 
     sockdir = tempfile.mkdtemp(prefix="iq-full-")
     sock = Path(sockdir) / "redis.sock"

@@ -27,7 +27,7 @@ from interpq.models.db import get_engine
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Benchmark, Noop
-from interpq.stack import Stack
+from interpq.stack.embedded import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 N_REQUESTS = 144

@@ -15,7 +15,7 @@ after the last requested hook point (a private exception raised from a hook), so
 layer 3 of a 24-layer model runs 4 blocks.
 
 This module imports torch only: it knows nothing about tokenizers, files or jobs. Hook
-points are located by ``interpq.runtime.layout``.
+points are located by ``interpq.core.layout``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from interpq.runtime.layout import Layout
+from interpq.core.layout import Layout
 
 Reduction = Literal["all", "last", "mean"]
 PaddingSide = Literal["left", "right"]

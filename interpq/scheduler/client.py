@@ -22,8 +22,8 @@ from interpq.models import Batch as BatchRow
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.providers.config import load_providers
+from interpq.queue.publish import Dispatch, cancel_jobs, publish
 from interpq.scheduler.batch import Batch
-from interpq.scheduler.dispatch import Dispatch, cancel_jobs, publish
 from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, BatchSpec, JobSpec, SubmitContext
 
@@ -210,7 +210,7 @@ class Client:
         return job_rows, part_rows, dispatches
 
     def _check_broker(self) -> None:
-        from interpq.worker.app import get_app
+        from interpq.queue.app import get_app
 
         app = get_app(self.settings.broker_url)
         try:

@@ -127,7 +127,7 @@ class Extract(JobSpec):
 
     def count_texts(self) -> int:
         """How many texts the job reads (reads a file's lines; raises ValueError)."""
-        from interpq.corpus import count_texts
+        from interpq.core.corpus import count_texts
 
         return count_texts(self.texts, self.n_texts, self.text_field)
 

@@ -89,7 +89,7 @@ class TrainSAE(JobSpec):
 
     def configs(self, d_in: int) -> list[Any]:
         """One ``SAEConfig`` per sweep point (ValueError naming the setting if invalid)."""
-        from interpq.sae import SAEConfig
+        from interpq.core.sae import SAEConfig
 
         return [
             SAEConfig(

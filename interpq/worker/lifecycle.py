@@ -24,10 +24,10 @@ from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobEr
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
-from interpq.scheduler.dispatch import cancel_dependents, release_dependents, repair_dependents
+from interpq.queue.leases import leases_for
+from interpq.queue.publish import cancel_dependents, release_dependents, repair_dependents
 from interpq.settings import get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
-from interpq.worker.leases import leases_for
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
@@ -187,7 +187,7 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     finally:
         leases.release(job_id, part)
     if outcome == "yielded":  # after the release, so the continuation can take the lease
-        from interpq.scheduler.dispatch import Dispatch, publish
+        from interpq.queue.publish import Dispatch, publish
 
         label = getattr(task.request, "kwargs", {}).get("label", "")
         publish(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from interpq.runtime.layout import Layout
+from interpq.core.layout import Layout
 
 from .engine import Patch
 from .readout import Readout

@@ -23,7 +23,7 @@ reads the metrics at the end. The engine computes exactly that, skipping work th
 - Only the metric's tokens are unembedded, at the last position (see ``readout.py``).
 
 The blocks are the model's own Hugging Face modules, replayed by ``replay.py``, so the engine
-works for every architecture ``interpq.runtime.layout`` locates.
+works for every architecture ``interpq.core.layout`` locates.
 
 It knows nothing about tokenizers, grids or jobs.
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from interpq.runtime.layout import Layout
+from interpq.core.layout import Layout
 
 from .readout import Readout
 from .replay import Replay, Trace, _close

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from interpq.runtime.layout import Layout
+from interpq.core.layout import Layout
 
 CAUSAL_METRICS: tuple[str, ...] = ("logit_diff", "logprob", "prob", "kl")
 ENCODER_METRICS: tuple[str, ...] = ("cosine",)

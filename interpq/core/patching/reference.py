@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from interpq.runtime.layout import Layout
+from interpq.core.layout import Layout
 
 from .engine import Patch
 from .readout import Readout

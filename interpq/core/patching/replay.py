@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from interpq.runtime.layout import Layout, LayoutError
+from interpq.core.layout import Layout, LayoutError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from interpq.runtime.layout import Layout, locate
+from interpq.core.layout import Layout, locate
 
 from . import reference
 from .attribution import attribute

@@ -93,7 +93,7 @@ class SAEConfig:
 
     shuffle: bool = True
     """Shuffle the rows every epoch, seeded by ``seed`` and the epoch number: arrays fully,
-    activation datasets within windows of ``interpq.datasets.SHUFFLE_WINDOW_ROWS`` rows;
+    activation datasets within windows of ``interpq.store.datasets.SHUFFLE_WINDOW_ROWS`` rows;
     other iterables are taken in their own order."""
 
     seed: int = 0

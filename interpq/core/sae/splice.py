@@ -8,7 +8,7 @@ with ``layout.replace``), and returns next-token logits with their labels (−10
 
 The model is any module taking ``input_ids`` / ``attention_mask`` (and ``position_ids``
 where it accepts them) and returning ``.logits``; the layout is anything with ``replace``
-and ``position_offset`` (``interpq.runtime.layout.Layout``). This module knows nothing about
+and ``position_offset`` (``interpq.core.layout.Layout``). This module knows nothing about
 tokenizers, loading models, datasets or jobs.
 """
 

@@ -26,9 +26,9 @@ from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
 from interpq.providers.config import ModelPrice, Provider, get_provider
+from interpq.queue.limiter import Limiter, estimate_tokens, redis_for
 from interpq.settings import get_settings
 from interpq.specs import Benchmark
-from interpq.worker.limiter import Limiter, estimate_tokens, redis_for
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.5

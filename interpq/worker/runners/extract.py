@@ -4,7 +4,7 @@ A part reads its shard's texts, computes the shard's cache key (sha256 of the mo
 weights hash or hub revision, the hook points, the settings and the texts) and looks for
 ``activations/shards/<key[:2]>/<key>.safetensors`` in the artifact store. If it is there (and
 matches the sha256 recorded for it), the part is a cache hit: nothing is computed or paid for.
-Otherwise the part takes the shard's compute lock (``interpq.worker.shard_locks``; a part that
+Otherwise the part takes the shard's compute lock (``interpq.queue.shard_locks``; a part that
 finds it held waits, then reuses the finished shard), and a local model runs forward (``interpq.core.extraction``) or the provider's
 ``/v1/embeddings`` is called with ``api_batch_size`` texts per request, and the shard is
 written to a temporary file and renamed into place. Every part records its shard in the
@@ -39,10 +39,20 @@ from urllib.parse import urldefrag
 import numpy as np
 from sqlalchemy import Connection, Table, select
 
-from interpq.artifacts import ArtifactStore, Stored, get_store, relative, sha256_file
+from interpq.core.corpus import TextSourceError, load_texts
 from interpq.core.extraction import extract, rows_per_text
-from interpq.corpus import TextSourceError, load_texts
-from interpq.datasets import (
+from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
+from interpq.models.db import write
+from interpq.models.ops import insert_ignore
+from interpq.models.tables import Artifact
+from interpq.providers import openai_http
+from interpq.providers.config import get_provider
+from interpq.queue.limiter import estimate_tokens, redis_for
+from interpq.queue.shard_locks import StillLocked, computing
+from interpq.settings import get_settings
+from interpq.specs import Extract
+from interpq.store.artifacts import ArtifactStore, Stored, get_store, relative, sha256_file
+from interpq.store.datasets import (
     MANIFEST_NAME,
     DatasetError,
     HookInfo,
@@ -51,15 +61,6 @@ from interpq.datasets import (
     read_shard_header,
     write_shard,
 )
-from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
-from interpq.models.db import write
-from interpq.models.ops import insert_ignore
-from interpq.models.tables import Artifact
-from interpq.providers import openai_http
-from interpq.providers.config import get_provider
-from interpq.settings import get_settings
-from interpq.specs import Extract
-from interpq.worker.limiter import estimate_tokens, redis_for
 from interpq.worker.runners.benchmark import (
     MAX_TURN_S,
     backoff_s,
@@ -68,7 +69,6 @@ from interpq.worker.runners.benchmark import (
     make_limiter,
     previous_attempts,
 )
-from interpq.worker.shard_locks import StillLocked, computing
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1
@@ -120,8 +120,8 @@ def local_model(name: str, device: str, dtype: str) -> LocalModel:
             return _models[key]
         import torch
 
-        from interpq.runtime.layout import LayoutError, locate
-        from interpq.runtime.models import load_model, weights_hash
+        from interpq.core.layout import LayoutError, locate
+        from interpq.hf.loading import load_model, weights_hash
 
         try:
             loaded = load_model(name, device=device, dtype=getattr(torch, dtype))

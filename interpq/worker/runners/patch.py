@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
-from interpq.artifacts import get_store
 from interpq.errors import ConfigError, PermanentJobError
 from interpq.models import Artifact
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Patch
+from interpq.store.artifacts import get_store
 
 log = logging.getLogger(__name__)
 PATCH_DIR = "patching"
@@ -36,7 +36,7 @@ _models: dict[str, Any] = {}
 
 
 def _model(name: str, device: str) -> Any:
-    from interpq.runtime.models import load_model
+    from interpq.hf.loading import load_model
 
     key = f"{name}@{device}"
     if key not in _models:
@@ -56,8 +56,8 @@ def run_part(ctx: Any, spec: Patch) -> None:
     if spec.is_api:
         _run_counterfactual(ctx, spec)
         return
-    from interpq.patching import PatchingInputError, patch
-    from interpq.runtime.layout import LayoutError, locate
+    from interpq.core.layout import LayoutError, locate
+    from interpq.core.patching import PatchingInputError, patch
 
     loaded = _model(spec.model, spec.device)
     try:
@@ -90,8 +90,8 @@ def _write_whole(path: Path, text: str) -> None:
 def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
     if spec.is_api:
         return dict(ctx.extra.get("result", {}))
+    from interpq.core.patching import plot_heatmap
     from interpq.core.patching.grid import PatchGrid
-    from interpq.patching import plot_heatmap
 
     root = _dir(ctx)
     grids = [PatchGrid.from_json((root / f"part-{p}.json").read_text())
@@ -134,7 +134,7 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
 
 
 def _run_counterfactual(ctx: Any, spec: Patch) -> None:
-    from interpq.patching import (
+    from interpq.core.patching import (
         MissingLogprobsError,
         compare_prompts,
         logprobs_request,
@@ -210,7 +210,7 @@ class _ApiCaller:
     def answer(self, endpoint: Any, payload: dict[str, Any], prompt: str) -> dict[str, Any]:
         import time
 
-        from interpq.worker.limiter import estimate_tokens
+        from interpq.queue.limiter import estimate_tokens
         from interpq.worker.runners.benchmark import backoff_s, limited_attempt
 
         index, self.index = self.index, self.index + 1

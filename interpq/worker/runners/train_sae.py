@@ -26,12 +26,12 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from interpq.artifacts import get_store
 from interpq.errors import PermanentJobError
 from interpq.models import Artifact, Job
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Ref, TrainSAE
+from interpq.store.artifacts import get_store
 
 log = logging.getLogger(__name__)
 SAE_DIR = "sae"
@@ -95,8 +95,8 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
 
 
 def run_part(ctx: Any, spec: TrainSAE) -> None:
-    from interpq.datasets import ActivationDataset, DatasetError
-    from interpq.sae import evaluate, train_many
+    from interpq.core.sae import evaluate, train_many
+    from interpq.store.datasets import ActivationDataset, DatasetError
     from interpq.worker.runners.sae_downstream import downstream_losses
 
     uri = dataset_uri(ctx, spec)
@@ -166,7 +166,7 @@ def _outputs(
     density histogram is its ``fire_counts`` over its ``n_tokens`` rows, the window its
     stored dead fraction is counted over."""
     evaluation, what = evaluated
-    from interpq.sae import (
+    from interpq.core.sae import (
         FORMULAS,
         plot_density_histogram,
         plot_training_curves,

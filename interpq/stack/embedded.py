@@ -179,7 +179,7 @@ class Stack:
         port = free_port()
         self.provider_url = f"http://127.0.0.1:{port}/v1"
         self.env["INTERPQ_LOCAL_PROVIDER_URL"] = self.provider_url
-        argv = [sys.executable, "-m", "interpq.providers.local_server", "--port", str(port)]
+        argv = [sys.executable, "-m", "interpq.providers.local.server", "--port", str(port)]
         self._spawn("provider", argv + self.provider_args)
         import requests
 
@@ -197,7 +197,7 @@ class Stack:
         name = name or f"{queue}-{self._n_workers}"
         pool = "threads" if queue == "api" else ("solo" if concurrency == 1 else "prefork")
         argv = [
-            sys.executable, "-m", "celery", "-A", "interpq.worker.app", "worker",
+            sys.executable, "-m", "celery", "-A", "interpq.queue.app", "worker",
             "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
             "--without-mingle", "--without-gossip", "-l", "INFO",
         ]  # fmt: skip
@@ -219,7 +219,7 @@ class Stack:
         env = self.child_env()
         env["FLOWER_BASIC_AUTH"] = f"{self.flower_user}:{self.flower_password}"
         argv = [
-            sys.executable, "-m", "celery", "-A", "interpq.worker.app", "flower",
+            sys.executable, "-m", "celery", "-A", "interpq.queue.app", "flower",
             "--address=127.0.0.1", f"--port={port}",
         ]  # fmt: skip
         self._spawn("flower", argv, env=env)
@@ -252,7 +252,7 @@ class Stack:
 
     def wait_for_workers(self, n: int, timeout_s: float = 60) -> None:
         """Block until ``n`` workers answer a ping."""
-        from interpq.worker.app import get_app
+        from interpq.queue.app import get_app
 
         app = get_app(self.env["INTERPQ_BROKER_URL"])
         deadline = time.monotonic() + timeout_s

@@ -118,7 +118,7 @@ _lock = threading.Lock()
 
 def leases_for(broker_url: str, lease_s: float) -> Leases:
     """The process's lease holder for a broker (created on first use, after any fork)."""
-    from interpq.worker.limiter import redis_for
+    from interpq.queue.limiter import redis_for
 
     with _lock:
         if broker_url not in _leases:

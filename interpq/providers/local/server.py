@@ -43,17 +43,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from interpq.providers.local_backends import ApiError, CausalLMBackend, EmbeddingBackend
-from interpq.providers.local_faults import (
+from interpq.hf.loading import TINY_GPT2_NAME
+from interpq.providers.local.backends import ApiError, CausalLMBackend, EmbeddingBackend
+from interpq.providers.local.faults import (
     FaultInjector,
     FaultSettings,
     RequestStats,
     Verdict,
     retry_after_header,
 )
-from interpq.providers.local_http import Handler, HTTPServer
-from interpq.providers.local_openai import OpenAIRoutes, Responder
-from interpq.runtime.models import TINY_GPT2_NAME
+from interpq.providers.local.http import Handler, HTTPServer
+from interpq.providers.local.openai import OpenAIRoutes, Responder
 
 __all__ = ["LocalProviderServer", "ServerOptions", "build_parser", "main"]
 

@@ -7,7 +7,7 @@ Results do not go to a Celery result backend: tasks write them to the database. 
 carries ``[job_id, part]`` and a label only. ``acks_late`` + ``reject_on_worker_lost`` mean a
 message is acknowledged after its task ends, so a worker that dies mid-task gets its work
 redelivered; tasks are idempotent by job id, so a redelivery never duplicates rows. The one
-exception is ``interpq.scheduled_batch`` (``interpq.beat``), acknowledged on receipt: a periodic
+exception is ``interpq.scheduled_batch`` (``interpq.scheduler.periodic``), acknowledged on receipt: a periodic
 batch is submitted at most once per tick.
 
 Stopping: SIGTERM is Celery's warm shutdown (finish every running task, however long).
@@ -31,12 +31,16 @@ from interpq.settings import get_settings
 
 log = logging.getLogger(__name__)
 QUEUES = ("api", "compute")
+TASK_MODULES = ("interpq.worker.tasks", "interpq.scheduler.periodic")
+"""The modules whose tasks a worker runs: the job kinds, and what beat's ticks run."""
 
 
 def make_app(broker_url: str | None = None) -> Celery:
     settings = get_settings()
     url = broker_url or settings.broker_url
-    app = Celery("interpq", set_as_current=False)
+    # Task modules are named, not imported: a worker imports them at start; a submitter sends
+    # tasks by name and never needs them (so this layer knows no job kind).
+    app = Celery("interpq", set_as_current=False, include=TASK_MODULES)
     app.conf.update(
         broker_url=url,
         broker_connection_retry_on_startup=True,
@@ -67,9 +71,6 @@ def make_app(broker_url: str | None = None) -> Celery:
         # puts every unacknowledged message back on its queue as the channel closes.
         worker_soft_shutdown_timeout=settings.soft_shutdown_timeout_s,
     )
-    import interpq.beat  # noqa: F401  (interpq.scheduled_batch: what beat's ticks run)
-    import interpq.worker.tasks  # noqa: F401  (shared tasks bind to this app)
-
     return app
 
 
@@ -92,7 +93,7 @@ def get_app(broker_url: str | None = None) -> Celery:
 @worker_process_init.connect
 def _after_fork(**_kwargs: object) -> None:
     from interpq.models.db import dispose_engines
-    from interpq.worker.leases import forget_after_fork
+    from interpq.queue.leases import forget_after_fork
 
     dispose_engines(after_fork=True)
     forget_after_fork()

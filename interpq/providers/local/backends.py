@@ -1,7 +1,7 @@
 """Inference behind the local provider server: MiniLM sentence embeddings and a causal-LM loop.
 
 This module turns requests into numbers: it loads models lazily through
-``interpq.runtime.models``, guards each model with a lock, embeds texts exactly as
+``interpq.hf.loading``, guards each model with a lock, embeds texts exactly as
 sentence-transformers does for all-MiniLM-L6-v2, and runs a token-by-token generation loop with
 a KV cache. It knows nothing about HTTP, JSON shapes, rate limits or fault injection (see
 ``local_server.py``); the only thing it shares with the server is ``ApiError``, raised for
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from interpq.runtime.models import _MINILM_ALIASES, MINILM_NAME, LoadedModel, load_model
+from interpq.hf.loading import _MINILM_ALIASES, MINILM_NAME, LoadedModel, load_model
 
 EMBEDDING_MAX_TOKENS = 256
 """sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2: longer inputs are truncated."""

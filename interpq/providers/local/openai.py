@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from interpq.providers.local_backends import (
+from interpq.providers.local.backends import (
     ApiError,
     CausalLMBackend,
     EmbeddingBackend,

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from interpq.artifacts import to_local_path
 from interpq.scheduler.batch import JobResult
 from interpq.specs import Benchmark, JobSpec, Patch, TrainSAE
+from interpq.store.artifacts import to_local_path
 from interpq.worker.runners.extract import demo_jobs as extract_jobs
 
 DEMO_DEAD_WINDOW_TOKENS = 25_000

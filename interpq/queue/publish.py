@@ -46,7 +46,7 @@ def publish(
     which is why the submitter keeps a batch's jobs pending until this returns.
     ``part``: send only that part of a single job (a continuation after its turn).
     """
-    from interpq.worker.app import get_app
+    from interpq.queue.app import get_app
 
     app = get_app(broker_url)
     n_messages = sum(d.n_parts for d in dispatches)

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from interpq.providers.local_backends import ApiError
-from interpq.providers.local_faults import RequestStats
+from interpq.providers.local.backends import ApiError
+from interpq.providers.local.faults import RequestStats
 
 logger = logging.getLogger(__name__)
 

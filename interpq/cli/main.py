@@ -28,11 +28,11 @@ quick start:  interpq demo            (everything embedded, ends by itself)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from interpq.demo import demo_jobs, science_summary
-    from interpq.report import jobs_table, latency_table
+    from interpq.reports.tables import jobs_table, latency_table
     from interpq.scheduler.client import Client
     from interpq.settings import Settings
-    from interpq.stack import Stack
+    from interpq.stack.demo import demo_jobs, science_summary
+    from interpq.stack.embedded import Stack
 
     t0 = time.monotonic()
     workdir = Path(args.workdir)
@@ -86,7 +86,7 @@ def _flower_auth(stack: Any) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from interpq.stack import Stack
+    from interpq.stack.embedded import Stack
 
     stack = Stack(
         Path(args.workdir),
@@ -113,8 +113,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from interpq.queue.app import get_app
     from interpq.settings import get_settings
-    from interpq.worker.app import get_app
 
     get_app()  # fails with a clear message when no broker is configured
     settings = get_settings()
@@ -125,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     pool = args.pool or ("threads" if queues == "api" else "prefork")
     name = args.name or f"{queues.replace(',', '-')}-{os.getpid()}@%h"
     argv = [
-        sys.executable, "-m", "celery", "-A", "interpq.worker.app", "worker",
+        sys.executable, "-m", "celery", "-A", "interpq.queue.app", "worker",
         "-Q", queues, "-P", pool, "-c", str(concurrency), "-n", name, "-l", args.loglevel,
     ]  # fmt: skip
     os.execv(sys.executable, argv)  # exec: signals reach Celery directly
@@ -133,8 +133,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
+    from interpq.queue.app import get_app
     from interpq.settings import get_settings
-    from interpq.worker.app import get_app
 
     get_app()
     settings = get_settings()
@@ -146,7 +146,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
               "(set INTERPQ_FLOWER_USER / INTERPQ_FLOWER_PASSWORD to choose)", flush=True)  # fmt: skip
     os.environ["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
     argv = [
-        sys.executable, "-m", "celery", "-A", "interpq.worker.app", "flower",
+        sys.executable, "-m", "celery", "-A", "interpq.queue.app", "flower",
         f"--address={args.address}", f"--port={args.port}",
     ]  # fmt: skip
     print(f"Flower on http://{args.address}:{args.port}", flush=True)
@@ -155,13 +155,13 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    from interpq.providers.local_server import main
+    from interpq.providers.local.server import main
 
     return main(argv)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from interpq.report import jobs_table, latency_table
+    from interpq.reports.tables import jobs_table, latency_table
     from interpq.scheduler.client import Client, load_batch_file
 
     spec = load_batch_file(args.file)
@@ -179,7 +179,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from interpq.report import table
+    from interpq.reports.tables import table
     from interpq.scheduler.client import Client
 
     client = Client()
@@ -206,8 +206,8 @@ def provider_activity(client: object) -> list[list[object]]:
     from sqlalchemy import case, func, select
 
     from interpq.models import ApiCall
+    from interpq.queue.limiter import redis_for, snapshot
     from interpq.settings import get_settings
-    from interpq.worker.limiter import redis_for, snapshot
 
     since = datetime.now(UTC) - timedelta(seconds=60)
     with client.engine.connect() as conn:  # type: ignore[attr-defined]
@@ -255,7 +255,7 @@ _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")
 
 def cmd_results(args: argparse.Namespace) -> int:
     from interpq.errors import SpecError
-    from interpq.report import jobs_table, latency_table
+    from interpq.reports.tables import jobs_table, latency_table
     from interpq.scheduler.client import Client
 
     if args.since is not None:
@@ -276,8 +276,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def _results_since(args: argparse.Namespace) -> int:
-    from interpq.history import history_table, latency_history, parse_since, plot_history
+    from interpq.reports.history import history_table, latency_history, plot_history
     from interpq.scheduler.client import Client
+    from interpq.specs.durations import parse_since
 
     since = parse_since(args.since)
     rows = latency_history(Client().engine, since, provider=args.provider, batch=args.batch)
@@ -297,7 +298,7 @@ def _results_since(args: argparse.Namespace) -> int:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from interpq.beat import load_schedule, run_beat
+    from interpq.scheduler.periodic import load_schedule, run_beat
 
     if args.check:
         from interpq.providers.config import load_providers

@@ -54,8 +54,8 @@ from pydantic import (
 )
 
 from interpq.errors import InterpqError, MissingApiKey, SpecError
-from interpq.history import parse_duration_s
 from interpq.specs import BatchSpec, SubmitContext
+from interpq.specs.durations import parse_duration_s
 
 log = logging.getLogger(__name__)
 TASK_NAME = "interpq.scheduled_batch"
@@ -239,8 +239,8 @@ def scheduled_batch(entry: str, batch: dict[str, Any]) -> str:
 def run_beat(schedule: str | Path, state: str | Path, loglevel: str = "INFO") -> None:
     """Check the schedule file, then run Celery beat in this process until SIGTERM/SIGINT."""
     from interpq.providers.config import load_providers
+    from interpq.queue.app import get_app
     from interpq.settings import get_settings
-    from interpq.worker.app import get_app
 
     app = get_app()
     entries = load_schedule(schedule, load_providers(get_settings()))

@@ -1,0 +1,5 @@
+import sys
+
+from interpq.cli.main import main
+
+sys.exit(main())

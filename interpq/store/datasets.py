@@ -1,0 +1,546 @@
+"""Activation datasets: safetensors shard files plus a JSON manifest, read back memory-mapped.
+
+A dataset is what one ``Extract`` job produced::
+
+    <root>/activations/datasets/<job id>/manifest.json
+    <root>/activations/shards/<key[:2]>/<key>.safetensors      (one per shard, shared by jobs)
+
+Shard files are content-addressed: ``key`` is the sha256 of what determines their bytes
+(model, weights, hook points, settings, texts), so a shard computed once is reused by every
+later job that asks for it. One shard holds, for ``n_rows`` rows:
+
+- one ``[n_rows, d]`` float32 or float16 tensor per hook point, named ``resid_pre.6``,
+  ``mlp_out.2``, ... (``embedding`` for API extraction);
+- ``text_id`` ``[n_rows]`` int32: the row's text, counted from the shard's first text;
+- ``position`` / ``token_id`` ``[n_rows]`` int32: where in the text and which token
+  (-1 when a row is a mean over tokens or an API embedding);
+- in the safetensors header metadata: the format, the cache key and the shard's texts (JSON).
+
+The manifest records the model and its weights hash (or hub revision), the hook points with
+their widths, the dtype, token handling and settings, and per shard its (relative) URI,
+sha256, size, rows, first text id and whether it was a cache hit. Rows are ordered by text,
+then position. ``ActivationDataset.open(uri)`` reads it back; ``iter_batches`` memory-maps the
+shards and copies out one batch at a time, so a dataset larger than RAM streams (shuffled:
+within windows of ``SHUFFLE_WINDOW_ROWS`` rows, visited in a random order).
+
+This module knows the file formats; it knows nothing about models, jobs or the database.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from interpq.store.artifacts import resolve, sha256_file, to_local_path
+
+__all__ = [
+    "ActivationDataset",
+    "DatasetError",
+    "HookInfo",
+    "MANIFEST_NAME",
+    "META_COLUMNS",
+    "Manifest",
+    "SCHEMA_VERSION",
+    "SHARD_FORMAT",
+    "SHUFFLE_WINDOW_ROWS",
+    "Shard",
+    "ShardInfo",
+    "ShardRows",
+    "read_shard_header",
+    "shard_writer",
+    "write_shard",
+]
+
+SHARD_FORMAT = "interpq.activations.shard/1"
+MANIFEST_FORMAT: Literal["interpq.activations/1"] = "interpq.activations/1"
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+META_COLUMNS = ("text_id", "position", "token_id")
+StoreDtype = Literal["float32", "float16"]
+SHUFFLE_WINDOW_ROWS = 1 << 20
+"""Rows a shuffle window holds at most (``iter_batches(shuffle=True)``): 8 MiB of indices."""
+
+_TO_ST = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64"}
+_FROM_ST = {v: np.dtype(k) for k, v in _TO_ST.items()}
+
+
+class DatasetError(ValueError):
+    """A dataset or shard file is missing, truncated, corrupt or asked for a missing hook."""
+
+
+# ---- shard files (safetensors, written through memory maps) ---------------------------------
+
+
+def _layout(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, tuple[np.dtype, tuple[int, ...], int]]]:
+    """Header bytes, and per tensor (dtype, shape, offset from the start of the file)."""
+    # widest dtypes first keeps every tensor aligned to its item size (as safetensors does)
+    names = sorted(tensors, key=lambda n: (-np.dtype(tensors[n][0]).itemsize, n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    spans = {}
+    at = 0
+    for name in names:
+        dtype, shape = np.dtype(tensors[name][0]), tuple(int(s) for s in tensors[name][1])
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": _TO_ST[dtype.name],
+            "shape": list(shape),
+            "data_offsets": [at, at + size],
+        }
+        spans[name] = (dtype, shape, at)
+        at += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {
+        n: (d, s, start + off) for n, (d, s, off) in spans.items()
+    }
+
+
+@contextmanager
+def shard_writer(
+    path: str | Path,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Create a safetensors file of the given ``{name: (dtype, shape)}`` and yield writable
+    memory maps of its tensors; fill them inside the block. Readable by ``safetensors``."""
+    head, spans = _layout(tensors, metadata or {})
+    end = max((off + _nbytes(d, s) for d, s, off in spans.values()), default=len(head))
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(max(end, len(head)))
+    maps = {n: _map(path, d, s, off, "r+") for n, (d, s, off) in spans.items()}
+    try:
+        yield maps
+    finally:
+        for m in maps.values():
+            if isinstance(m, np.memmap):
+                m.flush()
+        maps.clear()
+
+
+def _nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _map(path: str | Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, mode: Any) -> Any:
+    if _nbytes(dtype, shape) == 0:  # mmap cannot map zero bytes
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape)
+
+
+def read_shard_header(
+    path: str | Path,
+) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], dict[str, str]]:
+    """Per tensor (dtype, shape, file offset), and the metadata; DatasetError if truncated."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise DatasetError(f"{path}: truncated header")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not a readable safetensors file ({exc})") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    spans, end = {}, 0
+    for name, info in header.items():
+        begin, stop = info["data_offsets"]
+        spans[name] = (_FROM_ST[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
+        end = max(end, stop)
+    if size != 8 + n + end:
+        raise DatasetError(f"{path}: {size} bytes, the header says {8 + n + end}; truncated?")
+    return spans, metadata
+
+
+class Shard:
+    """One shard file, memory-mapped read-only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        spans, self.metadata = read_shard_header(self.path)
+        self.tensors: dict[str, np.ndarray] = {
+            n: _map(self.path, d, s, off, "r") for n, (d, s, off) in spans.items()
+        }
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.tensors["text_id"].shape[0])
+
+    def texts(self) -> list[str]:
+        return list(json.loads(self.metadata.get("texts", "[]")))
+
+
+class ShardRows(Protocol):
+    """One batch of rows to write (``interpq.core.extraction.ExtractedBatch`` fits, with
+    ``acts`` keyed by tensor name)."""
+
+    text_index: Sequence[int]
+    rows_per_text: Sequence[int]
+    acts: Mapping[str, Any]
+    positions: Any
+    token_ids: Any
+
+
+def write_shard(
+    path: str | Path,
+    *,
+    widths: Mapping[str, int],
+    rows_per_text: Sequence[int],
+    batches: Iterable[ShardRows],
+    dtype: StoreDtype,
+    metadata: Mapping[str, str],
+) -> int:
+    """Write a shard file from batches that may come in any text order; returns its rows.
+
+    Each text's rows land at its place (texts in order, rows in position order), so the
+    file does not depend on how texts were batched.
+    """
+    offsets = np.concatenate([[0], np.cumsum(rows_per_text, dtype=np.int64)])
+    n_rows = int(offsets[-1])
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {
+        name: (dtype, (n_rows, d)) for name, d in widths.items()
+    }
+    tensors |= {col: ("int32", (n_rows,)) for col in META_COLUMNS}
+    with shard_writer(path, tensors, {"format": SHARD_FORMAT, **metadata}) as out:
+        out["text_id"][:] = np.repeat(np.arange(len(rows_per_text), dtype=np.int32), rows_per_text)
+        done = np.zeros(len(rows_per_text), dtype=bool)
+        for batch in batches:
+            acts = {name: _numpy(batch.acts[name]) for name in widths}
+            cols = {"position": _numpy(batch.positions), "token_id": _numpy(batch.token_ids)}
+            src = np.concatenate([[0], np.cumsum(batch.rows_per_text, dtype=np.int64)])
+            for j, t in enumerate(batch.text_index):
+                if src[j + 1] - src[j] != offsets[t + 1] - offsets[t]:
+                    raise ValueError(f"text {t}: {src[j + 1] - src[j]} rows, expected fewer/more")
+                dst, take = slice(offsets[t], offsets[t + 1]), slice(src[j], src[j + 1])
+                for name, a in acts.items():
+                    out[name][dst] = a[take]
+                for col, a in cols.items():
+                    out[col][dst] = a[take]
+                done[t] = True
+        if not done.all():
+            raise ValueError(f"no rows for texts {np.flatnonzero(~done)[:5].tolist()} ...")
+    return n_rows
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+# ---- the manifest ---------------------------------------------------------------------------
+
+
+class HookInfo(BaseModel):
+    """One stored activation: its tensor name, hook point, layer and width."""
+
+    name: str
+    """Tensor name in every shard: ``resid_pre.6`` (API extraction: ``embedding``)."""
+    point: str | None = None
+    """The hook point (``resid_pre``, ...); None for API embeddings."""
+    layer: int | None = None
+    """The block it is read at, from 0; None for API embeddings."""
+    d: int
+    """Width of one row."""
+    shape: tuple[int, int] | None = None
+    """``(n_rows, d)`` of this hook over the whole dataset (manifests written before it was
+    recorded lack it: then it is the manifest's ``n_rows`` by ``d``)."""
+
+
+class ShardInfo(BaseModel):
+    """One shard of a dataset."""
+
+    uri: str
+    """Relative to the manifest (or absolute)."""
+    sha256: str
+    size_bytes: int
+    n_rows: int
+    n_texts: int
+    text_offset: int
+    """Global id of the shard's first text (its ``text_id`` column counts from here)."""
+    n_tokens: int
+    """Real tokens read (API: as reported by the provider)."""
+    cache_key: str
+    cache_hit: bool = False
+    """True when this job found the shard already computed and did not recompute it."""
+
+
+class Manifest(BaseModel):
+    """Everything needed to read a dataset and to say where it came from."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format: Literal["interpq.activations/1"] = MANIFEST_FORMAT
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    """The model as named in the spec (``provider:model`` for APIs)."""
+    source: Literal["local", "api"]
+    weights: str
+    """``sha256:<hex>`` of the parameters, ``revision:<commit>`` for hub models, or
+    ``api:<provider>`` when the weights are not visible."""
+    model_class: str | None = None
+    hooks: list[HookInfo]
+    dtype: StoreDtype
+    tokens: str
+    """``all`` (one row per token), ``last``, ``mean`` or ``text`` (API: one row per text)."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    n_texts: int
+    n_rows: int
+    cache_hits: int = 0
+    shards: list[ShardInfo]
+    job_id: str | None = None
+    job_name: str | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=1).encode()
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+
+class ActivationDataset:
+    """A dataset opened for reading: one hook point's rows, streamed from memory maps.
+
+    >>> ds = ActivationDataset.open("file:///srv/artifacts/activations/datasets/J/manifest.json")
+    >>> for x in ds.iter_batches(4096, shuffle=True, seed=0):  # x: torch.Tensor [rows, d]
+    ...     ...
+    """
+
+    def __init__(self, manifest: Manifest, uri: str, hook: str | None = None) -> None:
+        self.manifest = manifest
+        self.uri = uri
+        names = [h.name for h in manifest.hooks]
+        if hook is None and len(names) > 1:
+            raise DatasetError(f"this dataset holds {names}; pick one with hook=")
+        hook = hook or names[0]
+        if hook not in names:
+            raise DatasetError(f"no hook {hook!r} in this dataset; it holds {names}")
+        self.hook = hook
+        info = next(h for h in manifest.hooks if h.name == hook)
+        self.d = info.d
+        self.n_rows = manifest.n_rows
+        if info.shape is not None and tuple(info.shape) != (self.n_rows, self.d):
+            raise DatasetError(
+                f"hook {hook!r}: the manifest says shape {tuple(info.shape)}, but n_rows is "
+                f"{self.n_rows} and d is {self.d}: the manifest is inconsistent"
+            )
+        self.dtype = np.dtype(manifest.dtype)
+        self.shard_uris = [resolve(uri, s.uri) for s in manifest.shards]
+        self._starts = np.concatenate([[0], np.cumsum([s.n_rows for s in manifest.shards])])
+        self._shards: dict[int, Shard] = {}
+        self.rows: np.ndarray | None = None
+        """The dataset rows this view holds, in order (None: all of them)."""
+        self.n_texts: int | None = manifest.n_texts
+        """Texts with rows in this view (None when a view does not know)."""
+
+    @classmethod
+    def open(cls, uri: str | Path, hook: str | None = None) -> ActivationDataset:
+        """Open a manifest (``file://`` URI or path); ``hook`` picks one of several."""
+        path = to_local_path(uri)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        try:
+            manifest = Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise DatasetError(f"no dataset manifest at {path}") from None
+        return cls(manifest, path.resolve().as_uri(), hook)
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.d)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"ActivationDataset({m.model!r}, hook={self.hook!r}, rows={self.n_rows}, "
+            f"d={self.d}, dtype={m.dtype}, shards={len(m.shards)})"
+        )
+
+    def shard(self, i: int) -> Shard:
+        """Shard ``i``, memory-mapped on first use."""
+        if i not in self._shards:
+            self._shards[i] = Shard(to_local_path(self.shard_uris[i]))
+        return self._shards[i]
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest; DatasetError on the first miss."""
+        for i, (info, uri) in enumerate(zip(self.manifest.shards, self.shard_uris, strict=True)):
+            path = to_local_path(uri)
+            if not path.is_file():
+                raise DatasetError(f"shard {i} is missing: {uri}")
+            if sha256_file(path) != info.sha256:
+                raise DatasetError(f"shard {i} does not match its sha256 in the manifest: {uri}")
+
+    def select_rows(self, rows: np.ndarray, n_texts: int | None = None) -> ActivationDataset:
+        """A view holding only the given rows of this one (indices, in that order);
+        ``texts()`` and text ids stay global. Shares the memory maps."""
+        view = object.__new__(ActivationDataset)
+        view.__dict__.update(self.__dict__)
+        base = np.asarray(rows, dtype=np.int64)
+        view.rows = base if self.rows is None else self.rows[base]
+        view.n_rows = int(len(base))
+        view.n_texts = n_texts
+        return view
+
+    def split_texts(
+        self, fraction: float, seed: int = 0
+    ) -> tuple[ActivationDataset, ActivationDataset]:
+        """``(rest, held_out)``: views splitting the rows by text, ``round(fraction ·
+        n_texts)`` texts (at least one when ``fraction`` > 0) drawn with ``seed`` held out
+        whole. Reads only the memory-mapped ``text_id`` column."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        text_id = np.concatenate(
+            [self.shard(i).tensors["text_id"].astype(np.int64) + s.text_offset
+             for i, s in enumerate(self.manifest.shards)]
+        )  # fmt: skip
+        if self.rows is not None:
+            text_id = text_id[self.rows]
+        ids = np.unique(text_id)
+        n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+        if n_held < 1:
+            raise ValueError(f"{len(ids)} text(s) cannot be split into training and held-out")
+        held = np.random.default_rng(seed).choice(ids, size=n_held, replace=False)
+        is_held = np.isin(text_id, held)
+        rest = self.select_rows(np.flatnonzero(~is_held), n_texts=len(ids) - n_held)
+        return rest, self.select_rows(np.flatnonzero(is_held), n_texts=n_held)
+
+    def texts(self) -> list[str]:
+        """Every text, indexed by global text id."""
+        out: list[str] = []
+        for i in range(len(self.manifest.shards)):
+            out += self.shard(i).texts()
+        return out
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        *,
+        drop_last: bool = False,
+        as_numpy: bool = False,
+        with_metadata: bool = False,
+        start_batch: int = 0,
+        shuffle_window_rows: int = SHUFFLE_WINDOW_ROWS,
+    ) -> Iterator[Any]:
+        """Batches of rows ``[batch_size, d]`` (the last may be shorter unless ``drop_last``).
+
+        ``shuffle``: the rows are cut into windows of ``shuffle_window_rows`` consecutive rows
+        (many texts each); the windows are visited in a seeded random order and the rows of
+        each window in a seeded random permutation, batches running on across windows. A
+        dataset of at most ``shuffle_window_rows`` rows is thus one full permutation; a larger
+        one mixes rows within a window, never across two. Memory: one window's row indices
+        (8 bytes a row) and one batch; rows are gathered from the memory maps, never loaded
+        whole. ``start_batch`` skips that many batches of the same order without reading
+        them (a resumed run). Torch tensors by default, numpy arrays with ``as_numpy``.
+        ``with_metadata`` yields ``(x, {"text_id", "position", "token_id"})`` with global
+        text ids. A view (``select_rows``, ``split_texts``) iterates over its own rows.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if shuffle_window_rows < 1:
+            raise ValueError(f"shuffle_window_rows must be positive, got {shuffle_window_rows}")
+        cols = [self.hook, *META_COLUMNS] if with_metadata else [self.hook]
+        skip_rows = max(0, start_batch) * batch_size
+        chunks: Iterator[np.ndarray | slice]
+        if shuffle:
+            chunks = _shuffled_order(self.n_rows, seed, shuffle_window_rows, skip_rows)
+        else:
+            chunks = iter([slice(min(skip_rows, self.n_rows), self.n_rows)])
+        for rows in _cut(chunks, batch_size):
+            n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+            if drop_last and n < batch_size:
+                return
+            got = self._gather(cols, rows if self.rows is None else self.rows[rows])
+            x: Any = got[self.hook] if as_numpy else torch.from_numpy(got[self.hook])
+            if not with_metadata:
+                yield x
+                continue
+            meta = {c: got[c] if as_numpy else torch.from_numpy(got[c]) for c in META_COLUMNS}
+            yield x, meta
+
+    def _gather(self, cols: list[str], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """Copies of ``cols`` for global ``rows`` (a range, or indices in any order)."""
+        if isinstance(rows, slice):
+            idx_sorted = np.arange(rows.start, rows.stop)
+            order = None
+        else:
+            order = np.argsort(rows, kind="stable")
+            idx_sorted = rows[order]
+        which = np.searchsorted(self._starts, idx_sorted, side="right") - 1
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+        for s in np.unique(which):
+            local = idx_sorted[which == s] - self._starts[s]
+            shard = self.shard(int(s))
+            contiguous = local[-1] - local[0] + 1 == len(local)
+            for c in cols:
+                src = shard.tensors[c]
+                piece = src[local[0] : local[-1] + 1] if contiguous else src[local]
+                if c == "text_id":
+                    piece = piece.astype(np.int64) + self.manifest.shards[int(s)].text_offset
+                parts[c].append(np.asarray(piece))
+        out = {}
+        for c in cols:
+            joined = np.concatenate(parts[c]) if len(parts[c]) > 1 else np.array(parts[c][0])
+            if order is not None:
+                placed = np.empty_like(joined)
+                placed[order] = joined
+                joined = placed
+            out[c] = joined
+        return out
+
+
+def _shuffled_order(
+    n_rows: int, seed: int, window_rows: int, skip_rows: int = 0
+) -> Iterator[np.ndarray]:
+    """Row indices in shuffled order, one window at a time, less the first ``skip_rows``.
+
+    One window: ``default_rng(seed).permutation(n_rows)``. Several: the windows in the order
+    ``default_rng(seed).permutation(n_windows)``, window ``w`` permuted by
+    ``default_rng((seed, w))``, so a skipped window is never drawn.
+    """
+    n_windows = max(1, -(-n_rows // window_rows))
+    if n_windows == 1:
+        yield np.random.default_rng(seed).permutation(n_rows)[skip_rows:]
+        return
+    for w in np.random.default_rng(seed).permutation(n_windows).tolist():
+        lo, hi = w * window_rows, min((w + 1) * window_rows, n_rows)
+        if skip_rows >= hi - lo:
+            skip_rows -= hi - lo
+            continue
+        yield lo + np.random.default_rng((seed, w)).permutation(hi - lo)[skip_rows:]
+        skip_rows = 0
+
+
+def _cut(chunks: Iterator[np.ndarray | slice], batch_size: int) -> Iterator[np.ndarray | slice]:
+    """Batches of ``batch_size`` rows (the last may be shorter) from ranges or index arrays."""
+    pending = np.empty(0, dtype=np.int64)
+    for chunk in chunks:
+        if isinstance(chunk, slice):  # unshuffled: one range, cut into ranges
+            for lo in range(chunk.start, chunk.stop, batch_size):
+                yield slice(lo, min(lo + batch_size, chunk.stop))
+            continue
+        pending = np.concatenate([pending, chunk]) if pending.size else chunk
+        while pending.size >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if pending.size:
+        yield pending
