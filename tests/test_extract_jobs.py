@@ -289,7 +289,7 @@ def test_out_of_memory_in_a_shard_is_retryable_not_an_internal_error(
 ) -> None:
     """An OOM (raised here from a forward hook on the worker's cached model) is a retryable
     error for the shard; run without Celery, the lifecycle gives up at once and says so."""
-    from interpq.worker.runners.extract import local_model
+    from interpq.worker.local_models import local_model
 
     m = local_model("tiny-gpt2-random-weights", "cpu", "float32")
 

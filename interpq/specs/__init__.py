@@ -6,28 +6,26 @@ workers at once). Jobs of one batch refer to each other with ``Ref``: in Python 
 object itself (``TrainSAE(activations=acts)``), in a batch file write ``"@name"``. A job runs
 only after every job it refers to (and every job in its ``after`` list) has succeeded.
 
-New kinds subclass ``JobSpec``, set ``kind: Literal[...]`` and register in ``SPEC_TYPES``.
+A new kind is a spec module here, a runner module in ``interpq.worker.runners`` and one line
+in ``interpq.specs.registry.KINDS``; ``SPEC_TYPES`` and ``AnySpec`` are built from that line.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpq.specs.api import Benchmark, Noop
 from interpq.specs.base import SPEC_SCHEMA_VERSION, JobSpec, Queue, Ref, SubmitContext
 from interpq.specs.extract import Extract
+from interpq.specs.registry import KINDS, JobKind
 from interpq.specs.science import Patch, TrainSAE
 
-AnySpec = Annotated[Noop | Benchmark | Extract | TrainSAE | Patch, Field(discriminator="kind")]
-SPEC_TYPES: dict[str, type[JobSpec]] = {
-    "noop": Noop,
-    "benchmark": Benchmark,
-    "extract": Extract,
-    "train_sae": TrainSAE,
-    "patch": Patch,
-}
+SPEC_TYPES: dict[str, type[JobSpec]] = {k.name: k.spec_type() for k in KINDS}
+"""Spec class of every job kind, from the registry (``interpq.specs.registry``)."""
+AnySpec = Annotated[Union[tuple(SPEC_TYPES.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+"""Any job spec, told apart by its ``kind`` (what a batch file's ``jobs`` hold)."""
 
 __all__ = [
     "SPEC_SCHEMA_VERSION",
@@ -36,7 +34,9 @@ __all__ = [
     "BatchSpec",
     "Benchmark",
     "Extract",
+    "JobKind",
     "JobSpec",
+    "KINDS",
     "Noop",
     "Patch",
     "Queue",

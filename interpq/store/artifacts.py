@@ -30,10 +30,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urljoin, urlparse
 
 from interpq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from interpq.settings import Settings
 
 TMP_DIR = ".tmp"
 STALE_TMP_S = 24 * 3600.0
@@ -248,11 +251,15 @@ def open_store(root_url: str) -> ArtifactStore:
     )
 
 
-def get_store() -> ArtifactStore:
-    """The store named by the settings (``INTERPQ_ARTIFACTS_DIR``)."""
+def get_store(settings: Settings | None = None) -> ArtifactStore:
+    """The store named by the settings (``INTERPQ_ARTIFACTS_DIR``; default: the process's)."""
     from interpq.settings import get_settings
 
-    settings = get_settings()
+    return store_for(settings or get_settings())
+
+
+def store_for(settings: Settings) -> ArtifactStore:
+    """The store named by ``settings.artifacts_dir``."""
     if _is_local(settings.artifacts_dir):
         return FileStore(settings.artifacts_path())  # relative paths: from the working directory
     return open_store(settings.artifacts_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -26,8 +25,9 @@ from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
 from interpq.queue.leases import leases_for
 from interpq.queue.publish import cancel_dependents, release_dependents, repair_dependents
-from interpq.settings import get_settings
+from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
+from interpq.worker.context import Runner, RunnerContext
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
@@ -40,19 +40,8 @@ MAX_WORKER_DEATHS = 3
 """Safety net: runners bound their own retries (attempts per call, total time)."""
 
 
-@dataclass
-class JobContext:
-    """What a runner gets: ids, the engine, the worker's name. Runners never see Celery."""
-
-    engine: Engine
-    job_id: str
-    batch_id: str
-    job_name: str
-    part: int
-    n_parts: int
-    worker: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
+JobContext = RunnerContext
+"""The former name of ``RunnerContext``."""
 
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 _jobs = Job.__table__
@@ -119,7 +108,7 @@ def _claim_or_none(engine: Engine, job_id: str, part: int, worker: str) -> Any:
         return None
 
 
-def _complete(conn: Connection, ctx: JobContext, spec: JobSpec, runner: Any) -> bool:
+def _complete(conn: Connection, ctx: RunnerContext, spec: JobSpec, runner: Runner[Any]) -> bool:
     """Record the part's success; finalise the job if this was its last part."""
     now = datetime.now(UTC)
     if ctx.n_parts > 1:
@@ -175,7 +164,7 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     """
     settings = get_settings()
     if task is None or not settings.broker_url:
-        return _run(job_id, part, task)
+        return _run(job_id, part, task, settings=settings)
     leases = leases_for(settings.broker_url, settings.part_lease_s)
     deaths = leases.acquire(job_id, part)
     if deaths is None:
@@ -183,7 +172,7 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
         # no bound: the holder is alive (it renews its lease), however long the part takes
         raise task.retry(countdown=settings.part_lease_s / 2, max_retries=None)
     try:
-        outcome = _run(job_id, part, task, worker_deaths=deaths)
+        outcome = _run(job_id, part, task, worker_deaths=deaths, settings=settings)
     finally:
         leases.release(job_id, part)
     if outcome == "yielded":  # after the release, so the continuation can take the lease
@@ -206,10 +195,13 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     return outcome
 
 
-def _run(job_id: str, part: int, task: Any, worker_deaths: int = 0) -> str:
-    from interpq.worker.runners import RUNNERS
+def _run(
+    job_id: str, part: int, task: Any, worker_deaths: int = 0, settings: Settings | None = None
+) -> str:
+    from interpq.worker.runners import runner_for
 
-    engine = get_engine()
+    settings = settings or get_settings()
+    engine = get_engine(settings.resolved_database_url())
     worker = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
     t0 = time.perf_counter()
     try:
@@ -233,9 +225,11 @@ def _run(job_id: str, part: int, task: Any, worker_deaths: int = 0) -> str:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         _repair(engine, job_id, part, task)
         return "skipped"
-    ctx = JobContext(engine, job_id, row.batch_id, row.name, part, row.n_parts, worker)
+    ctx = RunnerContext(
+        engine, job_id, row.batch_id, row.name, part, row.n_parts, worker, settings=settings
+    )
     try:
-        runner = RUNNERS[row.kind]
+        runner = runner_for(row.kind)
         spec = SPEC_TYPES[row.kind].model_validate(row.spec)
     except Exception as exc:  # a row written by another version of interpq, say
         log.exception("job %s part %d: cannot load its spec", job_id, part)
@@ -334,7 +328,12 @@ def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
 
 
 def _failed(
-    engine: Engine, ctx: JobContext, message: str, t0: float, runner: Any, spec: JobSpec | None
+    engine: Engine,
+    ctx: RunnerContext,
+    message: str,
+    t0: float,
+    runner: Runner[Any] | None,
+    spec: JobSpec | None,
 ) -> str:
     if fail_job(engine, ctx.job_id, ctx.part, ctx.n_parts, message):
         on_failure = getattr(runner, "on_failure", None)

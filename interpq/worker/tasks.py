@@ -1,4 +1,5 @@
-"""Celery tasks: one per job kind, each a thin call into ``lifecycle.run_part``.
+"""Celery tasks: one per job kind of the registry (``interpq.<kind>``), each a thin call into
+``lifecycle.run_part``.
 
 A task's arguments are ``(job_id, part)`` plus a human ``label`` that Flower shows; the spec
 itself is read from the database by id.
@@ -12,6 +13,7 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
+from interpq.specs.registry import KIND_NAMES
 from interpq.worker.lifecycle import run_part
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ def _define(kind: str) -> Any:
     return _task
 
 
-noop = _define("noop")
-benchmark = _define("benchmark")
-extract = _define("extract")
-train_sae = _define("train_sae")
-patch = _define("patch")
+TASKS: dict[str, Any] = {name: _define(name) for name in KIND_NAMES}
+"""The task of every job kind, by kind."""
+globals().update(TASKS)  # ``interpq.worker.tasks.<kind>``, as before the registry

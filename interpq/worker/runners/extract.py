@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,9 +47,8 @@ from interpq.providers import openai_http
 from interpq.providers.config import get_provider
 from interpq.queue.limiter import estimate_tokens, redis_for
 from interpq.queue.shard_locks import StillLocked, computing
-from interpq.settings import get_settings
 from interpq.specs import Extract
-from interpq.store.artifacts import ArtifactStore, Stored, get_store, relative, sha256_file
+from interpq.store.artifacts import ArtifactStore, Stored, relative, sha256_file
 from interpq.store.datasets import (
     MANIFEST_NAME,
     DatasetError,
@@ -61,7 +58,7 @@ from interpq.store.datasets import (
     read_shard_header,
     write_shard,
 )
-from interpq.worker.runners.benchmark import (
+from interpq.worker.api_calls import (
     MAX_TURN_S,
     backoff_s,
     batch_budget,
@@ -69,6 +66,8 @@ from interpq.worker.runners.benchmark import (
     make_limiter,
     previous_attempts,
 )
+from interpq.worker.context import RunnerContext
+from interpq.worker.local_models import LocalModel, local_model, resolve_device
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1
@@ -78,72 +77,10 @@ PARTIAL_DIR = "activations/partial"
 DATASETS_DIR = "activations/datasets"
 SHARD_KIND = "activation_shard"
 DATASET_KIND = "activation_dataset"
-MODEL_CACHE_SIZE = 2
 SHARD_WAIT_S = 600.0
 """How long a part waits for another worker computing the same shard before it yields."""
 OOM_RETRY_AFTER_S = 5.0
 _ARTIFACTS = cast(Table, Artifact.__table__)
-
-
-# ---- models kept per process --------------------------------------------------------------
-
-
-@dataclass
-class LocalModel:
-    """A loaded model, its layout, and what identifies its weights."""
-
-    loaded: Any
-    layout: Any
-    weights: str
-    """``revision:<commit>`` for a hub download, else ``sha256:<hash of the parameters>``."""
-    max_positions: int | None
-
-
-_models: OrderedDict[tuple[str, str, str], LocalModel] = OrderedDict()
-_models_lock = threading.Lock()
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def local_model(name: str, device: str, dtype: str) -> LocalModel:
-    """The model, loaded once per process (the ``MODEL_CACHE_SIZE`` most recent are kept)."""
-    key = (name, device, dtype)
-    with _models_lock:
-        if key in _models:
-            _models.move_to_end(key)
-            return _models[key]
-        import torch
-
-        from interpq.core.layout import LayoutError, locate
-        from interpq.hf.loading import load_model, weights_hash
-
-        try:
-            loaded = load_model(name, device=device, dtype=getattr(torch, dtype))
-            loaded.model.to(dtype=getattr(torch, dtype))  # the built-in tiny GPT-2 takes no dtype
-            layout = locate(loaded.model)
-        except LayoutError as exc:
-            raise PermanentJobError(f"model: {exc}") from exc
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PermanentJobError(f"model: cannot load {name!r}: {first}") from exc
-        config = loaded.model.config
-        revision = getattr(config, "_commit_hash", None)
-        weights = f"revision:{revision}" if revision else f"sha256:{weights_hash(loaded.model)}"
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
-        _models[key] = LocalModel(loaded, layout, weights, max_pos)
-        while len(_models) > MODEL_CACHE_SIZE:
-            _models.popitem(last=False)
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        return _models[key]
 
 
 # ---- one part -----------------------------------------------------------------------------
@@ -171,10 +108,10 @@ class ShardOutcome:
     meta: dict[str, Any]
 
 
-def run_part(ctx: Any, spec: Extract) -> None:
+def run_part(ctx: RunnerContext, spec: Extract) -> None:
     t0 = time.perf_counter()
     texts, offset = _shard_texts(ctx, spec)
-    store = get_store()
+    store = ctx.store
     swept = store.sweep_temporaries()
     if swept:
         log.info("removed %d temporary files left by dead writers", swept)
@@ -211,7 +148,7 @@ def run_part(ctx: Any, spec: Extract) -> None:
     )  # fmt: skip
 
 
-def _shard_texts(ctx: Any, spec: Extract) -> tuple[list[str], int]:
+def _shard_texts(ctx: RunnerContext, spec: Extract) -> tuple[list[str], int]:
     try:
         n_parts = spec.n_parts()
         start, stop = spec.shard_range(ctx.part)
@@ -229,7 +166,7 @@ def _shard_texts(ctx: Any, spec: Extract) -> tuple[list[str], int]:
     return texts, start
 
 
-def _existing(ctx: Any, store: ArtifactStore, uri: str) -> Stored | None:
+def _existing(ctx: RunnerContext, store: ArtifactStore, uri: str) -> Stored | None:
     """The complete shard at ``uri``, if one is there and matches its recorded sha256."""
     if not store.exists(uri):
         return None
@@ -253,7 +190,7 @@ def _existing(ctx: Any, store: ArtifactStore, uri: str) -> Stored | None:
 
 
 def _hit_or_compute(
-    ctx: Any,
+    ctx: RunnerContext,
     store: ArtifactStore,
     key: str,
     meta: dict[str, Any],
@@ -264,7 +201,7 @@ def _hit_or_compute(
     uri = shard_uri(store, key)
     found = _existing(ctx, store, uri)
     if found is None:
-        with _compute_lock(key):
+        with _compute_lock(ctx, key):
             found = _existing(ctx, store, uri)  # finished by another worker while we waited
             if found is None:
                 return compute(uri)
@@ -275,9 +212,9 @@ _redis_clients: dict[str, Any] = {}
 
 
 @contextmanager
-def _compute_lock(key: str) -> Iterator[None]:
+def _compute_lock(ctx: RunnerContext, key: str) -> Iterator[None]:
     """The shard's compute lock in the broker's Redis (none without a broker: one process)."""
-    settings = get_settings()
+    settings = ctx.settings
     if not settings.broker_url:
         yield
         return
@@ -302,7 +239,9 @@ def _hit(store: ArtifactStore, stored: Stored, key: str, meta: dict[str, Any]) -
 # ---- local models -------------------------------------------------------------------------
 
 
-def _run_local(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) -> ShardOutcome:
+def _run_local(
+    ctx: RunnerContext, spec: Extract, store: ArtifactStore, texts: list[str]
+) -> ShardOutcome:
     m = local_model(spec.model, resolve_device(spec.device), spec.dtype)
     points = sorted({(h, layer) for layer in spec.layers for h in spec.hooks}, key=_point_order)
     for point, layer in points:
@@ -422,7 +361,9 @@ class _Rows:
     token_ids: Any
 
 
-def _run_api(ctx: Any, spec: Extract, store: ArtifactStore, texts: list[str]) -> ShardOutcome:
+def _run_api(
+    ctx: RunnerContext, spec: Extract, store: ArtifactStore, texts: list[str]
+) -> ShardOutcome:
     name, model = spec.provider_model()
     try:
         provider = get_provider(name)
@@ -455,7 +396,7 @@ class _Caller:
 
 
 def _embed_shard(
-    ctx: Any,
+    ctx: RunnerContext,
     spec: Extract,
     store: ArtifactStore,
     texts: list[str],
@@ -466,7 +407,7 @@ def _embed_shard(
 ) -> ShardOutcome:
     """Embed the shard's texts, ``api_batch_size`` per request (answered requests are kept
     under ``activations/partial/<key>/`` until the shard is stored), and store the shard."""
-    limiter = make_limiter(call.provider)
+    limiter = make_limiter(call.provider, ctx.settings)
     budget = batch_budget(ctx)
     _, last_attempt, first_start = previous_attempts(ctx)
     vectors: list[np.ndarray] = []
@@ -568,7 +509,7 @@ def _piece(arr: np.ndarray, n_tokens: int) -> Callable[[Path], None]:
 # ---- the dataset --------------------------------------------------------------------------
 
 
-def finalize(conn: Connection, ctx: Any, spec: Extract) -> dict[str, Any]:
+def finalize(conn: Connection, ctx: RunnerContext, spec: Extract) -> dict[str, Any]:
     """Write the manifest of the job's shards (atomically) and record the dataset."""
     rows = conn.execute(
         select(Artifact.__table__).where(Artifact.job_id == ctx.job_id, Artifact.kind == SHARD_KIND)
@@ -578,7 +519,7 @@ def finalize(conn: Connection, ctx: Any, spec: Extract) -> dict[str, Any]:
     assert not missing, f"shards of parts {missing} are not recorded"
     parts = [by_part[p] for p in range(ctx.n_parts)]
     first = parts[0].meta
-    store = get_store()
+    store = ctx.store
     manifest_uri = store.uri_for(DATASETS_DIR, ctx.job_id, MANIFEST_NAME)
     shards = [
         ShardInfo(

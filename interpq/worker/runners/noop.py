@@ -9,14 +9,15 @@ from sqlalchemy import Connection
 
 from interpq.errors import PermanentJobError
 from interpq.specs import Noop
+from interpq.worker.context import RunnerContext
 
 
-def run_part(ctx: Any, spec: Noop) -> None:
+def run_part(ctx: RunnerContext, spec: Noop) -> None:
     if spec.sleep_s:
         time.sleep(spec.sleep_s)
     if spec.fail:
         raise PermanentJobError("failed on purpose (noop with fail=true)")
 
 
-def finalize(conn: Connection, ctx: Any, spec: Noop) -> dict[str, Any]:
+def finalize(conn: Connection, ctx: RunnerContext, spec: Noop) -> dict[str, Any]:
     return {}

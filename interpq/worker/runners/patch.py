@@ -26,7 +26,7 @@ from interpq.models import Artifact
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Patch
-from interpq.store.artifacts import get_store
+from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
 PATCH_DIR = "patching"
@@ -45,14 +45,14 @@ def _model(name: str, device: str) -> Any:
     return _models[key]
 
 
-def _dir(ctx: Any) -> Path:
-    store = get_store()
+def _dir(ctx: RunnerContext) -> Path:
+    store = ctx.store
     path = Path(store.local_path(store.uri_for(PATCH_DIR, ctx.job_id)))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def run_part(ctx: Any, spec: Patch) -> None:
+def run_part(ctx: RunnerContext, spec: Patch) -> None:
     if spec.is_api:
         _run_counterfactual(ctx, spec)
         return
@@ -87,7 +87,7 @@ def _write_whole(path: Path, text: str) -> None:
     tmp.replace(path)  # visible only complete
 
 
-def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
+def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any]:
     if spec.is_api:
         return dict(ctx.extra.get("result", {}))
     from interpq.core.patching import plot_heatmap
@@ -133,7 +133,7 @@ def finalize(conn: Connection, ctx: Any, spec: Patch) -> dict[str, Any]:
 # ---- API-only models: counterfactual prompt comparison ------------------------------------
 
 
-def _run_counterfactual(ctx: Any, spec: Patch) -> None:
+def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
     from interpq.core.patching import (
         MissingLogprobsError,
         compare_prompts,
@@ -192,17 +192,13 @@ class _ApiCaller:
     request index (the order of requests is fixed by the spec), so a redelivered job re-pays
     for none of the calls that already succeeded."""
 
-    def __init__(self, ctx: Any, provider: Any, model: str, key: str | None, price: Any,
+    def __init__(self, ctx: RunnerContext, provider: Any, model: str, key: str | None, price: Any,
                  directory: Path) -> None:  # fmt: skip
-        from interpq.worker.runners.benchmark import (
-            batch_budget,
-            make_limiter,
-            previous_attempts,
-        )
+        from interpq.worker.api_calls import batch_budget, make_limiter, previous_attempts
 
         self.ctx, self.provider, self.model, self.key, self.price = ctx, provider, model, key, price
         self.directory = directory
-        self.limiter = make_limiter(provider)
+        self.limiter = make_limiter(provider, ctx.settings)
         self.budget = batch_budget(ctx)
         _, self.last_attempt, _ = previous_attempts(ctx)
         self.index = 0
@@ -211,7 +207,7 @@ class _ApiCaller:
         import time
 
         from interpq.queue.limiter import estimate_tokens
-        from interpq.worker.runners.benchmark import backoff_s, limited_attempt
+        from interpq.worker.api_calls import backoff_s, limited_attempt
 
         index, self.index = self.index, self.index + 1
         saved = self.directory / f"{index:06d}.json"

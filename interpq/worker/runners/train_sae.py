@@ -7,7 +7,7 @@ SAE is saved in the layout SAELens loads (weights + ``cfg.json``) with its metri
 formulas: the evaluation's (over the dataset's rows, which are the training rows, or over
 the texts ``eval_fraction`` holds out of training), the last
 training window's (``train_*``), and the downstream loss with the SAE spliced into the
-dataset's causal LM where there is one (``sae_downstream.py``). Beside it: the raw training
+dataset's causal LM where there is one (``interpq.worker.sae_downstream``). Beside it: the raw training
 curves (JSON) and PNGs of them and of the evaluation's feature density, and the
 top-activating examples of every feature (one compact JSON); every file is written under a
 temporary name and renamed into place, recorded in ``artifacts``, the metrics and a few
@@ -31,7 +31,7 @@ from interpq.models import Artifact, Job
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Ref, TrainSAE
-from interpq.store.artifacts import get_store
+from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
 SAE_DIR = "sae"
@@ -39,7 +39,7 @@ N_TOP_EXAMPLES = 5
 """Top-activating rows kept per feature (for every feature, in the top-examples artifact)."""
 
 
-def dataset_uri(ctx: Any, spec: TrainSAE) -> str:
+def dataset_uri(ctx: RunnerContext, spec: TrainSAE) -> str:
     """The manifest URI of the activations: a referenced Extract job's, or the given one."""
     if not isinstance(spec.activations, Ref):
         return spec.activations
@@ -94,10 +94,10 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
     return train_ds, eval_ds, what
 
 
-def run_part(ctx: Any, spec: TrainSAE) -> None:
+def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     from interpq.core.sae import evaluate, train_many
     from interpq.store.datasets import ActivationDataset, DatasetError
-    from interpq.worker.runners.sae_downstream import downstream_losses
+    from interpq.worker.sae_downstream import downstream_losses
 
     uri = dataset_uri(ctx, spec)
     try:
@@ -115,7 +115,7 @@ def run_part(ctx: Any, spec: TrainSAE) -> None:
             f"invalid SAE settings: batch_size {spec.batch_size} is more than the dataset's "
             f"{train_ds.n_rows} training rows{held}; lower batch_size"
         )
-    store = get_store()
+    store = ctx.store
     root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
     results = train_many(train_ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
@@ -158,7 +158,7 @@ def _train_window(res: Any) -> dict[str, float]:
 
 
 def _outputs(
-    ctx: Any, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
+    ctx: RunnerContext, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
     evaluated: tuple[Any, str], stored: dict[str, Any], texts: list[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
@@ -243,5 +243,5 @@ def compact_top_examples(tops: dict[int, list[Any]], texts: list[str]) -> dict[s
     }
 
 
-def finalize(conn: Connection, ctx: Any, spec: TrainSAE) -> dict[str, Any]:
+def finalize(conn: Connection, ctx: RunnerContext, spec: TrainSAE) -> dict[str, Any]:
     return dict(ctx.extra.get("result", {}))

@@ -45,7 +45,7 @@ def skip_reason(manifest: Any, hook: str, n_texts: int) -> str | None:
 def downstream_losses(ds: Any, saes: list[Any], spec: TrainSAE) -> list[dict[str, Any]] | str:
     """Per SAE, ΔCE / CE recovered / KL and the tokens counted; or why they were skipped."""
     from interpq.core.sae import downstream_loss, lm_runner, sae_reconstruction, token_batches
-    from interpq.worker.runners.extract import local_model, resolve_device
+    from interpq.worker.local_models import local_model, resolve_device
 
     manifest = ds.manifest
     reason = skip_reason(manifest, ds.hook, spec.downstream_texts)

@@ -1,0 +1,63 @@
+"""What a runner gets (``RunnerContext``) and what a runner is (``Runner``).
+
+A runner never sees Celery: the lifecycle (``interpq.worker.lifecycle``) claims the part,
+builds a ``RunnerContext`` and calls the runner module of the job's kind. The context names
+the job and part, and carries the database engine, the settings the worker runs with and the
+artifact store they name; runners take these from the context, never from globals, so that a
+worker (or a test) configured with other settings is honoured throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Connection, Engine
+
+from interpq.settings import Settings, get_settings
+from interpq.specs import JobSpec
+from interpq.store.artifacts import ArtifactStore, store_for
+
+SpecT = TypeVar("SpecT", bound=JobSpec, contravariant=True)
+
+
+@dataclass
+class RunnerContext:
+    """One part of one job, as its runner sees it."""
+
+    engine: Engine
+    """The database (results, ``api_calls`` and ``artifacts`` rows)."""
+    job_id: str
+    batch_id: str
+    job_name: str
+    part: int
+    """Which part this is, ``0 <= part < n_parts``."""
+    n_parts: int
+    worker: str
+    """The worker's name (Celery hostname), recorded in rows it writes."""
+    settings: Settings = field(default_factory=get_settings)
+    """The settings of this worker (broker URL, artifact root, leases, limiter margin)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What ``run_part`` leaves for ``finalize`` in the same process (a one-part job's result)."""
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        """The artifact store the settings name: runners ask it for every path."""
+        return store_for(self.settings)
+
+
+class Runner(Protocol[SpecT]):
+    """A runner module: what one job kind does inside a worker.
+
+    ``run_part`` does the work of one part; it raises ``JobError`` subclasses for failures
+    (``RetryableJobError``: the part runs again later; ``YieldTurn``: it goes to the back of
+    its queue and continues where it stopped). ``finalize`` is called once, inside the
+    transaction that marks the job succeeded, after its last part; it returns the job's small
+    JSON result. A module may also define ``on_failure(conn, ctx, spec)``, called once when
+    the job fails (e.g. summaries of what was done).
+    """
+
+    def run_part(self, ctx: RunnerContext, spec: SpecT) -> None: ...
+
+    def finalize(self, conn: Connection, ctx: RunnerContext, spec: SpecT) -> dict[str, Any]: ...
