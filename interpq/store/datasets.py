@@ -477,6 +477,41 @@ class ActivationDataset:
             meta = {c: got[c] if as_numpy else torch.from_numpy(got[c]) for c in META_COLUMNS}
             yield x, meta
 
+    def read_rows(self, rows: np.ndarray, out: torch.Tensor) -> None:
+        """Copy this view's ``rows`` (indices, best ascending) of the hook into ``out``
+        ``[len(rows), d]`` (a CPU tensor of the store's dtype, e.g. pinned), one gather per
+        shard and a plain copy where the rows are a range. Safe to call from several
+        threads (``interpq.core.sae.data`` reads ahead with it)."""
+        g = np.asarray(rows, dtype=np.int64)
+        g = g if self.rows is None else self.rows[g]
+        which = np.searchsorted(self._starts, g, side="right") - 1
+        if not np.all(g[1:] >= g[:-1]):  # any order: gather per shard, place by position
+            for s in np.unique(which):
+                pos = np.flatnonzero(which == s)
+                local = torch.from_numpy(g[pos] - self._starts[s])
+                out.index_copy_(0, torch.from_numpy(pos), self._torch_rows(int(s))[local])
+            return
+        cuts = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(g)]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+            s = int(which[a])
+            src = self._torch_rows(s)  # [shard rows, d]
+            local = g[a:b] - self._starts[s]
+            if local[-1] - local[0] + 1 == b - a:  # a range: one plain copy
+                out[a:b].copy_(src[int(local[0]) : int(local[-1]) + 1])
+            else:
+                torch.index_select(src, 0, torch.from_numpy(local), out=out[a:b])
+
+    def _torch_rows(self, i: int) -> torch.Tensor:
+        """Shard ``i``'s hook tensor as a torch view of a private (copy-on-write) map: the
+        page cache is shared, and torch gets a writable array it will never write."""
+        cache = self.__dict__.setdefault("_torch_maps", {})
+        if i not in cache:
+            path = to_local_path(self.shard_uris[i])
+            spans, _ = read_shard_header(path)
+            dtype, shape, offset = spans[self.hook]
+            cache[i] = torch.from_numpy(_map(path, dtype, shape, offset, "c"))
+        return cache[i]
+
     def _gather(self, cols: list[str], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
         """Copies of ``cols`` for global ``rows`` (a range, or indices in any order)."""
         if isinstance(rows, slice):

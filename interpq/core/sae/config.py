@@ -93,8 +93,17 @@ class SAEConfig:
 
     shuffle: bool = True
     """Shuffle the rows every epoch, seeded by ``seed`` and the epoch number: arrays fully,
-    activation datasets within windows of ``interpq.store.datasets.SHUFFLE_WINDOW_ROWS`` rows;
-    other iterables are taken in their own order."""
+    activation datasets in blocks of ``shuffle_block_rows`` consecutive rows (see
+    ``interpq.core.sae.data``); other iterables are taken in their own order."""
+
+    shuffle_block_rows: int = 16
+    """Consecutive rows an activation dataset is read and shuffled in: contiguous reads;
+    a batch holds ``batch_size / shuffle_block_rows`` independent blocks (1: single rows)."""
+
+    prefetch_batches: int = 4
+    """Batches of host arrays and activation datasets read ahead by background threads into
+    (pinned, on CUDA) host buffers and copied to the device while the previous step runs;
+    0 reads each batch when the step needs it. The batches are the same either way."""
 
     seed: int = 0
     """Seed of the initialisation and of the data order."""
@@ -211,6 +220,8 @@ class SAEConfig:
         )
         _require(self.dead_window_tokens > 0, "dead_window_tokens", "must be positive")
         _require(self.log_every_steps > 0, "log_every_steps", "must be positive")
+        _require(self.shuffle_block_rows > 0, "shuffle_block_rows", "must be positive")
+        _require(self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps > 0, "checkpoint_every_steps", "must be > 0")
 

@@ -124,7 +124,25 @@ def train_many(
         seed=first.seed,
         device=device,
         dtype=torch.float64 if wide else torch.float32,
+        prefetch=first.prefetch_batches,
+        block_rows=first.shuffle_block_rows,
     )
+    try:
+        return _train(source, configs, device, callbacks, checkpoint_dir, resume, progress)
+    finally:
+        source.close()  # the read-ahead threads
+
+
+def _train(
+    source: BatchSource,
+    configs: Sequence[SAEConfig],
+    device: torch.device,
+    callbacks: Sequence[Callback],
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+) -> list[TrainResult]:
+    first = configs[0]
     total_steps = _total_steps(first, source)
     runs = [_Run(cfg, device, total_steps) for cfg in configs]
     start = 0
@@ -500,7 +518,8 @@ def _make_adam(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> 
 
 
 def _check_compatible(configs: Sequence[SAEConfig]) -> None:
-    shared = ("d_in", "batch_size", "n_steps", "n_epochs", "shuffle", "device")
+    shared = ("d_in", "batch_size", "n_steps", "n_epochs", "shuffle", "shuffle_block_rows",
+              "prefetch_batches", "device")  # fmt: skip
     first = configs[0]
     for i, cfg in enumerate(configs[1:], start=1):
         for name in shared:
@@ -546,7 +565,8 @@ def _restore(directory: str | Path, runs: list[_Run], source: BatchSource) -> in
         raise ValueError(f"checkpoint in {directory} is from a newer interpq; upgrade to resume")
     saved = state["runs"]
     # not the math:
-    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile", "fused_topk"}
+    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile", "fused_topk",
+              "prefetch_batches"}  # fmt: skip
     for i, run in enumerate(runs):
         now = {k: v for k, v in run.cfg.to_dict().items() if k not in ignore}
         then = (
