@@ -189,25 +189,87 @@ def extract(
     device = next(model.parameters()).device
     with_positions = accepts_position_ids(model)
     lengths = [len(t) for t in token_ids]
+    pending: _InFlight | None = None
     for batch in plan_batches(lengths, batch_size, sort_by_length):
         ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         model_positions = positions + layout.position_offset if with_positions else None
-        acts = forward_capture(model, layout, points, ids, mask, model_positions)
-        rows = {
-            p: reduce_tokens(a, mask, reduction).to(dtype=out_dtype or a.dtype).cpu()
-            for p, a in acts.items()
-        }
-        if reduction == "mean":
-            pos_rows = torch.full((len(batch),), -1, dtype=torch.long)
-            tok_rows = pos_rows.clone()
-        else:
-            pos_rows = reduce_tokens(positions.unsqueeze(-1), mask, reduction).squeeze(-1)
-            tok_rows = reduce_tokens(ids.unsqueeze(-1), mask, reduction).squeeze(-1)
-        yield ExtractedBatch(
-            text_index=batch,
-            rows_per_text=rows_per_text([lengths[i] for i in batch], reduction),
-            acts=rows,
-            positions=pos_rows.cpu(),
-            token_ids=tok_rows.cpu(),
+        rows_index = _row_index(mask, reduction)  # on the host: no device sync to find rows
+        dev = [t.to(device, non_blocking=True) if t is not None else None
+               for t in (ids, mask, model_positions)]  # fmt: skip
+        acts = forward_capture(model, layout, points, dev[0], dev[1], dev[2])
+        # The forward is queued on the device; hand out the previous batch while it runs.
+        if pending is not None:
+            yield pending.result()
+        rows = {p: _reduce_on_device(a, dev[1], rows_index, reduction, out_dtype)
+                for p, a in acts.items()}  # fmt: skip
+        pos_rows, tok_rows = _meta_rows(positions, ids, mask, reduction, len(batch))
+        pending = _InFlight(
+            batch, rows_per_text([lengths[i] for i in batch], reduction), rows, pos_rows,
+            tok_rows,
+        )  # fmt: skip
+    if pending is not None:
+        yield pending.result()
+
+
+class _InFlight:
+    """One batch's rows on their way to the host (pinned, non-blocking on CUDA)."""
+
+    def __init__(self, batch: list[int], per_text: list[int], rows: dict[Point, Tensor],
+                 positions: Tensor, token_ids: Tensor) -> None:  # fmt: skip
+        self.batch, self.per_text, self.positions, self.token_ids = (
+            batch,
+            per_text,
+            positions,
+            token_ids,
         )
+        self.acts: dict[Point, Tensor] = {}
+        self.event: Any = None
+        cuda = any(t.is_cuda for t in rows.values())
+        for p, t in rows.items():
+            if t.is_cuda:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                self.acts[p] = host
+            else:
+                self.acts[p] = t
+        if cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> ExtractedBatch:
+        if self.event is not None:
+            self.event.synchronize()  # this batch's copies only; later work keeps running
+        return ExtractedBatch(text_index=self.batch, rows_per_text=self.per_text,
+                              acts=self.acts, positions=self.positions,
+                              token_ids=self.token_ids)  # fmt: skip
+
+
+def _row_index(mask: Tensor, reduction: Reduction) -> Tensor | None:
+    """Flat ``batch * pos`` indices of the kept rows (``"all"``, ``"last"``), from the host mask."""
+    if reduction == "all":
+        return mask.flatten().nonzero().flatten()
+    if reduction == "last":
+        return torch.arange(mask.shape[0]) * mask.shape[1] + _last_index(mask)
+    return None
+
+
+def _reduce_on_device(act: Tensor, mask: Tensor, index: Tensor | None, reduction: Reduction,
+                      out_dtype: torch.dtype | None) -> Tensor:  # fmt: skip
+    """``reduce_tokens`` without a host sync: rows picked by an index computed on the host."""
+    if index is None:
+        rows = reduce_tokens(act, mask, reduction)
+    else:
+        flat = act.reshape(-1, act.shape[-1])  # [batch * pos, d]
+        rows = flat.index_select(0, index.to(act.device, non_blocking=True))
+    return rows.to(dtype=out_dtype or act.dtype)
+
+
+def _meta_rows(positions: Tensor, ids: Tensor, mask: Tensor, reduction: Reduction,
+               n: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``[rows]`` positions and token ids, computed on the host."""
+    if reduction == "mean":
+        pos_rows = torch.full((n,), -1, dtype=torch.long)
+        return pos_rows, pos_rows.clone()
+    pos_rows = reduce_tokens(positions.unsqueeze(-1), mask, reduction).squeeze(-1)
+    tok_rows = reduce_tokens(ids.unsqueeze(-1), mask, reduction).squeeze(-1)
+    return pos_rows, tok_rows
