@@ -35,8 +35,8 @@ import sys
 import tempfile
 import time
 import traceback
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
