@@ -198,7 +198,7 @@ def make_models(workdir: Path, quick: bool) -> dict[str, str]:
     weights (seeded), both with MiniLM's tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    from interpq.runtime.models import minilm_path
+    from interpq.hf.loading import minilm_path
 
     out = {}
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
@@ -229,9 +229,9 @@ def make_models(workdir: Path, quick: bool) -> dict[str, str]:
 def extract_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     import extract as extract_bench
 
-    from interpq.artifacts import FileStore
     from interpq.specs import Extract
-    from interpq.worker.runners.extract import local_model
+    from interpq.store.artifacts import FileStore
+    from interpq.worker.local_models import local_model
 
     device = args.device
     texts = word_texts(args.extract_texts, 160)
@@ -461,8 +461,8 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     from interpq.scheduler import Client
     from interpq.settings import Settings
     from interpq.specs import Extract, Patch, TrainSAE
-    from interpq.stack import Stack
-    from interpq.worker.runners.extract import local_model
+    from interpq.stack.embedded import Stack
+    from interpq.worker.local_models import local_model
 
     device = args.device
     gpt = models["gpt2-small-random"]
@@ -503,7 +503,7 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     ds_uri = next(a.uri for a in results["acts"].artifacts if a.kind == "activation_dataset")
     ds = ActivationDataset.open(ds_uri)
     m = local_model(gpt, device, "float32")
-    from interpq.artifacts import FileStore
+    from interpq.store.artifacts import FileStore
     from interpq.worker.runners.extract import write_local_shard
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
