@@ -1,36 +1,260 @@
-"""Calls to model providers from runners: one attempt under the global limits, one row each.
+"""The one policy for calls to model providers: permit → attempt → row → retry, yield or fail.
 
-Every HTTP attempt a job makes goes through ``limited_attempt``: the batch's budget is
-reserved, a concurrency permit and an rpm/tpm slot are taken from the global limiter (Redis),
-the attempt is made, its cost settled and its ``api_calls`` row written; a 429 cools the model
-down for every worker. ``previous_attempts`` reads those rows back, so a redelivered part
-skips what succeeded and continues the attempt numbering of what did not.
+Every HTTP request a job makes to a provider (benchmark requests, API embeddings of an
+extraction, the logprobs of a counterfactual prompt comparison, and any new kind) goes
+through an ``ApiCaller``:
+
+1. **Configuration** (``resolve``): the provider, its API key and the model's prices are read
+   once per part; a ``ConfigError`` (unknown provider, missing key, unpriced model) becomes
+   the job's ``PermanentJobError`` — the one translation of it.
+2. **Turns**: a part makes at most ``requests_per_turn`` requests (or ``MAX_TURN_S`` of them),
+   then raises ``YieldTurn``: it goes to the back of its queue, so that batches submitted
+   later get a worker too, and continues where it stopped.
+3. **One attempt**: the batch's budget is reserved (``BudgetExceeded`` fails the job), one of
+   the provider's concurrency permits and an rpm/tpm slot are taken from the global limiter
+   in Redis, the attempt is made, its cost settled and its ``api_calls`` row written, keyed by
+   (job, part, request index, attempt) so a redelivered part never duplicates one. A 429
+   cools the model down for every worker.
+4. **After a failed attempt**: a permanent error (400, 401, 404, ...) fails the job. A
+   retryable one (429, 5xx, timeout, unreadable body) raises ``RetryableJobError`` with an
+   exponential backoff (or the server's Retry-After): the lifecycle releases the part's lease
+   and the limiter permit is already released, and Celery runs the part again after that
+   delay. Nothing ever sleeps while holding a permit or a lease. The retried part skips the
+   requests that succeeded (the caller reads its rows back) and numbers attempts on.
+5. **Exhausted** (``max_attempts`` used, or ``max_retry_time_s`` since the request's first
+   attempt): the one per-kind knob, ``CallPolicy.when_exhausted``. ``"skip"``: the request
+   counts as failed and the part moves on (the benchmark: failures are what it measures; its
+   summary counts them). ``"fail"``: the job fails naming the request (an extraction or a
+   comparison needs every answer).
+
+Runners keep what they need of each answer (the benchmark nothing, extraction the vectors,
+the comparison the body) under the job's artifacts, by request index, and skip those indices
+when the part runs again; ``ApiCaller.answered`` lists the indices the rows say succeeded.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from sqlalchemy import select
 
+from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models import ApiCall
 from interpq.models import Batch as BatchRow
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
-from interpq.providers.config import ModelPrice, Provider
+from interpq.providers.config import ModelPrice, Provider, get_provider
 from interpq.queue.limiter import Limiter, redis_for
 from interpq.settings import Settings
 from interpq.worker.context import RunnerContext
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
+MAX_TURN_S = 30.0
+"""A turn also ends after this long (slow or rate-limited calls): a worker told to stop
+(scaling down) then finishes its running parts well within compose's stop_grace_period, and
+their continuations go to other workers."""
+PERMIT_GRACE_S = 30.0
+"""A concurrency permit outlives its attempt's timeout by this much (then it lapses)."""
 
 
-def previous_attempts(ctx: RunnerContext) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
+@dataclass(frozen=True)
+class CallPolicy:
+    """How a job kind's requests are retried; the spec's fields fill it (see the module)."""
+
+    max_attempts: int
+    """Attempts per request (the first included)."""
+    max_retry_time_s: float
+    """No retry once this long has passed since the request's first attempt."""
+    timeout_s: float
+    """Per attempt."""
+    requests_per_turn: int
+    """Requests made before the part yields its turn (it continues later)."""
+    when_exhausted: Literal["skip", "fail"]
+    """A request out of attempts or time: ``skip`` it (counted failed) or fail the job."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A provider's model, with the key and prices for calling it."""
+
+    provider: Provider
+    model: str
+    api_key: str | None
+    price: ModelPrice
+
+    @property
+    def label(self) -> str:
+        """``provider:model``, as specs write it and errors name it."""
+        return f"{self.provider.name}:{self.model}"
+
+
+def resolve(ctx: RunnerContext, provider: str, model: str) -> Target:
+    """The provider, key and prices of ``provider:model``; a configuration error (unknown
+    provider, unset key, unpriced model) fails the job with its one-line message."""
+    try:
+        found = get_provider(provider, ctx.settings)
+        return Target(found, model, found.api_key(), found.price(model))
+    except ConfigError as exc:
+        raise PermanentJobError(str(exc)) from exc
+
+
+def backoff_s(attempt: int, retry_after_s: float | None) -> float:
+    """Exponential backoff with full jitter; the server's Retry-After wins when given."""
+    if retry_after_s is not None:
+        return retry_after_s
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+class ApiCaller:
+    """One part's requests to one provider model under ``policy`` (see the module).
+
+    Requests are named by an index that is stable across runs of the part (its position in
+    the spec's fixed order): the rows, the retries and the runner's saved answers use it.
+    """
+
+    def __init__(self, ctx: RunnerContext, target: Target, policy: CallPolicy) -> None:
+        self.ctx, self.target, self.policy = ctx, target, policy
+        self.limiter = make_limiter(target.provider, ctx.settings)
+        self.budget = _batch_budget(ctx)
+        self.answered, self._last_attempt, self._first_start = _previous_attempts(ctx)
+        self._made = 0
+        self._turn_ends = time.monotonic() + MAX_TURN_S
+
+    def request(
+        self,
+        index: int,
+        endpoint: openai_http.Endpoint,
+        payload: dict[str, Any],
+        est_tokens: tuple[int, int],
+    ) -> openai_http.CallOutcome | None:
+        """Request ``index``: its successful outcome; None when it is exhausted and the
+        policy skips it. Raises ``YieldTurn`` (turn over, before the attempt),
+        ``RetryableJobError`` (retry the part later), ``PermanentJobError`` (fail the job)."""
+        attempt = self._last_attempt.get(index, 0)
+        if attempt >= self.policy.max_attempts or self._out_of_time(index):
+            return self._exhausted(index, attempt, None)
+        if self._made == self.policy.requests_per_turn or (
+            self._made and time.monotonic() > self._turn_ends
+        ):
+            raise YieldTurn(f"{self.target.label}: {self._made} requests this turn")
+        self._made += 1
+        attempt = self._last_attempt[index] = attempt + 1
+        out = limited_attempt(
+            self.ctx, self.limiter, self.target, endpoint, payload, budget=self.budget,
+            request_index=index, attempt=attempt, est_tokens=est_tokens,
+            timeout_s=self.policy.timeout_s,
+        )  # fmt: skip
+        self._first_start.setdefault(index, out.started_at)
+        if out.ok:
+            self.answered.add(index)
+            return out
+        if not out.retryable:
+            raise PermanentJobError(
+                f"{self.target.label}: {out.error} (not retried: {out.error_class})"
+            )
+        if attempt >= self.policy.max_attempts or self._out_of_time(index):
+            return self._exhausted(index, attempt, out)
+        raise RetryableJobError(
+            f"{self.target.label} request {index}: {out.error_class}: {out.error}",
+            retry_after_s=backoff_s(attempt, out.retry_after_s),
+        )
+
+    def answer(
+        self,
+        index: int,
+        endpoint: openai_http.Endpoint,
+        payload: dict[str, Any],
+        est_tokens: tuple[int, int],
+    ) -> dict[str, Any]:
+        """The JSON body of request ``index`` (a ``fail`` policy: every request answered)."""
+        assert self.policy.when_exhausted == "fail", "answer() needs when_exhausted='fail'"
+        out = self.request(index, endpoint, payload, est_tokens)
+        assert out is not None
+        return dict(out.body or {})
+
+    def _elapsed_s(self, index: int) -> float:
+        first = self._first_start.get(index)
+        if first is None:
+            return 0.0
+        if first.tzinfo is None:
+            first = first.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - first).total_seconds()
+
+    def _out_of_time(self, index: int) -> bool:
+        return self._elapsed_s(index) > self.policy.max_retry_time_s
+
+    def _exhausted(
+        self, index: int, attempt: int, out: openai_http.CallOutcome | None
+    ) -> openai_http.CallOutcome | None:
+        if self.policy.when_exhausted == "skip":
+            return None  # counted as failed from its rows
+        error = f": {out.error}" if out is not None else ""
+        elapsed_s = self._elapsed_s(index)
+        if elapsed_s > self.policy.max_retry_time_s:
+            raise PermanentJobError(
+                f"{self.target.label} request {index}: gave up after {elapsed_s:.1f} s of "
+                f"retries (max_retry_time_s={self.policy.max_retry_time_s:g}){error}"
+            )
+        raise PermanentJobError(
+            f"{self.target.label} request {index}: gave up after {attempt} attempts{error}"
+        )
+
+
+def make_limiter(provider: Provider, settings: Settings) -> Limiter:
+    """The global limiter for ``provider``, on the broker's Redis."""
+    margin = provider.safety_margin or settings.safety_margin
+    return Limiter(_redis(settings.broker_url), provider, margin)
+
+
+def limited_attempt(
+    ctx: RunnerContext,
+    limiter: Limiter,
+    target: Target,
+    endpoint: openai_http.Endpoint,
+    payload: dict[str, Any],
+    *,
+    budget: float | None,
+    request_index: int,
+    attempt: int,
+    est_tokens: tuple[int, int],
+    timeout_s: float,
+) -> openai_http.CallOutcome:
+    """One HTTP attempt under the global limits (and the batch's budget), recorded as one
+    ``api_calls`` row; a 429 cools the model down for every worker. Retrying is the caller's."""
+    model, price = target.model, target.price
+    est_in, est_out = est_tokens
+    estimate_usd = price.cost_usd(est_in, est_out)
+    if budget is not None:
+        limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
+    with limiter.permit(lease_s=timeout_s + PERMIT_GRACE_S, model=model) as renew:
+        limiter.wait_for_slot(model, est_in + est_out)
+        renew()  # the wait (a cool-down, say) may have outlasted the permit's lease
+        out = openai_http.attempt(
+            target.provider.base_url,
+            endpoint,
+            payload,
+            api_key=target.api_key,
+            key_env=target.provider.api_key_env,
+            timeout_s=timeout_s,
+        )
+    limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
+    cost = price.cost_usd(out.input_tokens, out.output_tokens)
+    if budget is not None:
+        limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
+    _record(ctx, target, endpoint, request_index, attempt, out, cost)
+    if out.error_class == "rate_limited":
+        limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
+    return out
+
+
+def _previous_attempts(ctx: RunnerContext) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
     """For this part's recorded calls: request indices already answered; per index, the last
     attempt number (redeliveries go on from it) and when its first attempt started."""
     with ctx.engine.connect() as conn:
@@ -50,20 +274,7 @@ def previous_attempts(ctx: RunnerContext) -> tuple[set[int], dict[int, int], dic
     return done, last, first
 
 
-MAX_TURN_S = 30.0
-"""A turn also ends after this long (slow or rate-limited calls): a worker told to stop
-(scaling down) then finishes its running parts well within compose's stop_grace_period, and
-their continuations go to other workers."""
-
-
-def backoff_s(attempt: int, retry_after_s: float | None) -> float:
-    """Exponential backoff with full jitter; the server's Retry-After wins when given."""
-    if retry_after_s is not None:
-        return retry_after_s
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
-
-
-def batch_budget(ctx: RunnerContext) -> float | None:
+def _batch_budget(ctx: RunnerContext) -> float | None:
     """The batch's ``max_cost_usd`` (None: no budget)."""
     with ctx.engine.connect() as conn:
         return conn.execute(
@@ -71,59 +282,9 @@ def batch_budget(ctx: RunnerContext) -> float | None:
         ).scalar()
 
 
-def make_limiter(provider: Provider, settings: Settings) -> Limiter:
-    """The global limiter for ``provider``, on the broker's Redis."""
-    margin = provider.safety_margin or settings.safety_margin
-    return Limiter(_redis(settings.broker_url), provider, margin)
-
-
-def limited_attempt(
-    ctx: RunnerContext,
-    limiter: Limiter,
-    provider: Provider,
-    model: str,
-    endpoint: openai_http.Endpoint,
-    payload: dict[str, Any],
-    *,
-    api_key: str | None,
-    price: ModelPrice,
-    budget: float | None,
-    request_index: int,
-    attempt: int,
-    est_tokens: tuple[int, int],
-    timeout_s: float,
-) -> openai_http.CallOutcome:
-    """One HTTP attempt under the global limits (and the batch's budget), recorded as one
-    ``api_calls`` row; a 429 cools the model down for every worker. Retrying is the caller's.
-    Shared by the runners that call APIs."""
-    est_in, est_out = est_tokens
-    estimate_usd = price.cost_usd(est_in, est_out)
-    if budget is not None:
-        limiter.reserve_budget(ctx.batch_id, estimate_usd, budget)
-    with limiter.permit(lease_s=timeout_s + 30, model=model) as renew:
-        limiter.wait_for_slot(model, est_in + est_out)
-        renew()  # the wait (a cool-down, say) may have outlasted the permit's lease
-        out = openai_http.attempt(
-            provider.base_url,
-            endpoint,
-            payload,
-            api_key=api_key,
-            key_env=provider.api_key_env,
-            timeout_s=timeout_s,
-        )
-    limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
-    cost = price.cost_usd(out.input_tokens, out.output_tokens)
-    if budget is not None:
-        limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
-    record_attempt(ctx, provider.name, model, endpoint, request_index, attempt, out, cost)
-    if out.error_class == "rate_limited":
-        limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
-    return out
-
-
-def record_attempt(
-    ctx: RunnerContext, provider: str, model: str, endpoint: str, index: int, attempt: int, out: Any,
-    cost: float,
+def _record(
+    ctx: RunnerContext, target: Target, endpoint: openai_http.Endpoint, index: int,
+    attempt: int, out: openai_http.CallOutcome, cost: float,
 ) -> None:  # fmt: skip
     """One ``api_calls`` row for one HTTP attempt (a redelivered part never duplicates it)."""
     row = {
@@ -131,8 +292,8 @@ def record_attempt(
         "part": ctx.part,
         "request_index": index,
         "attempt": attempt,
-        "provider": provider,
-        "model": model,
+        "provider": target.provider.name,
+        "model": target.model,
         "endpoint": openai_http.PATHS[endpoint],
         "started_at": out.started_at,
         "latency_ms": out.latency_ms,

@@ -10,7 +10,6 @@ succeeded is paid for twice. ``finalize`` computes the latency summaries from th
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -18,20 +17,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from interpq.core.latency import summarize
-from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models import ApiCall, LatencySummary
 from interpq.providers import openai_http
-from interpq.providers.config import get_provider
 from interpq.queue.limiter import estimate_tokens
 from interpq.specs import Benchmark
-from interpq.worker.api_calls import (
-    MAX_TURN_S,
-    backoff_s,
-    batch_budget,
-    limited_attempt,
-    make_limiter,
-    previous_attempts,
-)
+from interpq.worker.api_calls import ApiCaller, CallPolicy, resolve
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
@@ -50,62 +40,26 @@ def _payload(spec: Benchmark, model: str) -> dict[str, Any]:
 
 
 def run_part(ctx: RunnerContext, spec: Benchmark) -> None:
-    """Make this slice's requests under the global limits; every attempt is a row.
+    """Make this slice's requests under the one API-call policy (``interpq.worker.api_calls``);
+    every attempt is a row.
 
-    A retryable failure (429, 5xx, timeout, bad body) raises ``RetryableJobError`` so Celery
-    retries the part (Flower shows a retry); the retried part skips what already succeeded.
-    A request that used up ``max_attempts`` or ``max_retry_time_s`` counts as failed and the
-    slice moves on; a permanent error (401, 400, 404, budget) fails the job.
+    A retryable failure (429, 5xx, timeout, bad body) retries the part later (Flower shows a
+    retry); the retried part skips what already succeeded. A request that used up
+    ``max_attempts`` or ``max_retry_time_s`` counts as failed and the slice moves on (a
+    benchmark measures failures); a permanent error (401, 400, 404, budget) fails the job.
     """
     model, slice_index = spec.part_of(ctx.part)
-    try:
-        provider = get_provider(spec.provider)
-        api_key = provider.api_key()
-        price = provider.price(model)
-    except ConfigError as exc:
-        raise PermanentJobError(str(exc)) from exc
-    limiter = make_limiter(provider, ctx.settings)
-    budget = batch_budget(ctx)
-    done, last_attempt, first_start = previous_attempts(ctx)
+    policy = CallPolicy(
+        max_attempts=spec.max_attempts, max_retry_time_s=spec.max_retry_time_s,
+        timeout_s=spec.timeout_s, requests_per_turn=spec.requests_per_turn,
+        when_exhausted="skip",
+    )  # fmt: skip
+    calls = ApiCaller(ctx, resolve(ctx, spec.provider, model), policy)
     payload = _payload(spec, model)
-    est_in = estimate_tokens(spec.prompt)
-    est_out = spec.max_tokens if spec.endpoint == "chat" else 0
-    made = 0
-    turn_ends = time.monotonic() + MAX_TURN_S
+    est_tokens = (estimate_tokens(spec.prompt), spec.max_tokens if spec.endpoint == "chat" else 0)
     for index in spec.request_indices(slice_index):
-        if index in done:
-            continue
-        attempt = last_attempt.get(index, 0)
-        if attempt >= spec.max_attempts or _out_of_time(first_start.get(index), spec):
-            continue  # this request has failed for good; the summary counts its attempts
-        if made == spec.requests_per_turn or (made and time.monotonic() > turn_ends):
-            raise YieldTurn(f"slice {slice_index}: {made} requests this turn")
-        made += 1
-        attempt += 1
-        out = limited_attempt(
-            ctx, limiter, provider, model, spec.endpoint, payload,
-            api_key=api_key, price=price, budget=budget, request_index=index,
-            attempt=attempt, est_tokens=(est_in, est_out), timeout_s=spec.timeout_s,
-        )  # fmt: skip
-        if out.ok:
-            continue
-        if not out.retryable:
-            raise PermanentJobError(
-                f"{spec.provider}/{model}: {out.error} (not retried: {out.error_class})"
-            )
-        if attempt < spec.max_attempts:
-            raise RetryableJobError(
-                f"{spec.provider}/{model} request {index}: {out.error_class}: {out.error}",
-                retry_after_s=backoff_s(attempt, out.retry_after_s),
-            )
-
-
-def _out_of_time(first: datetime | None, spec: Benchmark) -> bool:
-    if first is None:
-        return False
-    if first.tzinfo is None:
-        first = first.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - first).total_seconds() > spec.max_retry_time_s
+        if index not in calls.answered:
+            calls.request(index, spec.endpoint, payload, est_tokens)
 
 
 def finalize(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> dict[str, Any]:

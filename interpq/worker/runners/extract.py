@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urldefrag
@@ -39,12 +38,11 @@ from sqlalchemy import Connection, Table, select
 
 from interpq.core.corpus import TextSourceError, load_texts
 from interpq.core.extraction import extract, rows_per_text
-from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
+from interpq.errors import PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.models.tables import Artifact
 from interpq.providers import openai_http
-from interpq.providers.config import get_provider
 from interpq.queue.limiter import estimate_tokens, redis_for
 from interpq.queue.shard_locks import StillLocked, computing
 from interpq.specs import Extract
@@ -58,14 +56,7 @@ from interpq.store.datasets import (
     read_shard_header,
     write_shard,
 )
-from interpq.worker.api_calls import (
-    MAX_TURN_S,
-    backoff_s,
-    batch_budget,
-    limited_attempt,
-    make_limiter,
-    previous_attempts,
-)
+from interpq.worker.api_calls import ApiCaller, CallPolicy, resolve
 from interpq.worker.context import RunnerContext
 from interpq.worker.local_models import LocalModel, local_model, resolve_device
 
@@ -365,12 +356,7 @@ def _run_api(
     ctx: RunnerContext, spec: Extract, store: ArtifactStore, texts: list[str]
 ) -> ShardOutcome:
     name, model = spec.provider_model()
-    try:
-        provider = get_provider(name)
-        api_key = provider.api_key()
-        price = provider.price(model)
-    except ConfigError as exc:
-        raise PermanentJobError(str(exc)) from exc
+    target = resolve(ctx, name, model)
     meta: dict[str, Any] = {
         "source": "api", "model": spec.model, "weights": f"api:{name}", "model_class": None,
         "tokens": "text", "dtype": spec.store_dtype,
@@ -379,59 +365,40 @@ def _run_api(
                      "store_dtype": spec.store_dtype, "texts": texts})  # fmt: skip
 
     def compute(uri: str) -> ShardOutcome:
-        call = _Caller(provider, model, api_key, price)
-        return _embed_shard(ctx, spec, store, texts, key, uri, meta, call)
+        policy = CallPolicy(
+            max_attempts=spec.max_attempts, max_retry_time_s=spec.max_retry_time_s,
+            timeout_s=spec.timeout_s, requests_per_turn=spec.requests_per_turn,
+            when_exhausted="fail",  # a dataset needs every row
+        )  # fmt: skip
+        calls = ApiCaller(ctx, target, policy)
+        return _embed_shard(spec, store, texts, key, uri, meta, calls)
 
     return _hit_or_compute(ctx, store, key, meta, compute)
 
 
-@dataclass
-class _Caller:
-    """Who an API shard's requests go to and what they cost."""
-
-    provider: Any
-    model: str
-    api_key: str | None
-    price: Any
-
-
 def _embed_shard(
-    ctx: RunnerContext,
     spec: Extract,
     store: ArtifactStore,
     texts: list[str],
     key: str,
     uri: str,
     meta: dict[str, Any],
-    call: _Caller,
+    calls: ApiCaller,
 ) -> ShardOutcome:
     """Embed the shard's texts, ``api_batch_size`` per request (answered requests are kept
     under ``activations/partial/<key>/`` until the shard is stored), and store the shard."""
-    limiter = make_limiter(call.provider, ctx.settings)
-    budget = batch_budget(ctx)
-    _, last_attempt, first_start = previous_attempts(ctx)
     vectors: list[np.ndarray] = []
     n_tokens = 0
-    made = 0
-    turn_ends = time.monotonic() + MAX_TURN_S
     for index, lo in enumerate(range(0, len(texts), spec.api_batch_size)):
         chunk = texts[lo : lo + spec.api_batch_size]
         piece = store.uri_for(PARTIAL_DIR, key, f"{index:06d}.npz")
         if not store.exists(piece):
-            # a turn ends after requests_per_turn requests or MAX_TURN_S; answered requests
-            # stay under PARTIAL_DIR
-            if made == spec.requests_per_turn or (made and time.monotonic() > turn_ends):
-                raise YieldTurn(f"shard {key[:12]}: {made} requests this turn")
-            made += 1
-            attempt = last_attempt.get(index, 0) + 1
-            out = limited_attempt(
-                ctx, limiter, call.provider, call.model, "embeddings",
-                openai_http.embeddings_payload(call.model, chunk),
-                api_key=call.api_key, price=call.price, budget=budget, request_index=index,
-                attempt=attempt, est_tokens=(sum(estimate_tokens(t) for t in chunk), 0),
-                timeout_s=spec.timeout_s,
+            model = calls.target.model
+            out = calls.request(
+                index, "embeddings", openai_http.embeddings_payload(model, chunk),
+                est_tokens=(sum(estimate_tokens(t) for t in chunk), 0),
             )  # fmt: skip
-            _raise_unless_ok(spec, out, index, attempt, first_start.get(index))
+            assert out is not None  # when_exhausted="fail"
             store.put_atomic(
                 piece, _piece(_embeddings(spec, out.body, len(chunk)), out.input_tokens)
             )
@@ -453,34 +420,6 @@ def _embed_shard(
     )  # fmt: skip
     store.delete(store.uri_for(PARTIAL_DIR, key))
     return ShardOutcome(key, stored, False, n, n_tokens, meta)
-
-
-def _raise_unless_ok(
-    spec: Extract, out: Any, index: int, attempt: int, first_start: datetime | None
-) -> None:
-    """Nothing for an answered request; else the error that retries the part, or ends it once
-    ``max_attempts`` or ``max_retry_time_s`` (from the request's first attempt) is used up."""
-    if out.ok:
-        return
-    if not out.retryable:
-        raise PermanentJobError(f"{spec.model}: {out.error} (not retried: {out.error_class})")
-    first = first_start or out.started_at
-    if first.tzinfo is None:
-        first = first.replace(tzinfo=UTC)
-    elapsed_s = (datetime.now(UTC) - first).total_seconds()
-    if elapsed_s > spec.max_retry_time_s:
-        raise PermanentJobError(
-            f"{spec.model} request {index}: gave up after {elapsed_s:.1f} s of retries "
-            f"(max_retry_time_s={spec.max_retry_time_s:g}): {out.error}"
-        )
-    if attempt < spec.max_attempts:
-        raise RetryableJobError(
-            f"{spec.model} request {index}: {out.error_class}: {out.error}",
-            retry_after_s=backoff_s(attempt, out.retry_after_s),
-        )
-    raise PermanentJobError(
-        f"{spec.model} request {index}: gave up after {attempt} attempts: {out.error}"
-    )
 
 
 def _embeddings(spec: Extract, body: dict[str, Any] | None, n: int) -> np.ndarray:

@@ -13,6 +13,7 @@ top-k are reported as missing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -21,17 +22,23 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
-from interpq.errors import ConfigError, PermanentJobError
+from interpq.errors import PermanentJobError
 from interpq.models import Artifact
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Patch
+from interpq.worker.api_calls import ApiCaller, CallPolicy, resolve
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
 PATCH_DIR = "patching"
-MAX_API_ATTEMPTS = 5
-"""Attempts per HTTP request of a counterfactual prompt comparison (retryable errors only)."""
+API_POLICY = CallPolicy(
+    max_attempts=5, max_retry_time_s=300.0, timeout_s=60.0, requests_per_turn=10,
+    when_exhausted="fail",
+)  # fmt: skip
+"""A counterfactual prompt comparison's calls (``interpq.worker.api_calls``): it needs every
+answer. Retryable failures retry the part later; answered requests are kept by index under
+the job's ``responses/`` directory, so a retried or continued part pays for none again."""
 _models: dict[str, Any] = {}
 
 
@@ -141,20 +148,23 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
         read_top_logprobs,
     )
     from interpq.providers import openai_http
-    from interpq.providers.config import get_provider
+    from interpq.queue.limiter import estimate_tokens
 
     provider_name, model = spec.model.split(":", 1)
-    try:
-        provider = get_provider(provider_name)
-        key = provider.api_key()
-        price = provider.price(model)
-    except ConfigError as exc:
-        raise PermanentJobError(str(exc)) from exc
-    call = _ApiCaller(ctx, provider, model, key, price, _dir(ctx) / "responses")
+    calls = ApiCaller(ctx, resolve(ctx, provider_name, model), API_POLICY)
+    responses = _dir(ctx) / "responses"
+    indices = itertools.count()  # requests in the spec's fixed order: stable across runs
 
     def logprobs_fn(prompt: str) -> dict[str, float]:
-        body = call.answer(spec.endpoint, logprobs_request(model, prompt, spec.endpoint,
-                                                           spec.top_logprobs), prompt)  # fmt: skip
+        index = next(indices)
+        saved = responses / f"{index:06d}.json"
+        if saved.exists():  # answered in an earlier run of this part: not paid for again
+            body = dict(json.loads(saved.read_text()))
+        else:
+            payload = logprobs_request(model, prompt, spec.endpoint, spec.top_logprobs)
+            body = calls.answer(index, spec.endpoint, payload, (estimate_tokens(prompt), 1))
+            responses.mkdir(parents=True, exist_ok=True)
+            _write_whole(saved, json.dumps(body))
         try:
             return read_top_logprobs(body, spec.endpoint)
         except MissingLogprobsError as exc:
@@ -183,52 +193,3 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
         "n_pairs": len(comparisons),
         "artifact": path.as_uri(),
     }
-
-
-class _ApiCaller:
-    """The comparison's HTTP calls, each under the provider's global limits and the batch's
-    budget, every attempt an ``api_calls`` row, retryable failures (429, 5xx, timeouts) retried
-    with backoff up to ``MAX_API_ATTEMPTS``. Answers are kept under the job's directory by
-    request index (the order of requests is fixed by the spec), so a redelivered job re-pays
-    for none of the calls that already succeeded."""
-
-    def __init__(self, ctx: RunnerContext, provider: Any, model: str, key: str | None, price: Any,
-                 directory: Path) -> None:  # fmt: skip
-        from interpq.worker.api_calls import batch_budget, make_limiter, previous_attempts
-
-        self.ctx, self.provider, self.model, self.key, self.price = ctx, provider, model, key, price
-        self.directory = directory
-        self.limiter = make_limiter(provider, ctx.settings)
-        self.budget = batch_budget(ctx)
-        _, self.last_attempt, _ = previous_attempts(ctx)
-        self.index = 0
-
-    def answer(self, endpoint: Any, payload: dict[str, Any], prompt: str) -> dict[str, Any]:
-        import time
-
-        from interpq.queue.limiter import estimate_tokens
-        from interpq.worker.api_calls import backoff_s, limited_attempt
-
-        index, self.index = self.index, self.index + 1
-        saved = self.directory / f"{index:06d}.json"
-        if saved.exists():
-            return dict(json.loads(saved.read_text()))
-        attempt = self.last_attempt.get(index, 0)
-        while True:
-            attempt += 1
-            out = limited_attempt(
-                self.ctx, self.limiter, self.provider, self.model, endpoint, payload,
-                api_key=self.key, price=self.price, budget=self.budget, request_index=index,
-                attempt=attempt, est_tokens=(estimate_tokens(prompt), 1), timeout_s=60,
-            )  # fmt: skip
-            if out.ok and out.body is not None:
-                break
-            if not out.retryable or attempt >= MAX_API_ATTEMPTS:
-                raise PermanentJobError(
-                    f"{self.provider.name}:{self.model} request {index}: {out.error} "
-                    f"({out.error_class}, attempt {attempt})"
-                )
-            time.sleep(backoff_s(attempt, out.retry_after_s))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _write_whole(saved, json.dumps(out.body))
-        return dict(out.body)
