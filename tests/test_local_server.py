@@ -420,3 +420,40 @@ def test_module_entry_point_serves_until_sigterm() -> None:
 @pytest.mark.timeout(10)
 def test_retry_after_rounds_up_to_whole_seconds() -> None:
     assert [retry_after_header(s) for s in (0.0, 0.35, 1.0, 1.2)] == ["1", "1", "1", "2"]
+
+
+def _script(srv: LocalProviderServer, body: dict) -> requests.Response:
+    return requests.post(f"{srv.root_url}/script", json=body, timeout=10)
+
+
+def test_scripted_chat_answers_in_turn_then_falls_through(server: LocalProviderServer) -> None:
+    script = {"rules": [
+        {"match": "Latent explanation", "replies": ["[1,0]"]},
+        {"match": r"^\nExample 1:", "model": "judge", "replies": ["oops", "[EXPLANATION]: x"],
+         "repeat": False},
+    ]}  # fmt: skip
+    assert _script(server, script).status_code == 200
+
+    def ask(model: str, content: str, **kw: object) -> requests.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **kw}
+        return _post(server, "/chat/completions", body)
+
+    def text(resp: requests.Response) -> str:
+        return resp.json()["choices"][0]["message"]["content"]
+
+    try:
+        assert text(ask("judge", "\nExample 1: a")) == "oops"
+        assert text(ask("judge", "\nExample 1: a")) == "[EXPLANATION]: x"
+        assert ask("judge", "\nExample 1: a").status_code == 404  # used up, no LM of that name
+        assert text(ask("anything", "Latent explanation: y")) == "[1,0]"
+        streamed = ask("judge", "Latent explanation: y", stream=True,
+                       stream_options={"include_usage": True})  # fmt: skip
+        events = _sse(streamed)
+        assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 2
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "[1,0]"
+        got = requests.get(f"{server.root_url}/script", timeout=5).json()["rules"]
+        assert [r["hits"] for r in got] == [2, 2]
+        bad = _script(server, {"rules": [{"match": "(", "replies": ["a"]}]})
+        assert bad.status_code == 400 and "rules[0].match" in bad.json()["error"]["message"]
+    finally:
+        _script(server, {"rules": []})

@@ -32,6 +32,7 @@ from interpq.providers.local.backends import (
     GenerationRequest,
     TokenLogprob,
 )
+from interpq.providers.local.scripted import approx_tokens
 
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
@@ -272,6 +273,33 @@ class OpenAIRoutes:
         body = {**head, "object": "chat.completion", "choices": [choice]}
         body["usage"] = _usage(len(prompt_ids), gen.n_completion_tokens)
         out.send_json(200, body)
+
+    def scripted_chat(
+        self, payload: dict[str, Any], reply: str, out: Responder, latency_s: float
+    ) -> None:
+        """Answer with a scripted ``reply`` (``scripted.py``), streamed in one chunk if asked."""
+        messages = self._messages(payload)
+        model = self._model_name(payload)
+        stream, include_usage = self._stream_flags(payload)
+        usage = _usage(sum(approx_tokens(m["content"]) for m in messages), approx_tokens(reply))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": model, "system_fingerprint": None}  # fmt: skip
+        out.sleep(latency_s)
+        if not stream:
+            choice = {"index": 0, "message": {"role": "assistant", "content": reply},
+                      "logprobs": None, "finish_reason": "stop"}  # fmt: skip
+            out.send_json(200, {**head, "object": "chat.completion", "choices": [choice],
+                                "usage": usage})  # fmt: skip
+            return
+        head = {**head, "object": "chat.completion.chunk"}
+        out.start_stream()
+        for delta, finish in (({"role": "assistant", "content": reply}, None), ({}, "stop")):
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out.send_event({**head, "choices": [choice]})
+        if include_usage:
+            out.send_event({**head, "choices": [], "usage": usage})
+        out.send_event("[DONE]")
+        out.end_stream()
 
     @staticmethod
     def _messages(payload: dict[str, Any]) -> list[dict[str, str]]:

@@ -17,6 +17,8 @@ Beyond OpenAI, for tests, demos and benchmarks of rate limiters and retries:
 - ``GET /faults`` / ``POST /faults`` read / change the fault settings at runtime, e.g.
   ``{"next_429s": 3, "retry_after_s": 2}`` or ``{"rate_limit_rps": null, "error_rate": 0.5}``
   (see ``FaultSettings`` for every field).
+- ``GET /script`` / ``POST /script`` read / replace scripted chat answers: rules matching the
+  last user message answer before the causal LM does (``scripted.py``).
 
 Faults apply to ``/v1`` requests after the API-key check, in this order: forced 429s, the
 sliding-window rate limit (429 with ``Retry-After`` and ``x-ratelimit-*`` headers), hangs
@@ -41,6 +43,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from interpq.hf.loading import TINY_GPT2_NAME
@@ -54,6 +57,7 @@ from interpq.providers.local.faults import (
 )
 from interpq.providers.local.http import Handler, HTTPServer
 from interpq.providers.local.openai import OpenAIRoutes, Responder
+from interpq.providers.local.scripted import ChatScript
 
 __all__ = ["LocalProviderServer", "ServerOptions", "build_parser", "main"]
 
@@ -81,6 +85,8 @@ class ServerOptions(FaultSettings):
     """Name of an environment variable; when set, requests need ``Authorization: Bearer <it>``."""
     seed: int = 0
     """Seed of the fault RNG and of sampling for requests without their own ``seed``."""
+    script: str | None = None
+    """A JSON file of scripted chat answers (``scripted.py``); change at runtime: POST /script."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -112,6 +118,9 @@ class _App:
         self.routes = OpenAIRoutes(self.embedder, self.lm, draw_seed)
         self.stats = RequestStats()
         self.faults = FaultInjector(options.fault_settings(), options.seed, self.stats)
+        self.script = ChatScript()
+        if options.script:
+            self.script.replace(json.loads(Path(options.script).read_text()))
 
     @staticmethod
     def _read_api_key(env_name: str | None) -> str | None:
@@ -130,7 +139,7 @@ class _App:
             out.send_json(200, {"ok": True})
             return
         self._check_auth(out)
-        if path in ("/stats", "/stats/reset", "/faults"):
+        if path in ("/stats", "/stats/reset", "/faults", "/script"):
             self._operator(out, method, path, body)
             return
         route = self._route(method, path)
@@ -147,7 +156,13 @@ class _App:
                 f"injected fault: the server answers {verdict.status} (error_rate){self._echo(out)}"
             )
             raise ApiError(verdict.status, msg, err_type="server_error")
-        route(self._json(body) if method == "POST" else {}, out, verdict.latency_s)
+        payload = self._json(body) if method == "POST" else {}
+        if path == "/v1/chat/completions":
+            reply = self.script.answer(payload.get("model"), payload.get("messages"))
+            if reply is not None:
+                self.routes.scripted_chat(payload, reply, out, verdict.latency_s)
+                return
+        route(payload, out, verdict.latency_s)
 
     def _route(self, method: str, path: str) -> Route:
         routes: dict[str, tuple[str, Route]] = {
@@ -197,6 +212,17 @@ class _App:
             self._expect(method, "POST", path)
             self.stats.reset()
             out.send_json(200, {"ok": True})
+        elif path == "/script":
+            if method == "GET":
+                out.send_json(200, {"rules": self.script.describe()})
+                return
+            self._expect(method, "POST", path)
+            try:
+                rules = self.script.replace(self._json(body))
+            except ValueError as exc:
+                raise ApiError(400, f"script: {exc}") from exc
+            logger.info("chat script set: %d rules", len(rules))
+            out.send_json(200, {"rules": rules})
         elif method == "GET":
             out.send_json(200, self.faults.settings.as_dict())
         else:
@@ -347,6 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="seed of fault RNG and default sampling",
     )
+    add("--script", metavar="FILE.json",
+        help="scripted chat answers: {\"rules\": [{\"match\": REGEX, \"replies\": [...]}]} "
+        "(change at runtime: POST /script)")  # fmt: skip
     add("--api-key-env", metavar="NAME",
         help="require 'Authorization: Bearer $NAME' on every request but /health")  # fmt: skip
     add("--torch-threads", type=int, metavar="N", help="torch.set_num_threads(N) before serving")
@@ -371,6 +400,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         seed=args.seed,
         force_429_every=args.force_429_every,
         retry_after_s=args.retry_after_s,
+        script=args.script,
     )
 
 
