@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interpq.core.autointerp import (
-    FeatureRecords,
+    RecordSet,
     RecordSettings,
     auroc,
     classification_metrics,
@@ -60,7 +60,7 @@ SETTINGS = RecordSettings(n_top=4, n_sample=5, n_quantiles=2, n_negative=3,
                           context_left=2, context_right=1, seed=3)  # fmt: skip
 
 
-def _records(batch_size: int, parts: int = 1) -> FeatureRecords:
+def _records(batch_size: int, parts: int = 1) -> RecordSet:
     x, tid, pos, tok = _dataset()
     rows_per_part = len(x) // parts
     partial = None
@@ -117,7 +117,7 @@ def test_samples_are_activating_negatives_silent_and_quantiles_labelled() -> Non
 def test_records_round_trip_through_files(tmp_path) -> None:
     rec = _records(16)
     rec.save(tmp_path / "r")
-    back = FeatureRecords.load(tmp_path / "r")
+    back = RecordSet.load(tmp_path / "r")
     assert back.settings == SETTINGS and back.n_tokens == rec.n_tokens and back.meta == rec.meta
     assert back.examples(2, "sample") == rec.examples(2, "sample")
     for k, v in rec.arrays.items():

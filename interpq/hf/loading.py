@@ -126,3 +126,24 @@ def weights_hash(model: Any) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of ``load_model(name)`` without the model's weights."""
+    from transformers import AutoTokenizer
+
+    if name in _MINILM_ALIASES or name == TINY_GPT2_NAME:  # the tiny GPT-2 uses MiniLM's
+        return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    local_only = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+
+
+def token_strings(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    """Each token as the text it adds when the tokens are joined without separators:
+    byte-level BPE (GPT-2: ``Ġthe`` → ``" the"``) through the tokenizer's own decoding;
+    WordPiece (BERT, MiniLM: ``the`` → ``" the"``, ``##ing`` → ``"ing"``) by its convention."""
+    tokens = tokenizer.convert_ids_to_tokens(list(token_ids))
+    backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(backend).__name__ == "WordPiece" or hasattr(tokenizer, "wordpiece_tokenizer"):
+        return [t[2:] if t.startswith("##") else " " + t for t in tokens]
+    return [tokenizer.convert_tokens_to_string([t]) for t in tokens]

@@ -1,5 +1,7 @@
 """Persistence: SQLAlchemy 2 tables, engine and Alembic migrations (SQLite or PostgreSQL)."""
 
+from interpq.models.autointerp import Explanation, FeatureScore, LlmCache
+
 from interpq.models.tables import (
     FINISHED_STATES,
     SCHEMA_VERSION,
@@ -20,8 +22,11 @@ __all__ = [
     "Artifact",
     "Base",
     "Batch",
+    "Explanation",
+    "FeatureScore",
     "Job",
     "JobPart",
     "JobState",
     "LatencySummary",
+    "LlmCache",
 ]

@@ -1,7 +1,7 @@
 """Automatic feature interpretation, pure: feature records, prompts, parsing, scoring.
 
 ``collect`` (one streaming pass over an activation dataset: counts, top contexts, samples
-across quantiles, silent contexts; parts merge), ``records`` (``FeatureRecords`` on disk and
+across quantiles, silent contexts; parts merge), ``records`` (``RecordSet`` on disk and
 in Python), ``prompts`` (delphi's explainer, detection and fuzzing prompts; parsing the
 answers), ``scoring`` (held-out samples per scorer, classification metrics, AUROC, with their
 formulas) and ``selection`` (which features a job explains). Knows no client, queue or
@@ -18,7 +18,7 @@ from .prompts import (
     parse_predictions,
     scorer_messages,
 )
-from .records import Context, FeatureRecords, finish
+from .records import Context, RecordSet, finish
 from .scoring import (
     FORMULAS,
     Sample,
@@ -38,7 +38,7 @@ __all__ = [
     "FORMULAS",
     "GROUPS",
     "Context",
-    "FeatureRecords",
+    "RecordSet",
     "Group",
     "Partial",
     "RecordSettings",

@@ -1,6 +1,6 @@
 """Feature records on disk and in Python: one safetensors file of arrays plus a JSON index.
 
-``finish`` turns a collected ``Partial`` into ``FeatureRecords``: random keys dropped, each
+``finish`` turns a collected ``Partial`` into ``RecordSet``: random keys dropped, each
 sampled context labelled with its activation quantile among the feature's samples, and the
 strings of every token id used (so that reading records needs no tokenizer). The files::
 
@@ -10,7 +10,7 @@ strings of every token id used (so that reading records needs no tokenizer). The
     index.json            format, settings, n_tokens, d_sae, the token strings, and free
                           metadata (the SAE, the dataset, the hook)
 
-``FeatureRecords.load(directory)`` reads them back; ``records.examples(f, "top")`` gives one
+``RecordSet.load(directory)`` reads them back; ``records.examples(f, "top")`` gives one
 feature's contexts as ``Context`` objects (token strings, activations, the centre token).
 """
 
@@ -57,7 +57,7 @@ class Context:
 
 
 @dataclass
-class FeatureRecords:
+class RecordSet:
     """Per-feature counts and contexts of one SAE over one dataset."""
 
     settings: RecordSettings
@@ -135,7 +135,7 @@ class FeatureRecords:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> FeatureRecords:
+    def load(cls, directory: str | Path) -> RecordSet:
         directory = Path(directory)
         try:
             index = json.loads((directory / INDEX_NAME).read_text())
@@ -172,7 +172,7 @@ def finish(
     settings: RecordSettings,
     token_strings: Callable[[list[int]], list[str]] | None = None,
     meta: dict[str, Any] | None = None,
-) -> FeatureRecords:
+) -> RecordSet:
     """Records from a finished pass: quantile labels, token strings, no random keys."""
     p = partial.to("cpu")
     arrays: dict[str, np.ndarray] = {
@@ -197,5 +197,5 @@ def finish(
         - {EMPTY}
     )
     strings = token_strings(ids) if token_strings is not None and ids else [f"<{i}>" for i in ids]
-    return FeatureRecords(settings, p.n_tokens, arrays, dict(zip(ids, strings, strict=True)),
+    return RecordSet(settings, p.n_tokens, arrays, dict(zip(ids, strings, strict=True)),
                           dict(meta or {}))  # fmt: skip
