@@ -17,6 +17,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpq.specs.api import Benchmark, Noop
+from interpq.specs.autointerp import Explain, FeatureRecords, Score
 from interpq.specs.base import SPEC_SCHEMA_VERSION, JobSpec, Queue, Ref, SubmitContext
 from interpq.specs.extract import Extract
 from interpq.specs.registry import KINDS, JobKind
@@ -33,7 +34,9 @@ __all__ = [
     "AnySpec",
     "BatchSpec",
     "Benchmark",
+    "Explain",
     "Extract",
+    "FeatureRecords",
     "JobKind",
     "JobSpec",
     "KINDS",
@@ -41,6 +44,7 @@ __all__ = [
     "Patch",
     "Queue",
     "Ref",
+    "Score",
     "SubmitContext",
     "TrainSAE",
     "json_schema",

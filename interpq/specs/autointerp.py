@@ -23,7 +23,7 @@ Scorer = Literal["detection", "fuzzing", "embedding"]
 class FeatureRecords(JobSpec):
     """Per-feature records of an SAE over an activation dataset (one streaming pass).
 
-    ``sae`` is a ``TrainSAE`` job of the batch (pick one SAE of a sweep with ``label``) or a
+    ``sae`` is a ``TrainSAE`` job of the batch (pick one SAE of a sweep with ``sae_label``) or a
     saved SAE directory. The dataset defaults to the one the SAE was trained on. The texts are
     split into ``parts`` ranges that run on several workers; each part's result is stored
     content-addressed, so a rerun (or a redelivered part) reuses what was done.
@@ -32,7 +32,7 @@ class FeatureRecords(JobSpec):
     kind: Literal["feature_records"] = "feature_records"
     sae: Ref | str
     """The TrainSAE job (``@name`` or the spec) or an SAE directory (SAELens layout)."""
-    label: str | None = None
+    sae_label: str | None = None
     """Which SAE of a TrainSAE sweep, e.g. ``topk-k32-x8`` (needed when it trained several)."""
     activations: Ref | str | None = None
     """An Extract job or dataset manifest; default: the dataset the SAE was trained on."""

@@ -63,6 +63,11 @@ KINDS: tuple[JobKind, ...] = (
     JobKind("extract", "interpq.specs.extract:Extract", "interpq.worker.runners.extract"),
     JobKind("train_sae", "interpq.specs.science:TrainSAE", "interpq.worker.runners.train_sae"),
     JobKind("patch", "interpq.specs.science:Patch", "interpq.worker.runners.patch"),
+    JobKind(
+        "feature_records",
+        "interpq.specs.autointerp:FeatureRecords",
+        "interpq.worker.runners.feature_records",
+    ),
 )
 """Every job kind, in the order the JSON schema lists them."""
 
