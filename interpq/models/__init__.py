@@ -1,7 +1,6 @@
 """Persistence: SQLAlchemy 2 tables, engine and Alembic migrations (SQLite or PostgreSQL)."""
 
 from interpq.models.autointerp import Explanation, FeatureScore, LlmCache
-
 from interpq.models.tables import (
     FINISHED_STATES,
     SCHEMA_VERSION,
