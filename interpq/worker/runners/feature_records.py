@@ -26,14 +26,15 @@ from interpq.models import Artifact, Job
 from interpq.models.ops import insert_ignore
 from interpq.specs import Ref
 from interpq.specs.autointerp import FeatureRecords
-from interpq.store.artifacts import get_store, to_local_path
+from interpq.store.artifacts import to_local_path
+from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
 KIND = "feature_records"
 FORMAT = "interpq.feature_records.part/1"
 
 
-def _job_artifact(ctx: Any, job_name: str, kind: str) -> list[Any]:
+def _job_artifact(ctx: RunnerContext, job_name: str, kind: str) -> list[Any]:
     with ctx.engine.connect() as conn:
         return list(
             conn.execute(
@@ -44,7 +45,7 @@ def _job_artifact(ctx: Any, job_name: str, kind: str) -> list[Any]:
         )
 
 
-def sae_path(ctx: Any, spec: FeatureRecords) -> Path:
+def sae_path(ctx: RunnerContext, spec: FeatureRecords) -> Path:
     """The SAE directory: the referenced TrainSAE job's (one of its sweep by ``sae_label``)."""
     if not isinstance(spec.sae, Ref):
         path = to_local_path(spec.sae)
@@ -68,7 +69,7 @@ def sae_path(ctx: Any, spec: FeatureRecords) -> Path:
     return to_local_path(labels[label])
 
 
-def dataset_uri(ctx: Any, spec: FeatureRecords, sae_cfg: dict[str, Any]) -> str:
+def dataset_uri(ctx: RunnerContext, spec: FeatureRecords, sae_cfg: dict[str, Any]) -> str:
     if spec.activations is None:
         uri = (sae_cfg.get("metadata") or {}).get("dataset")
         if not uri:
@@ -96,7 +97,7 @@ def _sha(*parts: Any) -> str:
 class _Setup:
     """What every part and the merge need: the SAE, the dataset, the keys."""
 
-    def __init__(self, ctx: Any, spec: FeatureRecords) -> None:
+    def __init__(self, ctx: RunnerContext, spec: FeatureRecords) -> None:
         from interpq.store.artifacts import sha256_file
         from interpq.store.datasets import ActivationDataset, DatasetError
 
@@ -125,7 +126,7 @@ class _Setup:
                 spec.records.__dict__, spec.parts, FORMAT)  # fmt: skip
         self.part_keys = [_sha(*base, p) for p in range(spec.parts)]
         self.key = _sha(*self.part_keys)
-        store = get_store()
+        store = ctx.store
         self.store = store
         self.part_uris = [store.uri_for("autointerp", "parts", k[:2], f"{k}.safetensors")
                           for k in self.part_keys]  # fmt: skip
@@ -150,7 +151,7 @@ def _device(name: str) -> str:
     return name
 
 
-def run_part(ctx: Any, spec: FeatureRecords) -> None:
+def run_part(ctx: RunnerContext, spec: FeatureRecords) -> None:
     from safetensors.torch import save_file
 
     from interpq.core.autointerp import collect
@@ -212,7 +213,7 @@ def _token_strings(manifest: Any) -> Any:
     return lambda ids: token_strings(tokenizer, ids)
 
 
-def finalize(conn: Connection, ctx: Any, spec: FeatureRecords) -> dict[str, Any]:
+def finalize(conn: Connection, ctx: RunnerContext, spec: FeatureRecords) -> dict[str, Any]:
     from interpq.core.autointerp import RecordSet
 
     s = _Setup(ctx, spec)
