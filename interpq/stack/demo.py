@@ -4,6 +4,8 @@
 - MiniLM's residual stream after block 3 over sentences from the standard library's
   docstrings, and the same sentences embedded through the local provider's API;
 - a TopK SAE trained on those activations (FVU, L0, dead fraction, top texts of features);
+- the SAE's feature records: per feature its firing density, top contexts, samples across
+  activation quantiles and silent contexts;
 - activation patching on MiniLM: which layers and positions carry a changed word of a
   sentence into its embedding (a heatmap PNG).
 """
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from interpq.scheduler.batch import JobResult
-from interpq.specs import Benchmark, JobSpec, Patch, TrainSAE
+from interpq.specs import Benchmark, FeatureRecords, JobSpec, Patch, TrainSAE
 from interpq.store.artifacts import to_local_path
 from interpq.worker.runners.extract import demo_jobs as extract_jobs
 
@@ -41,7 +43,8 @@ def demo_jobs(requests: int = 40, n_texts: int = 256) -> list[JobSpec]:
     patch = Patch(name="patch-minilm", model="all-MiniLM-L6-v2",
                   clean=["the film was wonderful and moving"],
                   corrupted=["the film was terrible and moving"], component="resid_pre")  # fmt: skip
-    return [*benchmarks, *extracts, sae, patch]
+    records = FeatureRecords(name="records-minilm-l3", sae=sae)
+    return [*benchmarks, *extracts, sae, patch, records]
 
 
 def science_summary(results: Sequence[JobResult]) -> str:
@@ -69,6 +72,12 @@ def science_summary(results: Sequence[JobResult]) -> str:
                     f"  [{s['formulas'].get('fvu', '')}]"
                 )
                 lines += _top_texts(s)
+        elif r.kind == "feature_records" and r.result:
+            lines.append(
+                f"{r.name}: {r.result['n_alive']} of {r.result['d_sae']} features fire over "
+                f"{r.result['n_tokens']} tokens (median density {r.result['density_p50']:.4f}) "
+                f"→ {r.result['uri']}"
+            )
         elif r.kind == "patch" and r.result:
             e = r.result["largest_effect"]
             lines.append(
