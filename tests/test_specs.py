@@ -145,7 +145,16 @@ def test_json_schema_covers_every_kind() -> None:
     from interpq.stack.demo import demo_jobs
 
     schema = json_schema()
-    kinds = {"benchmark", "noop", "extract", "train_sae", "patch", "feature_records"}
+    kinds = {
+        "benchmark",
+        "noop",
+        "extract",
+        "train_sae",
+        "patch",
+        "feature_records",
+        "explain",
+        "score",
+    }
     assert set(schema["properties"]["jobs"]["items"]["discriminator"]["mapping"]) == kinds
     assert set(SPEC_TYPES) == kinds
     for kind, spec_type in SPEC_TYPES.items():

@@ -277,11 +277,18 @@ def _read_stream(resp: requests.Response, out: CallOutcome, t0: float) -> None:
 
 
 def chat_payload(
-    model: str, prompt: str, *, max_tokens: int, temperature: float, stream: bool
+    model: str,
+    prompt: str | list[dict[str, str]],
+    *,
+    max_tokens: int,
+    temperature: float,
+    stream: bool,
 ) -> dict[str, Any]:
+    """A chat request: ``prompt`` is the user message, or the whole list of messages."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     payload: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": stream,

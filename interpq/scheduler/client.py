@@ -24,6 +24,7 @@ from interpq.models.db import get_engine, write
 from interpq.providers.config import load_providers
 from interpq.queue.publish import Dispatch, cancel_jobs, publish
 from interpq.scheduler.batch import Batch
+from interpq.scheduler.estimate import check_budget
 from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, BatchSpec, JobSpec, SubmitContext
 
@@ -122,7 +123,10 @@ class Client:
         for i, spec in enumerate(specs):
             if not isinstance(spec, JobSpec):
                 raise SpecError(f"jobs[{i}]: expected a job spec, got {type(spec).__name__}")
-        _order_and_check(specs, SubmitContext(providers=load_providers(self.settings)))
+        providers = load_providers(self.settings)
+        _order_and_check(specs, SubmitContext(providers=providers))
+        if max_cost_usd is not None:  # API jobs of feature interpretation, costed up front
+            check_budget(specs, providers, max_cost_usd)
         self._check_broker()
         batch_id = _new_id()
         job_rows, part_rows, dispatches = self._rows(batch_id, specs)

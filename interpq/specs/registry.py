@@ -68,6 +68,8 @@ KINDS: tuple[JobKind, ...] = (
         "interpq.specs.autointerp:FeatureRecords",
         "interpq.worker.runners.feature_records",
     ),
+    JobKind("explain", "interpq.specs.autointerp:Explain", "interpq.worker.runners.explain"),
+    JobKind("score", "interpq.specs.autointerp:Score", "interpq.worker.runners.score"),
 )
 """Every job kind, in the order the JSON schema lists them."""
 

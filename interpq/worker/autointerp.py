@@ -1,0 +1,103 @@
+"""What the Explain and Score runners share: finding the records, dealing features to parts,
+turns, and the honest labels of models.
+
+Runners never import each other; this module is theirs to share. It reads records and jobs
+through the database and the artifact store; the prompts, parsing and metrics are
+``interpq.core.autointerp``'s, every call goes through ``interpq.worker.api_calls``.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from interpq.core.autointerp import RecordSet
+from interpq.errors import PermanentJobError, YieldTurn
+from interpq.hf.loading import TINY_GPT2_NAME
+from interpq.models import Artifact, Job
+from interpq.specs import Ref
+from interpq.store.artifacts import to_local_path
+from interpq.worker.api_calls import MAX_TURN_S
+from interpq.worker.context import RunnerContext
+
+RANDOM_WEIGHT_MODELS = {TINY_GPT2_NAME}
+NOISE_NOTE = (
+    "{model} has random weights (the local provider's offline stand-in): what it writes is "
+    "noise, and so are explanations and judgements made with it; name a real model (e.g. "
+    "provider=openai, model=gpt-4.1-mini) for meaningful ones"
+)
+RETRY_NUDGE = "Your answer could not be read: {what}. Answer again, following the format exactly."
+MAX_ANSWER_CHARS = 2000
+
+
+def noise_note(model: str | None) -> str | None:
+    """The warning that goes with a model known to have random weights (else None)."""
+    return NOISE_NOTE.format(model=model) if model in RANDOM_WEIGHT_MODELS else None
+
+
+def job_row(ctx: RunnerContext, ref: Ref) -> Any:
+    """The referenced job of this batch (id, spec, result)."""
+    with ctx.engine.connect() as conn:
+        row = conn.execute(
+            select(Job.id, Job.spec, Job.result, Job.kind).where(
+                Job.batch_id == ctx.batch_id, Job.name == ref.job
+            )
+        ).first()
+    if row is None:
+        raise PermanentJobError(f"job @{ref.job} is not in this batch")
+    return row
+
+
+def records_dir(ctx: RunnerContext, records: Ref | str) -> Path:
+    """The records directory: a FeatureRecords job's artifact, or the given path."""
+    if not isinstance(records, Ref):
+        return to_local_path(records)
+    with ctx.engine.connect() as conn:
+        uri = conn.execute(
+            select(Artifact.uri)
+            .join(Job, Job.id == Artifact.job_id)
+            .where(
+                Job.batch_id == ctx.batch_id,
+                Job.name == records.job,
+                Artifact.kind == "feature_records",
+            )
+        ).scalar()
+    if uri is None:
+        raise PermanentJobError(f"records: job @{records.job} recorded no feature records")
+    return to_local_path(uri)
+
+
+@lru_cache(maxsize=4)
+def load_records(path: Path) -> RecordSet:
+    """Records, kept per process (a worker runs many parts over the same records)."""
+    try:
+        return RecordSet.load(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PermanentJobError(f"records: {exc}") from None
+
+
+def dealt(features: list[int], part: int, n_parts: int) -> list[int]:
+    """The features of one part: round robin over the parts."""
+    return features[part::n_parts]
+
+
+class Turn:
+    """Counts features done this turn; ``next()`` raises ``YieldTurn`` when the turn is over."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.made = 0
+        self.ends = time.monotonic() + MAX_TURN_S
+
+    def next(self) -> None:
+        if self.made >= self.per_turn or (self.made and time.monotonic() > self.ends):
+            raise YieldTurn(f"{self.made} features this turn")
+        self.made += 1
+
+
+def clip(text: str | None) -> str | None:
+    return None if text is None else text[:MAX_ANSWER_CHARS]
