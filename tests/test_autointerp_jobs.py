@@ -3,27 +3,62 @@ the local provider server with scripted chat answers."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import requests
+from sqlalchemy import select
 
 from interpq.core.autointerp import RecordSet, RecordSettings
+from interpq.models import ApiCall, Explanation, FeatureScore
+from interpq.models.db import get_engine
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
-from interpq.specs import Extract, FeatureRecords, TrainSAE
+from interpq.specs import Explain, Extract, FeatureRecords, Score, TrainSAE
 from interpq.stack.embedded import Stack
 from interpq.store.artifacts import to_local_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+EXPLANATION = "Words of Python docstrings."
+# the explainer's request starts with its first example; a correction ends the conversation
+SCRIPT = {"rules": [
+    {"match": "<<", "model": "judge", "replies": ["[1, 0, 1, 0, 1, 0]"]},  # fuzzing (marked)
+    {"match": "^Latent explanation", "model": "judge", "replies": ["[1, 1, 1, 0, 0, 0]"]},
+    {"match": "^\nExample 1:", "model": "judge", "replies": ["Hmm, hard to say."]},
+    {"match": "could not be read", "model": "judge", "replies": [f"[EXPLANATION]: {EXPLANATION}"]},
+    {"match": "^\nExample 1:", "model": "mute", "replies": ["No idea."]},
+]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    f = tmp_path_factory.mktemp("prov") / "providers.toml"
+    f.write_text(
+        '[providers.local.models."judge"]\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n'
+        '[providers.local.models."mute"]\ninput_usd_per_mtok = 5.0\noutput_usd_per_mtok = 5.0\n'
+    )
+    env = {"INTERPQ_PROVIDERS": str(f), "INTERPQ_VISIBILITY_TIMEOUT_S": "4",
+           "INTERPQ_PART_LEASE_S": "3"}  # fmt: skip
+    os.environ.update(env)
     st = Stack(tmp_path_factory.mktemp("autointerp"), api_workers=2, compute_workers=1,
-               flower=False)  # fmt: skip
-    with st:
-        yield st
+               flower=False, provider_args=["--preload"])  # fmt: skip
+    try:
+        with st:
+            requests.post(_root(st) + "/script", json=SCRIPT, timeout=10).raise_for_status()
+            yield st
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def _root(stack: Stack) -> str:
+    return stack.provider_url[: -len("/v1")]
+
+
+def _engine(stack: Stack):  # type: ignore[no-untyped-def]
+    return get_engine(stack.env["INTERPQ_DATABASE_URL"])
 
 
 def _client(stack: Stack) -> Client:
@@ -41,11 +76,31 @@ def _science() -> tuple[Extract, TrainSAE, FeatureRecords]:
     return acts, sae, recs
 
 
-def test_feature_records_in_two_parts(stack: Stack) -> None:
-    batch = _client(stack).submit(list(_science()), name="records")
+def _explain_and_score() -> tuple[Explain, Score]:
+    explain = Explain(name="explain", records="@records", provider="local", model="judge",
+                      densest=6, parts=2, n_examples=4)  # fmt: skip
+    score = Score(name="score", explanations=explain, provider="local", model="judge",
+                  embedding_model="all-MiniLM-L6-v2", scorers=["detection", "fuzzing", "embedding"],
+                  n_active=3, n_negative=3, examples_per_prompt=6, parts=2)  # fmt: skip
+    return explain, score
+
+
+def _by_hand(samples: list[list]) -> dict[str, float | None]:  # type: ignore[type-arg]
+    tp = sum(1 for y, p, _ in samples if y == 1 and p == 1)
+    fp = sum(1 for y, p, _ in samples if y == 0 and p == 1)
+    tn = sum(1 for y, p, _ in samples if y == 0 and p == 0)
+    fn = sum(1 for y, p, _ in samples if y == 1 and p == 0)
+    return {"accuracy": (tp + tn) / (tp + fp + tn + fn),
+            "balanced_accuracy": (tp / (tp + fn) + tn / (tn + fp)) / 2,
+            "precision": tp / (tp + fp) if tp + fp else None}  # fmt: skip
+
+
+def test_records_explanations_and_scores_in_one_batch(stack: Stack) -> None:
+    batch = _client(stack).submit([*_science(), *_explain_and_score()], name="autointerp",
+                                  max_cost_usd=5.0)  # fmt: skip
     status = batch.wait(timeout_s=280)
     res = {r.name: r for r in batch.results()}
-    assert status.counts == {"succeeded": 3}, {n: r.error for n, r in res.items()}
+    assert status.counts == {"succeeded": 5}, {n: r.error for n, r in res.items()}
     out = res["records"].result
     rec = RecordSet.load(to_local_path(out["uri"]))
     assert rec.d_sae == out["d_sae"] == 384 and rec.n_tokens == out["n_tokens"] > 0
@@ -60,3 +115,47 @@ def test_feature_records_in_two_parts(stack: Stack) -> None:
     assert all(c.activation == 0 for c in rec.examples(f, "negative"))
     (art,) = [a for a in res["records"].artifacts if a.kind == "feature_records"]
     assert art.uri == out["uri"]
+
+    # explanations: every answer first malformed, then parsed after one correction
+    ex = res["explain"].result
+    assert ex["written_by"] == "local/judge" and ex["n_ok"] == 6 == ex["n_selected"]
+    with _engine(stack).connect() as conn:
+        rows = conn.execute(
+            select(Explanation.__table__).where(Explanation.job_id == res["explain"].job_id)
+        ).all()
+        assert len(rows) == 6 and {r.model for r in rows} == {"judge"}
+        assert all(r.n_answers == 2 for r in rows)
+        assert {r.explanation for r in rows} == {EXPLANATION}
+        densest = np.argsort(-rec.fire_count, kind="stable")[:6]
+        assert {r.feature for r in rows} == set(densest.tolist())
+        calls = conn.execute(
+            select(ApiCall.__table__).where(ApiCall.job_id == res["explain"].job_id)
+        ).all()
+        assert len(calls) == 12 and ex["n_api_calls"] == 12 and ex["cost_usd"] > 0
+        scores = conn.execute(
+            select(FeatureScore.__table__).where(FeatureScore.job_id == res["score"].job_id)
+        ).all()
+    assert len(scores) == 6 * 3
+    for s in scores:
+        assert s.judge_model == ("all-MiniLM-L6-v2" if s.scorer == "embedding" else "judge")
+        samples = s.details["samples"]
+        if s.scorer == "embedding":
+            pos = [x for y, x, _ in samples if y == 1]
+            neg = [x for y, x, _ in samples if y == 0]
+            want = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+            assert s.auroc == pytest.approx(want, abs=1e-5)
+            continue
+        if s.n_unparsed:  # fewer held-out contexts than asked: the 6-value answer does not fit
+            continue
+        reply = [1, 0, 1, 0, 1, 0] if s.scorer == "fuzzing" else [1, 1, 1, 0, 0, 0]
+        assert [p for _, p, _ in samples] == reply
+        hand = _by_hand(samples)
+        assert s.accuracy == pytest.approx(hand["accuracy"])
+        assert s.balanced_accuracy == pytest.approx(hand["balanced_accuracy"])
+    summary = res["score"].result
+    assert summary["explanations_by"] == "local/judge"
+    det = summary["scorers"]["detection"]
+    assert det["judged_by"] == "local/judge" and det["n_features"] == 6
+    assert det["best"][0]["explanation"] == EXPLANATION
+    assert summary["scorers"]["embedding"]["judged_by"] == "local/all-MiniLM-L6-v2"
+    assert "balanced_accuracy" in summary["formulas"]

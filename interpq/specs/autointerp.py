@@ -10,14 +10,21 @@ over ``parts`` tasks, so several api workers share them under the global rate li
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from interpq.core.autointerp.collect import RecordSettings
 from interpq.specs.base import JobSpec, Queue, Ref, SubmitContext
 
 Scorer = Literal["detection", "fuzzing", "embedding"]
+
+
+def _ref_or_path(value: Any) -> Any:
+    """``"@name"`` or a spec → ``Ref``; any other string is a path or URI."""
+    if isinstance(value, JobSpec) or (isinstance(value, str) and value.startswith("@")):
+        return Ref.model_validate(value)
+    return value
 
 
 class FeatureRecords(JobSpec):
@@ -48,6 +55,8 @@ class FeatureRecords(JobSpec):
     """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
 
     queue: ClassVar[Queue] = "compute"
+
+    _refs = field_validator("sae", "activations", mode="before")(_ref_or_path)
 
     def n_parts(self) -> int:
         return self.parts
@@ -120,6 +129,8 @@ class Explain(_ApiJob):
     """List each marked token's activation (0-10) after its example, as delphi does."""
     max_tokens: int = Field(default=120, ge=8, le=4096)
     """Completion length cap of an explanation."""
+
+    _refs = field_validator("records", mode="before")(_ref_or_path)
 
     @model_validator(mode="after")
     def _one_selection(self) -> Explain:
