@@ -3,7 +3,10 @@ the local provider server with scripted chat answers."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,7 +15,8 @@ import requests
 from sqlalchemy import select
 
 from interpq.core.autointerp import RecordSet, RecordSettings
-from interpq.models import ApiCall, Explanation, FeatureScore
+from interpq.errors import SpecError
+from interpq.models import ApiCall, Explanation, FeatureScore, LlmCache
 from interpq.models.db import get_engine
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
@@ -28,7 +32,7 @@ SCRIPT = {"rules": [
     {"match": "^Latent explanation", "model": "judge", "replies": ["[1, 1, 1, 0, 0, 0]"]},
     {"match": "^\nExample 1:", "model": "judge", "replies": ["Hmm, hard to say."]},
     {"match": "could not be read", "model": "judge", "replies": [f"[EXPLANATION]: {EXPLANATION}"]},
-    {"match": "^\nExample 1:", "model": "mute", "replies": ["No idea."]},
+    {"match": "", "model": "mute", "replies": ["No idea."]},
 ]}  # fmt: skip
 
 
@@ -159,3 +163,94 @@ def test_records_explanations_and_scores_in_one_batch(stack: Stack) -> None:
     assert det["best"][0]["explanation"] == EXPLANATION
     assert summary["scorers"]["embedding"]["judged_by"] == "local/all-MiniLM-L6-v2"
     assert "balanced_accuracy" in summary["formulas"]
+
+    # Python and the CLI read the same rows back, each naming its model
+    (first,) = [e for e in res["explain"].explanations() if e.feature == int(densest[0])]
+    assert first.explanation == EXPLANATION and first.model == "judge" and first.note is None
+    det_rows = [s for s in res["score"].scores() if s.scorer == "detection"]
+    assert len(det_rows) == 6 and all(s.explanation == EXPLANATION for s in det_rows)
+    assert {s.judge_model for s in det_rows} == {"judge"}
+    out_file = stack.workdir / "features.jsonl"
+    cli = subprocess.run(
+        [sys.executable, "-m", "interpq.cli", "results", batch.id, "--jsonl", str(out_file)],
+        env={**os.environ, **stack.env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "score · detection (balanced_accuracy, judged by judge; 6 features)" in cli.stdout
+    assert "best" in cli.stdout and "worst" in cli.stdout and EXPLANATION in cli.stdout
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(lines) == 6 and all(set(x["scores"]) == {"detection", "fuzzing", "embedding"}
+                                   for x in lines)  # fmt: skip
+    assert lines[0]["explained_by"] == "local/judge"
+    assert lines[0]["scores"]["embedding"]["judged_by"] == "local/all-MiniLM-L6-v2"
+    _RECORDS["uri"] = out["uri"]
+
+
+_RECORDS: dict[str, str] = {}
+
+
+def test_malformed_answers_are_recorded_and_identical_prompts_come_from_the_cache(
+    stack: Stack,
+) -> None:
+    """'mute' never answers in the format: each feature is asked 1 + max_malformed times, then
+    recorded as malformed; the same job again pays for nothing (every answer is cached)."""
+    assert _RECORDS, "needs the records of the first test"
+
+    def explain(name: str) -> Explain:
+        return Explain(name=name, records=_RECORDS["uri"], provider="local", model="mute",
+                       densest=3, max_malformed=1, parts=1)  # fmt: skip
+
+    first = _client(stack).submit([explain("mute-1")], name="mute-1")
+    first.wait(timeout_s=60)
+    again = _client(stack).submit([explain("mute-2")], name="mute-2")
+    again.wait(timeout_s=60)
+    (a,), (b,) = first.results(), again.results()
+    assert (a.state, b.state) == ("succeeded", "succeeded"), (a.error, b.error)
+    for job in (a, b):
+        rows = job.explanations()
+        assert [(r.status, r.n_answers, r.answer) for r in rows] == [
+            ("malformed", 2, "No idea.")
+        ] * 3
+    assert a.result["n_api_calls"] == 6 and a.result["cost_usd"] > 0
+    assert b.result["n_api_calls"] == 0 and b.result["cost_usd"] == 0  # all from llm_cache
+    with _engine(stack).connect() as conn:
+        cached = conn.execute(select(LlmCache.__table__).where(LlmCache.job_id == a.job_id)).all()
+    assert len(cached) == 6 and {c.model for c in cached} == {"mute"}
+
+
+def test_a_batch_over_its_budget_is_refused_with_the_estimate(stack: Stack) -> None:
+    recs = FeatureRecords(name="records", sae="/nonexistent", parts=1)
+    explain = Explain(name="explain", records=recs, provider="local", model="mute", densest=200)
+    with pytest.raises(SpecError) as err:
+        _client(stack).submit([recs, explain], name="too-dear", max_cost_usd=0.01)
+    msg = str(err.value)
+    assert msg.startswith("max_cost_usd: the batch is estimated at $") and "\n" not in msg
+    assert "explain: 200 calls to local/mute for 200 features" in msg
+    everything = Explain(name="explain", records=recs, provider="local", model="mute")
+    with pytest.raises(SpecError, match="say how many features to explain"):
+        _client(stack).submit([recs, everything], name="unknown-size", max_cost_usd=1.0)
+
+
+def test_a_running_batch_stops_cleanly_at_its_budget(stack: Stack) -> None:
+    """The estimate (one answer per feature) fits; the malformed answers asked again do not:
+    the job stops when the next call would pass max_cost_usd, keeping what it explained."""
+    from interpq.providers.config import load_providers
+    from interpq.scheduler.estimate import estimate
+
+    spec = Explain(name="dear", records=_RECORDS["uri"], provider="local", model="mute",
+                   densest=20, max_malformed=3, parts=1, features_per_turn=100)  # fmt: skip
+    settings = Settings(**{k[8:].lower(): v for k, v in stack.env.items()})
+    (est,) = estimate([spec], load_providers(settings))
+    budget = est.cost_usd * 1.2  # room for about 1.2 answers a feature, 4 are asked
+    batch = _client(stack).submit([spec.model_copy(update={"seed": 1, "densest": None,
+                                                           "sample": 20})],
+                                  name="dear", max_cost_usd=budget)  # fmt: skip
+    assert batch.wait(timeout_s=120).counts == {"failed": 1}
+    (job,) = batch.results()
+    assert job.error.startswith("budget exceeded: batch max_cost_usd=") and "\n" not in job.error
+    with _engine(stack).connect() as conn:
+        spent = sum(r.cost_usd for r in conn.execute(
+            select(ApiCall.__table__).where(ApiCall.job_id == job.job_id)).all())  # fmt: skip
+    assert 0 < spent <= budget
+    rows = job.explanations()
+    assert 0 < len(rows) < 20 and all(r.n_answers == 4 for r in rows)

@@ -171,10 +171,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     status = batch.wait(progress=not args.no_progress, timeout_s=args.timeout)
     results = batch.results()
+    if args.jsonl:
+        from interpq.reports.interpretations import feature_records
+
+        lines = feature_records(results)
+        with open(args.jsonl, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
     print(jobs_table(results))
     if any(r.latency for r in results):
         print()
         print(latency_table(results))
+    if any(r.kind in ("explain", "score") for r in results):
+        from interpq.reports.interpretations import interpretation_tables
+
+        print()
+        print(interpretation_tables(results, n=args.top))
     return 0 if status.n_failed == 0 else 1
 
 
@@ -268,10 +280,22 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
         return 0
+    if args.jsonl:
+        from interpq.reports.interpretations import feature_records
+
+        lines = feature_records(results)
+        with open(args.jsonl, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
     print(jobs_table(results))
     if any(r.latency for r in results):
         print()
         print(latency_table(results))
+    if any(r.kind in ("explain", "score") for r in results):
+        from interpq.reports.interpretations import interpretation_tables
+
+        print()
+        print(interpretation_tables(results, n=args.top))
     return 0
 
 
@@ -395,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch id or name (the newest batch of that name); with --since: "
                    "only the batches of that id or name, optional")  # fmt: skip
     r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        metavar="N",
+        help="feature interpretation: the N best and worst features per scorer",
+    )
+    r.add_argument("--jsonl", metavar="FILE", default=None,
+                   help="feature interpretation: write one JSON line per explained feature "
+                   "(explanation, who wrote it, its scores and who judged them)")  # fmt: skip
     r.add_argument("--since", default=None,
                    help="latency percentiles of every run since then: 24h, 7d, or an ISO "
                    "date/time (UTC)")  # fmt: skip

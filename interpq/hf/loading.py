@@ -43,6 +43,10 @@ class LoadedModel:
     """True when the weights are random (not pretrained): outputs carry no meaning."""
 
 
+RANDOM_WEIGHT_MODELS = frozenset({TINY_GPT2_NAME})
+"""Models whose weights are random (offline stand-ins): what they write is noise."""
+
+
 def minilm_path() -> Path:
     """Directory of the packaged MiniLM files (config, safetensors, tokenizer)."""
     try:

@@ -6,13 +6,14 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-from sqlalchemy import case, func, select
+from pydantic import BaseModel, PrivateAttr
+from sqlalchemy import Engine, case, func, select
 
 from interpq.models import FINISHED_STATES, Artifact, Job, JobState, LatencySummary
 
 if TYPE_CHECKING:
     from interpq.scheduler.client import Client
+    from interpq.scheduler.interpretations import ExplanationRow, ScoreRow
 
 
 class BatchStatus(BaseModel):
@@ -86,6 +87,26 @@ class JobResult(BaseModel):
     result: dict[str, Any] | None
     latency: list[LatencyRow] = []
     artifacts: list[ArtifactRef] = []
+    _engine: Engine | None = PrivateAttr(default=None)
+
+    def explanations(self) -> list[ExplanationRow]:
+        """An Explain job's explanations, one per feature, each naming the model that wrote it."""
+        from interpq.scheduler.interpretations import explanations
+
+        return explanations(self._need_engine("explain"), self.job_id)
+
+    def scores(self) -> list[ScoreRow]:
+        """A Score job's scores, one per feature × scorer, naming the judging model."""
+        from interpq.scheduler.interpretations import scores
+
+        return scores(self._need_engine("score"), self.job_id)
+
+    def _need_engine(self, kind: str) -> Engine:
+        if self.kind != kind:
+            raise ValueError(f"job {self.name!r} is a {self.kind} job, not {kind}")
+        if self._engine is None:
+            raise ValueError("this result was not read from a database (use Batch.results())")
+        return self._engine
 
     @property
     def duration_s(self) -> float | None:
@@ -187,7 +208,7 @@ class Batch:
                 .mappings()
                 .all()
             )
-        out = []
+        out: list[JobResult] = []
         for j in jobs:
             out.append(
                 JobResult(
@@ -209,4 +230,5 @@ class Batch:
                     ],
                 )
             )
+            out[-1]._engine = self.client.engine
         return out

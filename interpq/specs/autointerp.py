@@ -178,6 +178,10 @@ class Score(_ApiJob):
     """Contexts per judge prompt (delphi's ``n_examples_shown``)."""
     max_tokens: int = Field(default=60, ge=4, le=4096)
     """Completion length cap of a judge's answer."""
+    include_malformed: bool = False
+    """Also score features whose explainer answers could not be parsed, taking the last raw
+    answer (its first 300 characters) as the explanation: for demos with a model that cannot
+    follow the format. Such scores measure that text, not an explanation."""
 
     @model_validator(mode="after")
     def _models_for_scorers(self) -> Score:

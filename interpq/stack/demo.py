@@ -6,6 +6,8 @@
 - a TopK SAE trained on those activations (FVU, L0, dead fraction, top texts of features);
 - the SAE's feature records: per feature its firing density, top contexts, samples across
   activation quantiles and silent contexts;
+- explanations of the 8 densest features and their scores (detection, embedding), through
+  the local provider: its chat model has random weights, so the text is noise (said so);
 - activation patching on MiniLM: which layers and positions carry a changed word of a
   sentence into its embedding (a heatmap PNG).
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from interpq.hf.loading import TINY_GPT2_NAME
 from interpq.scheduler.batch import JobResult
-from interpq.specs import Benchmark, FeatureRecords, JobSpec, Patch, TrainSAE
+from interpq.specs import Benchmark, Explain, FeatureRecords, JobSpec, Patch, Score, TrainSAE
 from interpq.store.artifacts import to_local_path
 from interpq.worker.runners.extract import demo_jobs as extract_jobs
 
@@ -44,7 +47,13 @@ def demo_jobs(requests: int = 40, n_texts: int = 256) -> list[JobSpec]:
                   clean=["the film was wonderful and moving"],
                   corrupted=["the film was terrible and moving"], component="resid_pre")  # fmt: skip
     records = FeatureRecords(name="records-minilm-l3", sae=sae)
-    return [*benchmarks, *extracts, sae, patch, records]
+    # the local chat model has random weights: the machinery runs for real, the text is noise
+    explain = Explain(name="explain-minilm-l3", records=records, provider="local",
+                      model=TINY_GPT2_NAME, densest=8, max_malformed=1, max_tokens=32)  # fmt: skip
+    score = Score(name="score-minilm-l3", explanations=explain, provider="local",
+                  scorers=["detection", "embedding"], model=TINY_GPT2_NAME, max_malformed=0,
+                  embedding_model="all-MiniLM-L6-v2", include_malformed=True, max_tokens=16)  # fmt: skip
+    return [*benchmarks, *extracts, sae, patch, records, explain, score]
 
 
 def science_summary(results: Sequence[JobResult]) -> str:
@@ -78,6 +87,8 @@ def science_summary(results: Sequence[JobResult]) -> str:
                 f"{r.result['n_tokens']} tokens (median density {r.result['density_p50']:.4f}) "
                 f"→ {r.result['uri']}"
             )
+        elif r.kind in ("explain", "score") and r.result:
+            lines += _autointerp_lines(r)
         elif r.kind == "patch" and r.result:
             e = r.result["largest_effect"]
             lines.append(
@@ -96,3 +107,22 @@ def _top_texts(sae: dict[str, Any], n_features: int = 3) -> list[str]:
         texts = "; ".join(f"{e['text'][:60]!r}@{e['position']}" for e in exs[:2])
         out.append(f"    feature {feature}: {texts}")
     return out
+
+
+def _autointerp_lines(r: JobResult) -> list[str]:
+    res = r.result or {}
+    if r.kind == "explain":
+        lines = [f"{r.name}: {res['n_ok']} of {res['n_explained']} features explained by "
+                 f"{res['written_by']} ({res['n_malformed']} answers malformed), "
+                 f"{res['n_api_calls']} calls, ${res['cost_usd']:.4f}"]  # fmt: skip
+        lines += [f"    {n} failed: {why}" for why, n in res.get("failures", {}).items()]
+    else:
+        lines = [f"{r.name}: explanations by {res['explanations_by']}"]
+        for scorer, s in res["scorers"].items():
+            d = s["distribution"]
+            mean = f"mean {s['metric']} {d['mean']:.3f}" if d.get("n") else "nothing scored"
+            lines.append(f"    {scorer} judged by {s['judged_by']}: {s['n_features']} features, "
+                         f"{mean}")  # fmt: skip
+    if res.get("note"):
+        lines.append(f"    NOTE: {res['note']}")
+    return lines

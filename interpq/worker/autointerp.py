@@ -17,14 +17,13 @@ from sqlalchemy import select
 
 from interpq.core.autointerp import RecordSet
 from interpq.errors import PermanentJobError, YieldTurn
-from interpq.hf.loading import TINY_GPT2_NAME
+from interpq.hf.loading import RANDOM_WEIGHT_MODELS
 from interpq.models import Artifact, Job
 from interpq.specs import Ref
 from interpq.store.artifacts import to_local_path
 from interpq.worker.api_calls import MAX_TURN_S
 from interpq.worker.context import RunnerContext
 
-RANDOM_WEIGHT_MODELS = {TINY_GPT2_NAME}
 NOISE_NOTE = (
     "{model} has random weights (the local provider's offline stand-in): what it writes is "
     "noise, and so are explanations and judgements made with it; name a real model (e.g. "

@@ -120,6 +120,11 @@ def summary(conn: Connection, ctx: RunnerContext, spec: Explain) -> dict[str, An
             ApiCall.job_id == ctx.job_id
         )
     ).one()
+    errors = conn.execute(
+        select(Explanation.answer, func.count())
+        .where(Explanation.job_id == ctx.job_id, Explanation.status == "failed")
+        .group_by(Explanation.answer).order_by(func.count().desc()).limit(3)
+    ).all()  # fmt: skip
     examples = conn.execute(
         select(Explanation.feature, Explanation.explanation)
         .where(Explanation.job_id == ctx.job_id, Explanation.status == "ok")
@@ -135,6 +140,8 @@ def summary(conn: Connection, ctx: RunnerContext, spec: Explain) -> dict[str, An
         "cost_usd": float(calls[1]),
         "examples": {str(f): e for f, e in examples},
     }
+    if errors:
+        out["failures"] = {str(a)[:300]: int(n) for a, n in errors}
     note = noise_note(spec.model)
     if note:
         out["note"] = note

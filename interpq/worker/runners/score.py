@@ -60,14 +60,16 @@ MAIN_METRIC = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy",
 N_BEST = 5
 
 
-def explained(conn: Connection, explain_id: str) -> dict[int, str]:
-    """Feature → explanation, of the features the Explain job explained."""
+def explained(conn: Connection, explain_id: str, include_malformed: bool = False) -> dict[int, str]:
+    """Feature → explanation, of the features the Explain job explained (with
+    ``include_malformed``, also those whose answers could not be parsed: their last answer)."""
+    statuses = ["ok", "malformed"] if include_malformed else ["ok"]
     rows = conn.execute(
-        select(Explanation.feature, Explanation.explanation)
-        .where(Explanation.job_id == explain_id, Explanation.status == "ok")
+        select(Explanation.feature, Explanation.explanation, Explanation.answer)
+        .where(Explanation.job_id == explain_id, Explanation.status.in_(statuses))
         .order_by(Explanation.feature)
     ).all()
-    return {int(f): str(e) for f, e in rows}
+    return {int(f): str(e if e is not None else (a or "")[:300]) for f, e, a in rows}
 
 
 def run_part(ctx: RunnerContext, spec: Score) -> None:
@@ -77,7 +79,7 @@ def run_part(ctx: RunnerContext, spec: Score) -> None:
     explain = Explain.model_validate(source.spec)
     records = load_records(records_dir(ctx, explain.records))
     with ctx.engine.connect() as conn:
-        features = explained(conn, source.id)
+        features = explained(conn, source.id, spec.include_malformed)
         done = {(int(f), s) for f, s in conn.execute(
             select(FeatureScore.feature, FeatureScore.scorer).where(FeatureScore.job_id == ctx.job_id)
         ).all()}  # fmt: skip
@@ -184,7 +186,7 @@ def _embedding(
 
 def summary(conn: Connection, ctx: RunnerContext, spec: Score) -> dict[str, Any]:
     source = job_row(ctx, spec.explanations)
-    texts = explained(conn, source.id)
+    texts = explained(conn, source.id, spec.include_malformed)
     out: dict[str, Any] = {"scorers": {}, "formulas": dict(FORMULAS)}
     for scorer in spec.scorers:
         metric = MAIN_METRIC[scorer]
