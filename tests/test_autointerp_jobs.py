@@ -238,7 +238,7 @@ def test_a_running_batch_stops_cleanly_at_its_budget(stack: Stack) -> None:
     from interpq.scheduler.estimate import estimate
 
     spec = Explain(name="dear", records=_RECORDS["uri"], provider="local", model="mute",
-                   densest=20, max_malformed=3, parts=1, features_per_turn=100)  # fmt: skip
+                   densest=20, max_malformed=3, parts=1, requests_per_turn=1000)  # fmt: skip
     settings = Settings(**{k[8:].lower(): v for k, v in stack.env.items()})
     (est,) = estimate([spec], load_providers(settings))
     budget = est.cost_usd * 1.2  # room for about 1.2 answers a feature, 4 are asked

@@ -76,17 +76,26 @@ class _ApiJob(JobSpec):
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """Per-request timeout."""
     max_attempts: int = Field(default=5, ge=1, le=50)
-    """HTTP attempts per request (429, 5xx, timeouts are retried) before the feature fails."""
+    """HTTP attempts per request (429, 5xx, timeouts are retried) before the feature is
+    recorded as failed."""
     max_malformed: int = Field(default=2, ge=0, le=10)
     """Answers that could not be parsed are asked again this many times, then recorded as
     malformed."""
-    features_per_turn: int = Field(default=10, ge=1)
-    """After this many features a part goes to the back of its queue (fairness)."""
+    max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
+    """Time from a request's first attempt after which it is not retried any more."""
+    requests_per_turn: int = Field(default=20, ge=1)
+    """After this many requests a part goes to the back of its queue, so that the parts of
+    batches submitted later get a worker too (fairness); it continues where it stopped."""
 
     queue: ClassVar[Queue] = "api"
 
     def n_parts(self) -> int:
         return self.parts
+
+    def call_policy_fields(self) -> dict[str, Any]:
+        """The one API-call policy's knobs, from this spec (``interpq.worker.api_calls``)."""
+        return {"max_attempts": self.max_attempts, "max_retry_time_s": self.max_retry_time_s,
+                "timeout_s": self.timeout_s, "requests_per_turn": self.requests_per_turn}  # fmt: skip
 
     def _check_models(self, ctx: SubmitContext, fields: dict[str, str]) -> None:
         provider = ctx.providers.get(self.provider)

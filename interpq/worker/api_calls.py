@@ -78,6 +78,10 @@ class CallPolicy:
     """Requests made before the part yields its turn (it continues later)."""
     when_exhausted: Literal["skip", "fail"]
     """A request out of attempts or time: ``skip`` it (counted failed) or fail the job."""
+    skip_error_classes: frozenset[str] = frozenset()
+    """Permanent errors of one request that a ``skip`` policy counts as that request's failure
+    instead of failing the job (feature interpretation: ``context_length_exceeded``, a prompt
+    too long for the model, condemns that feature only)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class ApiCaller:
         self.limiter = make_limiter(target.provider, ctx.settings)
         self.budget = _batch_budget(ctx)
         self.answered, self._last_attempt, self._first_start = _previous_attempts(ctx)
+        self.failures: dict[int, str] = {}
+        """Why each request skipped this run (``request`` returned None) failed."""
         self._made = 0
         self._turn_ends = time.monotonic() + MAX_TURN_S
 
@@ -156,6 +162,12 @@ class ApiCaller:
             self.answered.add(index)
             return out
         if not out.retryable:
+            if (
+                self.policy.when_exhausted == "skip"
+                and out.error_class in self.policy.skip_error_classes
+            ):
+                self.failures[index] = f"{out.error_class}: {out.error}"
+                return None
             raise PermanentJobError(
                 f"{self.target.label}: {out.error} (not retried: {out.error_class})"
             )
@@ -194,6 +206,8 @@ class ApiCaller:
         self, index: int, attempt: int, out: openai_http.CallOutcome | None
     ) -> openai_http.CallOutcome | None:
         if self.policy.when_exhausted == "skip":
+            why = f"{out.error_class}: {out.error}" if out is not None else "no attempts left"
+            self.failures[index] = f"gave up after {attempt} attempts ({why})"
             return None  # counted as failed from its rows
         error = f": {out.error}" if out is not None else ""
         elapsed_s = self._elapsed_s(index)

@@ -8,7 +8,6 @@ through the database and the artifact store; the prompts, parsing and metrics ar
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,12 @@ from typing import Any
 from sqlalchemy import select
 
 from interpq.core.autointerp import RecordSet
-from interpq.errors import PermanentJobError, YieldTurn
+from interpq.errors import PermanentJobError
 from interpq.hf.loading import RANDOM_WEIGHT_MODELS
 from interpq.models import Artifact, Job
 from interpq.specs import Ref
 from interpq.store.artifacts import to_local_path
-from interpq.worker.api_calls import MAX_TURN_S
+from interpq.worker.api_calls import CallPolicy
 from interpq.worker.context import RunnerContext
 
 NOISE_NOTE = (
@@ -84,18 +83,11 @@ def dealt(features: list[int], part: int, n_parts: int) -> list[int]:
     return features[part::n_parts]
 
 
-class Turn:
-    """Counts features done this turn; ``next()`` raises ``YieldTurn`` when the turn is over."""
-
-    def __init__(self, per_turn: int) -> None:
-        self.per_turn = per_turn
-        self.made = 0
-        self.ends = time.monotonic() + MAX_TURN_S
-
-    def next(self) -> None:
-        if self.made >= self.per_turn or (self.made and time.monotonic() > self.ends):
-            raise YieldTurn(f"{self.made} features this turn")
-        self.made += 1
+def policy(spec: Any) -> CallPolicy:
+    """The call policy of an Explain or Score job: a request out of attempts, or too long
+    for the model's context, fails its feature (recorded), never the job."""
+    return CallPolicy(**spec.call_policy_fields(), when_exhausted="skip",
+                      skip_error_classes=frozenset({"context_length_exceeded"}))  # fmt: skip
 
 
 def clip(text: str | None) -> str | None:

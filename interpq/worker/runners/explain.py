@@ -18,24 +18,23 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 
 from interpq.core.autointerp import explainer_messages, parse_explanation, select_features
-from interpq.errors import ConfigError, PermanentJobError
+from interpq.errors import PermanentJobError
 from interpq.models import ApiCall, Explanation
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
-from interpq.providers.config import get_provider
 from interpq.queue.limiter import estimate_tokens
 from interpq.specs.autointerp import Explain
-from interpq.worker.api_calls import CachedCaller
 from interpq.worker.autointerp import (
     RETRY_NUDGE,
-    Turn,
     clip,
     dealt,
     load_records,
     noise_note,
+    policy,
     records_dir,
 )
+from interpq.worker.cached_calls import CachedCaller
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
@@ -63,15 +62,9 @@ def run_part(ctx: RunnerContext, spec: Explain) -> None:
     todo = [(i, f) for i, f in enumerate(mine) if f not in done]
     if not todo:
         return
-    try:
-        provider = get_provider(spec.provider, ctx.settings)
-    except ConfigError as exc:
-        raise PermanentJobError(str(exc)) from exc
-    caller = CachedCaller(ctx, provider, timeout_s=spec.timeout_s, max_attempts=spec.max_attempts)
-    turn = Turn(spec.features_per_turn)
+    caller = CachedCaller(ctx, spec.provider, policy(spec))
     density = records.density
     for i, feature in todo:
-        turn.next()
         examples = records.examples(feature, "top")[: spec.n_examples]
         messages = explainer_messages([(c.tokens, c.acts) for c in examples],
                                       show_activations=spec.show_activations)  # fmt: skip

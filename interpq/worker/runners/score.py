@@ -33,25 +33,24 @@ from interpq.core.autointerp import (
     scorer_messages,
 )
 from interpq.core.autointerp.scoring import batched
-from interpq.errors import ConfigError, PermanentJobError
+from interpq.errors import PermanentJobError
 from interpq.models import ApiCall, Explanation, FeatureScore
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
-from interpq.providers.config import get_provider
 from interpq.queue.limiter import estimate_tokens
 from interpq.specs import Explain
 from interpq.specs.autointerp import Score
-from interpq.worker.api_calls import CachedCaller
 from interpq.worker.autointerp import (
     RETRY_NUDGE,
-    Turn,
     dealt,
     job_row,
     load_records,
     noise_note,
+    policy,
     records_dir,
 )
+from interpq.worker.cached_calls import CachedCaller
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
@@ -87,15 +86,9 @@ def run_part(ctx: RunnerContext, spec: Score) -> None:
     todo = [(i, f) for i, f in enumerate(mine) if any((f, s) not in done for s in spec.scorers)]
     if not todo:
         return
-    try:
-        provider = get_provider(spec.provider, ctx.settings)
-    except ConfigError as exc:
-        raise PermanentJobError(str(exc)) from exc
-    caller = CachedCaller(ctx, provider, timeout_s=spec.timeout_s, max_attempts=spec.max_attempts)
-    turn = Turn(spec.features_per_turn)
+    caller = CachedCaller(ctx, spec.provider, policy(spec))
     stride = _stride(spec)
     for i, feature in todo:
-        turn.next()
         shown = records.examples(feature, "top")[: explain.n_examples]
         active = held_out(records.examples(feature, "sample"), shown)
         negative = records.examples(feature, "negative")
