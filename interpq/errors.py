@@ -10,7 +10,8 @@
     └── JobError                      raised inside a job; becomes the job's ``error``
         ├── PermanentJobError         do not retry: bad key, 4xx, missing layer, budget exceeded
         ├── RetryableJobError         retry with backoff: timeouts, 429, 5xx, malformed JSON
-        └── YieldTurn                 not an error: the part goes to the back of its queue
+        ├── YieldTurn                 not an error: the part goes to the back of its queue
+        └── JobCancelled              not an error: the job was cancelled; the part stops
 
 Third-party exceptions are translated at the boundary (``raise X(...) from exc``), so a job's
 stored error is always one of these, one line, never a traceback.
@@ -71,3 +72,8 @@ class RetryableJobError(JobError):
 class YieldTurn(JobError):
     """Raised by a runner after a turn of work: the part is sent to the back of its queue so
     parts of other batches get a worker (fairness); it continues where it stopped."""
+
+
+class JobCancelled(JobError):
+    """Raised by a runner at a turn or checkpoint when its job was cancelled meanwhile: the
+    part stops there; the job keeps the reason its canceller stored."""

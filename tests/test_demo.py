@@ -91,10 +91,10 @@ def _demo_env(tag: str) -> dict[str, str]:
     return env
 
 
-def _default_sigint() -> None:  # runs in the child between fork and exec
-    # a shell that starts pytest in the background leaves SIGINT ignored, and Python keeps an
-    # ignored SIGINT ignored: the demo must get Ctrl-C's default KeyboardInterrupt
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _ignored_sigint() -> None:  # runs in the child between fork and exec
+    # as a shell that starts a command in the background leaves it (and Python keeps an
+    # ignored SIGINT ignored unless told otherwise): the command must stop on SIGINT anyway
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -103,6 +103,7 @@ class DemoRun:
 
     cwd: Path
     args: list[str]
+    command: str = "demo"
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     lines: list[str] = field(default_factory=list)
     seen: set[tuple[int, int]] = field(default_factory=set)
@@ -113,7 +114,7 @@ class DemoRun:
         self.stderr_path = self.cwd / "demo.stderr"
         with open(self.stderr_path, "wb") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "interpq.cli", "demo", *self.args],
+                [sys.executable, "-m", "interpq.cli", self.command, *self.args],
                 cwd=self.cwd,
                 env=_demo_env(self.tag),
                 stdin=subprocess.DEVNULL,
@@ -121,7 +122,7 @@ class DemoRun:
                 stderr=err,
                 text=True,
                 start_new_session=True,
-                preexec_fn=_default_sigint,
+                preexec_fn=_ignored_sigint,
             )
         threading.Thread(target=self._read, daemon=True).start()
         return self
@@ -280,3 +281,19 @@ def test_demo_interrupted_with_ctrl_c_stops_every_process(
         r"^demo interrupted after [\d.]+ s; every process stopped\.$", "\n".join(run.lines), re.M
     ), run.output()
     _assert_nothing_left(run, sockdir)
+
+
+@pytest.mark.timeout(120)
+def test_up_started_in_the_background_stops_on_sigterm_and_removes_its_socket_folder(
+    tmp_path: Path, demo: list[DemoRun]
+) -> None:
+    run = DemoRun(tmp_path, ["--no-flower"], command="up").start()
+    demo.append(run)
+    sock = run.wait_for_line(r"^export INTERPQ_BROKER_URL=redis\+socket://(\S+)$", 120)
+    run.wait_for_line(r"Ctrl-C stops everything", 60)
+    assert len(run.processes()) >= 4, "redis, provider, api and compute workers"
+    run.popen.send_signal(signal.SIGTERM)
+    rc = run.finish(timeout_s=60)
+    assert rc == 0, f"up exited with {rc} after SIGTERM:\n{run.output()}"
+    assert "Traceback" not in run.output()
+    _assert_nothing_left(run, Path(sock.group(1)).parent)

@@ -64,11 +64,12 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
             engine = get_engine(st.env["INTERPQ_DATABASE_URL"])
             mine: list[Path] = []
             deadline = time.monotonic() + 90
-            # until the victim is mid-write (temporaries are named after the writing process;
-            # a compute worker of one process runs its tasks itself, in the solo pool)
+            # until the victim is mid-write (temporaries are named after the writing process:
+            # the worker's pool process, a child of its main process)
             while time.monotonic() < deadline and not mine:
                 if (root / ".tmp").is_dir():
-                    mine = list((root / ".tmp").glob(f"{victim.popen.pid}-*"))
+                    for pid in _children(victim.popen.pid):
+                        mine += list((root / ".tmp").glob(f"{pid}-*"))
                 time.sleep(0.01)
             assert mine, "the victim never started writing a shard"
             os.killpg(victim.popen.pid, signal.SIGKILL)
@@ -116,3 +117,11 @@ def test_worker_killed_mid_shard_leaves_no_partial_shard_and_the_shard_is_redone
     finally:
         os.environ.pop("INTERPQ_VISIBILITY_TIMEOUT_S", None)
         os.environ.pop("INTERPQ_PART_LEASE_S", None)
+
+
+def _children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (Linux)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

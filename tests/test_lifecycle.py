@@ -15,11 +15,12 @@ import pytest
 from conftest import worker_settings
 from sqlalchemy import insert, select, update
 
-from interpq.models import Batch, Job, JobState
+from interpq.models import Batch, Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.queue.leases import Leases
 from interpq.queue.limiter import redis_for
 from interpq.specs import Noop
+from interpq.worker.events import PartFailed
 from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,7 +71,8 @@ def test_deliveries_that_die_are_counted_across_workers(redis_url: str) -> None:
 
 def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(env: str) -> None:
     job_id = _noop_job(env, JobState.QUEUED)
-    assert _run(job_id, 0, None, worker_deaths=MAX_WORKER_DEATHS) == "failed"
+    with pytest.raises(PartFailed, match="died 3 times"):  # FAILURE in Flower, with the error
+        _run(job_id, 0, None, worker_deaths=MAX_WORKER_DEATHS)
     job = _job(env, job_id)
     assert job["state"] == "failed"
     assert job["error"].startswith(f"the worker running this job died {MAX_WORKER_DEATHS} times")
@@ -104,7 +106,7 @@ def test_a_message_of_a_batch_cancelled_while_publishing_runs_nothing(env: str) 
     with write(get_engine(env)) as conn:  # publish() failed: the submitter cancels the batch
         conn.execute(update(Job).where(Job.id == job_id).values(state=JobState.CANCELLED))
     worker.join(10)
-    assert outcome == ["skipped"]
+    assert outcome == ["cancelled"]  # CANCELLED in Flower
     job = _job(env, job_id)
     assert job["state"] == "cancelled" and job["attempts"] == 0
 
@@ -142,3 +144,14 @@ def test_cli_says_in_one_line_when_redis_or_the_database_is_away(
     assert len(errors) == 1 and says in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "s3cret-pw" not in proc.stderr + proc.stdout
     assert ":***@127.0.0.1:1/" in errors[0]  # the URL it could not reach, password masked
+
+
+def test_attempts_count_the_retries_of_a_part_not_the_parts(env: str) -> None:
+    job_id = _noop_job(env, JobState.QUEUED)
+    with write(get_engine(env)) as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(n_parts=3))
+        conn.execute(insert(JobPart), [
+            {"job_id": job_id, "part": p, "state": JobState.QUEUED, "attempts": 0} for p in range(3)
+        ])  # fmt: skip
+    assert [_run(job_id, p, None) for p in range(3)] == ["part-done", "part-done", "succeeded"]
+    assert _job(env, job_id)["attempts"] == 1  # three parts, each run once: no retry

@@ -110,6 +110,17 @@ JUMPRELU = {"jumprelu_init_threshold": 0.5, "jumprelu_bandwidth": 0.1, "l0_coeff
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize(("n_steps", "log_every_steps", "points"), [(8, 50, 8), (150, 50, 10),
+                                                                     (1000, 50, 20)])  # fmt: skip
+def test_a_short_run_still_logs_enough_points_for_its_curves(n_steps, log_every_steps, points):
+    x, _ = sparse_data(n=2048)
+    result = train(x, tiny(n_steps=n_steps, log_every_steps=log_every_steps, lr_warmup_steps=2),
+                   progress=False)  # fmt: skip
+    assert len(result.curves["fvu"]) == points
+    assert result.curves["step"][-1] == n_steps
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("architecture", ["topk", "relu", "batchtopk", "jumprelu"])
 def test_loss_decreases(architecture):
     x, _ = sparse_data(n=4096)

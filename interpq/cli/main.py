@@ -34,6 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from interpq.stack.demo import demo_jobs, science_summary
     from interpq.stack.embedded import Stack
 
+    stop_on_signals()
     t0 = time.monotonic()
     workdir = Path(args.workdir)
     print(f"interpq demo: starting an embedded stack in {workdir.resolve()} ...", flush=True)
@@ -85,9 +86,25 @@ def _flower_auth(stack: Any) -> str:
     return f"user {stack.flower_user}  password from INTERPQ_FLOWER_PASSWORD"
 
 
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` (once; later ones are ignored while the
+    stack stops), whatever this process inherited: a shell that starts a command in the
+    background leaves SIGINT ignored, and SIGTERM's default would skip every cleanup."""
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from interpq.stack.embedded import Stack
 
+    stop_on_signals()
     stack = Stack(
         Path(args.workdir),
         api_workers=args.api_workers,
@@ -187,7 +204,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         print()
         print(interpretation_tables(results, n=args.top))
-    return 0 if status.n_failed == 0 else 1
+    return 0 if status.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -470,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # `interpq status | head`: the reader left; end quietly
+        _drop_stdout()
+        return 141  # 128 + SIGPIPE, as a command killed by it
     except InterpqError as exc:
         print(f"interpq: error: {exc}", file=sys.stderr)
         return 2
@@ -486,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"interpq: error: {line}", file=sys.stderr)
         return 2
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _infrastructure_error(exc: Exception) -> str | None:

@@ -1,7 +1,8 @@
 """The Celery application: JSON only, late acks, one message per job part, two queues.
 
 - ``api``: I/O-bound calls to model APIs; run with the thread pool and high concurrency.
-- ``compute``: CPU/GPU work; prefork (or solo) with one process per core or GPU.
+- ``compute``: CPU/GPU work; prefork with one process per core or GPU (prefork, not solo, even
+  for one: its main process keeps sending heartbeats while a long part runs).
 
 Results do not go to a Celery result backend: tasks write them to the database. The broker
 carries ``[job_id, part]`` and a label only. ``acks_late`` + ``reject_on_worker_lost`` mean a

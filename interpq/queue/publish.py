@@ -1,8 +1,9 @@
 """Handing jobs to the broker, and releasing or cancelling the jobs that wait on others.
 
 Used by the submitter (jobs without dependencies, at submit) and by workers (a job's
-dependents, when it finishes). A message carries a job id, a part number and a short label:
-never arrays, never keys.
+dependents, when it finishes). A message carries a job id and a part number, plus, for people reading Flower, the batch's
+name and id, the job's name and the part as keyword arguments (``task_kwargs``): never arrays,
+never keys.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, select, update
 
+from interpq.models import Batch as BatchRow
 from interpq.models import Job, JobState
 from interpq.models.db import write
 
@@ -23,13 +25,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Dispatch:
-    """What the broker needs to run a job: id, kind (task name), queue, parts, label."""
+    """What the broker needs to run a job: id, kind (task name), queue, parts, and the names
+    Flower shows (the job's, its batch's name and id)."""
 
     job_id: str
     kind: str
     queue: str
     n_parts: int
     label: str
+    """The job's name."""
+    batch_id: str = ""
+    batch_name: str = ""
+
+
+def task_kwargs(dispatch: Dispatch, part: int) -> dict[str, object]:
+    """A part's keyword arguments: its number, and what lets Flower's search find a batch's
+    tasks (batch name and id, job name, ``part 2/3``, a label joining them). Workers read the
+    job from the database by id; the names are for people only."""
+    where = f" [{part + 1}/{dispatch.n_parts}]" if dispatch.n_parts > 1 else ""
+    return {
+        "part": part,
+        "label": f"{dispatch.batch_name}/{dispatch.label}{where}",
+        "batch": dispatch.batch_name,
+        "batch_id": dispatch.batch_id,
+        "job": dispatch.label,
+        "n_parts": dispatch.n_parts,
+    }
 
 
 def task_name(kind: str) -> str:
@@ -57,20 +78,19 @@ def publish(
         with ctx:
             for d in dispatches:
                 for p in range(d.n_parts) if part is None else [part]:
-                    label = (
-                        d.label
-                        if d.n_parts == 1 or part is not None
-                        else (f"{d.label} [{p + 1}/{d.n_parts}]")
-                    )
                     app.send_task(
                         task_name(d.kind),
-                        args=[d.job_id, p],
-                        kwargs={"label": label},
+                        args=[d.job_id],
+                        kwargs=task_kwargs(d, p),
                         queue=d.queue,
                         producer=producer,
                     )
                     sent += 1
     return sent
+
+
+def _batch_name(conn, batch_id: str) -> str:  # type: ignore[no-untyped-def]
+    return conn.execute(select(BatchRow.name).where(BatchRow.id == batch_id)).scalar() or ""
 
 
 def _dependents(conn, batch_id: str, finished: set[str]) -> list[Job]:  # type: ignore[no-untyped-def]
@@ -92,6 +112,7 @@ def release_dependents(engine: Engine, batch_id: str, job_id: str) -> int:
         needed = {dep for c in candidates for dep in c.depends_on}
         states = dict(conn.execute(select(Job.id, Job.state).where(Job.id.in_(needed))).all())
         now = datetime.now(UTC)
+        batch_name = _batch_name(conn, batch_id)
         for c in candidates:
             if all(states.get(dep) == JobState.SUCCEEDED for dep in c.depends_on):
                 res = conn.execute(
@@ -100,7 +121,9 @@ def release_dependents(engine: Engine, batch_id: str, job_id: str) -> int:
                     .values(state=JobState.QUEUED, queued_at=now)
                 )
                 if res.rowcount:
-                    to_publish.append(Dispatch(c.id, c.kind, c.queue, c.n_parts, c.name))
+                    to_publish.append(
+                        Dispatch(c.id, c.kind, c.queue, c.n_parts, c.name, batch_id, batch_name)
+                    )
     if to_publish:
         publish(to_publish)
         log.info("released %d job(s) waiting on %s", len(to_publish), job_id)
@@ -122,13 +145,14 @@ def repair_dependents(engine: Engine, job_id: str) -> int:
         job = conn.execute(
             select(Job.batch_id, Job.name, Job.state, Job.has_dependents).where(Job.id == job_id)
         ).first()
-        stranded = []
+        stranded, batch_name = [], ""
         if job is not None and job.has_dependents and job.state == JobState.SUCCEEDED:
             stranded = conn.execute(
                 select(Job.id, Job.name, Job.kind, Job.queue, Job.n_parts, Job.depends_on).where(
                     Job.batch_id == job.batch_id, Job.state == JobState.QUEUED, Job.attempts == 0
                 )
             ).all()
+            batch_name = _batch_name(conn, job.batch_id)
     if job is None or not job.has_dependents:
         return 0
     if job.state in (JobState.FAILED, JobState.CANCELLED):
@@ -136,7 +160,7 @@ def repair_dependents(engine: Engine, job_id: str) -> int:
     if job.state != JobState.SUCCEEDED:
         return 0
     again = [
-        Dispatch(r.id, r.kind, r.queue, r.n_parts, r.name)
+        Dispatch(r.id, r.kind, r.queue, r.n_parts, r.name, job.batch_id, batch_name)
         for r in stranded
         if job_id in (r.depends_on or [])
     ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +34,41 @@ class BatchStatus(BaseModel):
 
     @property
     def n_failed(self) -> int:
-        return self.counts.get(JobState.FAILED, 0) + self.counts.get(JobState.CANCELLED, 0)
+        """Jobs that failed (cancelled ones are counted apart: ``n_cancelled``)."""
+        return self.counts.get(JobState.FAILED, 0)
+
+    @property
+    def n_cancelled(self) -> int:
+        return self.counts.get(JobState.CANCELLED, 0)
+
+    @property
+    def n_succeeded(self) -> int:
+        return self.counts.get(JobState.SUCCEEDED, 0)
+
+    @property
+    def ok(self) -> bool:
+        """Every job succeeded."""
+        return self.n_succeeded == self.n_jobs
 
     @property
     def n_done(self) -> int:
         return sum(self.counts.get(s, 0) for s in FINISHED_STATES)
+
+    def summary(self) -> str:
+        """One line: ``batch exp-42: 3 succeeded, 1 failed, 1 cancelled (5 jobs)``."""
+        order = [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RUNNING,
+                 JobState.QUEUED, JobState.PENDING]  # fmt: skip
+        parts = [f"{self.counts[s]} {s}" for s in order if self.counts.get(s)]
+        return f"batch {self.name}: {', '.join(parts) or 'no jobs'} ({self.n_jobs} jobs)"
+
+
+def _postfix(status: BatchStatus) -> str:
+    text = f"jobs {status.n_done}/{status.n_jobs}"
+    if status.n_failed:
+        text += f", failed {status.n_failed}"
+    if status.n_cancelled:
+        text += f", cancelled {status.n_cancelled}"
+    return text
 
 
 class LatencyRow(BaseModel):
@@ -151,8 +183,11 @@ class Batch:
     def wait(
         self, progress: bool = False, timeout_s: float | None = None, poll_s: float = 0.25
     ) -> BatchStatus:
-        """Block until every job is finished; a progress bar (parts done / total) if asked."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        """Block until every job is finished. With ``progress``: a progress bar (parts done /
+        total; jobs done, failed and cancelled counted apart), and a one-line summary on
+        stderr at the end (``BatchStatus.summary``, with the time taken)."""
+        t0 = time.monotonic()
+        deadline = None if timeout_s is None else t0 + timeout_s
         bar = None
         status = self.status()
         if progress:
@@ -163,11 +198,13 @@ class Batch:
             while True:
                 if bar is not None:
                     bar.n = status.parts_done
-                    bar.set_postfix_str(
-                        f"jobs {status.n_done}/{status.n_jobs}, failed {status.n_failed}",
-                        refresh=True,
-                    )
+                    bar.set_postfix_str(_postfix(status), refresh=True)
                 if status.finished:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                        elapsed = time.monotonic() - t0
+                        print(f"{status.summary()} in {elapsed:.1f} s", file=sys.stderr)
                     return status
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(
@@ -178,6 +215,16 @@ class Batch:
         finally:
             if bar is not None:
                 bar.close()
+
+    def cancel(
+        self, jobs: Sequence[str] | None = None, reason: str = "cancelled by the user"
+    ) -> list[str]:
+        """Cancel the batch (or the named jobs and what depends on them); returns the jobs
+        cancelled. Queued jobs never start; running parts stop at their next turn, logging
+        window or checkpoint; each keeps ``cancelled: <reason>`` as its error."""
+        from interpq.scheduler.control import cancel
+
+        return cancel(self.client.engine, self.id, self.name, jobs, reason)
 
     def results(self) -> list[JobResult]:
         """Every job's result, in submission order, with its latency rows and artifacts."""

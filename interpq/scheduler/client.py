@@ -129,7 +129,7 @@ class Client:
             check_budget(specs, providers, max_cost_usd)
         self._check_broker()
         batch_id = _new_id()
-        job_rows, part_rows, dispatches = self._rows(batch_id, specs)
+        job_rows, part_rows, dispatches = self._rows(batch_id, name, specs)
         with write(self.engine) as conn:
             conn.execute(
                 insert(BatchRow),
@@ -172,7 +172,7 @@ class Client:
         return Batch(self, batch_id, name)
 
     def _rows(
-        self, batch_id: str, specs: Sequence[JobSpec]
+        self, batch_id: str, batch_name: str, specs: Sequence[JobSpec]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Dispatch]]:
         ids = {s.name: _new_id() for s in specs}
         depended = {ref for s in specs for ref in s.references()}
@@ -210,7 +210,17 @@ class Client:
                     for p in range(n_parts)
                 )
             if not deps:
-                dispatches.append(Dispatch(job_id, spec.kind, spec.job_queue(), n_parts, spec.name))
+                dispatches.append(
+                    Dispatch(
+                        job_id,
+                        spec.kind,
+                        spec.job_queue(),
+                        n_parts,
+                        spec.name,
+                        batch_id,
+                        batch_name,
+                    )  # fmt: skip
+                )
         return job_rows, part_rows, dispatches
 
     def _check_broker(self) -> None:

@@ -195,7 +195,10 @@ class Stack:
         """Start one more worker process consuming ``queue`` (scale up)."""
         self._n_workers += 1
         name = name or f"{queue}-{self._n_workers}"
-        pool = "threads" if queue == "api" else ("solo" if concurrency == 1 else "prefork")
+        # prefork even for one process: the main process keeps sending heartbeats while its
+        # child runs a long part (the solo pool runs it in the main process, which then goes
+        # silent, and Flower shows the busy worker Offline)
+        pool = "threads" if queue == "api" else "prefork"
         argv = [
             sys.executable, "-m", "celery", "-A", "interpq.queue.app", "worker",
             "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",

@@ -141,7 +141,8 @@ class ApiCaller:
         est_tokens: tuple[int, int],
     ) -> openai_http.CallOutcome | None:
         """Request ``index``: its successful outcome; None when it is exhausted and the
-        policy skips it. Raises ``YieldTurn`` (turn over, before the attempt),
+        policy skips it. Raises ``YieldTurn`` (turn over, before the attempt), ``JobCancelled``
+        (the job was cancelled meanwhile),
         ``RetryableJobError`` (retry the part later), ``PermanentJobError`` (fail the job)."""
         attempt = self._last_attempt.get(index, 0)
         if attempt >= self.policy.max_attempts or self._out_of_time(index):
@@ -150,6 +151,7 @@ class ApiCaller:
             self._made and time.monotonic() > self._turn_ends
         ):
             raise YieldTurn(f"{self.target.label}: {self._made} requests this turn")
+        self.ctx.check_cancelled()  # JobCancelled: stop here (reads the state every few s)
         self._made += 1
         attempt = self._last_attempt[index] = attempt + 1
         out = limited_attempt(

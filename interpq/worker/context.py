@@ -9,17 +9,27 @@ worker (or a test) configured with other settings is honoured throughout.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 
+from interpq.errors import JobCancelled
+from interpq.models import Job, JobState
 from interpq.settings import Settings, get_settings
 from interpq.specs import JobSpec
 from interpq.store.artifacts import ArtifactStore, store_for
 
 SpecT = TypeVar("SpecT", bound=JobSpec, contravariant=True)
+CANCEL_CHECK_EVERY_S = 2.0
+"""How often ``RunnerContext.check_cancelled`` reads the job's state (at most)."""
+
+
+def _no_progress(final: bool = False, **counts: Any) -> None:
+    return None
 
 
 @dataclass
@@ -40,6 +50,23 @@ class RunnerContext:
     """The settings of this worker (broker URL, artifact root, leases, limiter margin)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """What ``run_part`` leaves for ``finalize`` in the same process (a one-part job's result)."""
+    progress: Callable[..., None] = _no_progress
+    """``progress(steps_done=.., steps_total=..)``: counts Flower shows while the part runs
+    (throttled; never raises; see ``worker.events``)."""
+    _cancel_checked_at: float = 0.0
+
+    def check_cancelled(self, force: bool = False) -> None:
+        """Raise ``JobCancelled`` if the job was cancelled meanwhile; runners call it at turns,
+        logging windows and checkpoints. Reads the database at most every
+        ``CANCEL_CHECK_EVERY_S`` unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._cancel_checked_at < CANCEL_CHECK_EVERY_S:
+            return
+        self._cancel_checked_at = now
+        with self.engine.connect() as conn:
+            state = conn.execute(select(Job.state).where(Job.id == self.job_id)).scalar()
+        if state == JobState.CANCELLED:
+            raise JobCancelled(f"job {self.job_name} was cancelled")
 
     @cached_property
     def store(self) -> ArtifactStore:

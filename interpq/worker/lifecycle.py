@@ -17,9 +17,16 @@ import time
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, select, update
 
-from interpq.errors import InterpqError, JobError, MissingApiKey, RetryableJobError, YieldTurn
+from interpq.errors import (
+    InterpqError,
+    JobCancelled,
+    JobError,
+    MissingApiKey,
+    RetryableJobError,
+    YieldTurn,
+)
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
@@ -28,6 +35,7 @@ from interpq.queue.publish import cancel_dependents, release_dependents, repair_
 from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
 from interpq.worker.context import Runner, RunnerContext
+from interpq.worker.events import PartFailed, progress_sender, redact_secrets
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
@@ -53,7 +61,8 @@ _CLAIM_JOB = (
     .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.state.in_(_ACTIVE))
     .values(
         state=JobState.RUNNING,
-        attempts=_jobs.c.attempts + 1,
+        # a job of several parts counts its most-tried part's attempts (see ``_claim``)
+        attempts=case((_jobs.c.n_parts == 1, _jobs.c.attempts + 1), else_=_jobs.c.attempts),
         worker=bindparam("b_worker"),
         started_at=func.coalesce(_jobs.c.started_at, bindparam("b_now", type_=UTCDateTime())),
     )
@@ -75,6 +84,12 @@ _CLAIM_PART = (
         worker=bindparam("b_worker"),
         started_at=bindparam("b_now", type_=UTCDateTime()),
     )
+    .returning(_parts.c.attempts)
+)
+_COUNT_PART_ATTEMPTS = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("b_job_id"), _jobs.c.attempts < bindparam("b_attempts"))
+    .values(attempts=bindparam("b_attempts"))
 )
 _FINISH_JOB = (
     update(_jobs)
@@ -95,7 +110,9 @@ def _claim(conn: Connection, job_id: str, part: int, worker: str) -> Any:
     row = conn.execute(_CLAIM_JOB, args).first()
     if row is None or row.n_parts == 1:
         return row
-    if conn.execute(_CLAIM_PART, args).rowcount:
+    part_attempts = conn.execute(_CLAIM_PART, args).scalar()
+    if part_attempts is not None:
+        conn.execute(_COUNT_PART_ATTEMPTS, {"b_job_id": job_id, "b_attempts": part_attempts})
         return row
     raise _PartNotClaimed  # a duplicate message of a finished part changes nothing
 
@@ -139,7 +156,7 @@ def _complete(conn: Connection, ctx: RunnerContext, spec: JobSpec, runner: Runne
 def fail_job(engine: Engine, job_id: str, part: int, n_parts: int, message: str) -> bool:
     """Mark the job (and part) failed with a one-line message; True if this call did it."""
     now = datetime.now(UTC)
-    message = " ".join(message.split())[:2000]
+    message = redact_secrets(" ".join(message.split()))[:2000]
     with write(engine) as conn:
         if n_parts > 1:
             conn.execute(
@@ -156,15 +173,23 @@ def fail_job(engine: Engine, job_id: str, part: int, n_parts: int, message: str)
 
 
 def run_part(job_id: str, part: int, task: Any = None) -> str:
-    """Run one part of one job under a run lease. Returns the outcome word (for logs/tests).
+    """Run one part of one job under a run lease. Returns the outcome word (for logs/tests):
+    ``succeeded``, ``part-done``, ``yielded``, ``failed``, ``cancelled`` or ``skipped``.
 
     Called by a Celery task (``task`` given), the part first takes a run lease in Redis; if a
     live worker holds it (the broker redelivered a slow worker's message), the message is
-    retried later instead of running the part a second time at once.
+    retried later instead of running the part a second time at once. With a task, a failed
+    job's part raises ``PartFailed`` (its error) instead of returning ``failed``, so that
+    Celery and Flower record the task as ``FAILURE``.
     """
     settings = get_settings()
     if task is None or not settings.broker_url:
-        return _run(job_id, part, task, settings=settings)
+        try:
+            return _run(job_id, part, task, settings=settings)
+        except PartFailed:
+            if task is not None:
+                raise
+            return "failed"
     leases = leases_for(settings.broker_url, settings.part_lease_s)
     deaths = leases.acquire(job_id, part)
     if deaths is None:
@@ -176,23 +201,25 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     finally:
         leases.release(job_id, part)
     if outcome == "yielded":  # after the release, so the continuation can take the lease
-        from interpq.queue.publish import Dispatch, publish
-
-        label = getattr(task.request, "kwargs", {}).get("label", "")
-        publish(
-            [
-                Dispatch(
-                    job_id,
-                    task.name.split(".", 1)[1],
-                    task.request.delivery_info.get("routing_key") or "api",
-                    1,
-                    label,
-                )
-            ],
-            settings.broker_url,
-            part=part,
-        )
+        _publish_continuation(job_id, part, task)
     return outcome
+
+
+def _publish_continuation(job_id: str, part: int, task: Any) -> None:
+    """Send the part to the back of its queue, with the message's own keyword arguments."""
+    from interpq.queue.publish import Dispatch, publish
+
+    kwargs = getattr(task.request, "kwargs", None) or {}
+    dispatch = Dispatch(
+        job_id,
+        task.name.split(".", 1)[1],
+        task.request.delivery_info.get("routing_key") or "api",
+        int(kwargs.get("n_parts") or 1),
+        str(kwargs.get("job") or kwargs.get("label") or ""),
+        str(kwargs.get("batch_id") or ""),
+        str(kwargs.get("batch") or ""),
+    )
+    publish([dispatch], get_settings().broker_url, part=part)
 
 
 def _run(
@@ -220,23 +247,31 @@ def _run(
         row = _wait_for_publish(engine, job_id, part, worker)
         if row is None:
             log.warning("job %s: its batch was never fully enqueued; not run", job_id)
-            return "skipped"
+            return "cancelled" if _is_cancelled(engine, job_id) else "skipped"
     if row is None:
         log.info("job %s part %d: nothing to do (finished, cancelled or unknown)", job_id, part)
         _repair(engine, job_id, part, task)
-        return "skipped"
+        return "cancelled" if _is_cancelled(engine, job_id) else "skipped"
     ctx = RunnerContext(
-        engine, job_id, row.batch_id, row.name, part, row.n_parts, worker, settings=settings
+        engine,
+        job_id,
+        row.batch_id,
+        row.name,
+        part,
+        row.n_parts,
+        worker,
+        settings=settings,
+        progress=progress_sender(task),
     )
     try:
         runner = runner_for(row.kind)
         spec = SPEC_TYPES[row.kind].model_validate(row.spec)
     except Exception as exc:  # a row written by another version of interpq, say
         log.exception("job %s part %d: cannot load its spec", job_id, part)
-        return _failed(engine, ctx, f"internal error: cannot load the job's spec: "
+        _failed(engine, ctx, f"internal error: cannot load the job's spec: "
                        f"{type(exc).__name__}: {exc}", t0, None, None)  # fmt: skip
     if worker_deaths >= MAX_WORKER_DEATHS:
-        return _failed(
+        _failed(
             engine, ctx,
             f"the worker running this job died {worker_deaths} times (killed, or out of "
             "memory?); not redelivered again", t0, runner, spec,
@@ -246,8 +281,12 @@ def _run(
         with write(engine) as conn:
             finished = _complete(conn, ctx, spec, runner)
     except YieldTurn:
-        _requeue_part(engine, job_id, part, row.n_parts)
+        _requeue_part(engine, job_id, part, row.n_parts, a_retry=False)
         return "yielded"
+    except JobCancelled:
+        _stop_cancelled_part(engine, job_id, part, row.n_parts)
+        log.info("job %s part %d: stopped, the job was cancelled", row.name, part)
+        return "cancelled"
     except RetryableJobError as exc:
         retries = getattr(getattr(task, "request", None), "retries", MAX_RUNNER_RETRIES)
         if task is not None and retries < MAX_RUNNER_RETRIES:
@@ -256,20 +295,20 @@ def _run(
             log.warning("job %s part %d: %s; retrying in %.1f s", job_id, part, exc, countdown)
             _requeue_part(engine, job_id, part, row.n_parts)
             raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RUNNER_RETRIES) from None
-        return _failed(
-            engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0, runner, spec
-        )
+        _failed(engine, ctx, f"{exc} (gave up after {retries + 1} attempts)", t0, runner, spec)
     except (JobError, MissingApiKey, InterpqError) as exc:
-        return _failed(engine, ctx, str(exc), t0, runner, spec)
+        _failed(engine, ctx, str(exc), t0, runner, spec)
     except Exception as exc:  # a bug or an unexpected library error: keep it one line
         log.exception("job %s part %d crashed", job_id, part)
         message = f"internal error: {type(exc).__name__}: {exc}"
-        return _failed(engine, ctx, message, t0, runner, spec)
+        _failed(engine, ctx, message, t0, runner, spec)
     if finished:
         log.info("job %s (%s) succeeded in %.3f s", row.name, job_id, time.perf_counter() - t0)
         if row.has_dependents:
             release_dependents(engine, row.batch_id, job_id)
         return "succeeded"
+    if _is_cancelled(engine, job_id):  # cancelled while this part ran to its end
+        return "cancelled"
     return "part-done"
 
 
@@ -317,14 +356,45 @@ def _repair(engine: Engine, job_id: str, part: int, task: Any) -> None:
         log.warning("job %s: released or cancelled %d dependent job(s) left behind", job_id, n)
 
 
-def _requeue_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
+def _requeue_part(
+    engine: Engine, job_id: str, part: int, n_parts: int, a_retry: bool = True
+) -> None:
+    """Put a part back to ``queued``. A turn that ended (``a_retry=False``) is no retry: its
+    claim is not counted in ``attempts``."""
+    uncount = {} if a_retry else {"attempts": JobPart.attempts - 1}
+    with write(engine) as conn:
+        if n_parts > 1:
+            conn.execute(
+                update(JobPart)
+                .where(JobPart.job_id == job_id, JobPart.part == part)
+                .values(state=JobState.QUEUED, **uncount)
+            )
+        elif not a_retry:
+            conn.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempts > 0)
+                .values(attempts=Job.attempts - 1)
+            )
+
+
+def _stop_cancelled_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
+    """A part that stopped because its job was cancelled: the part row says so too."""
     if n_parts > 1:
         with write(engine) as conn:
             conn.execute(
                 update(JobPart)
                 .where(JobPart.job_id == job_id, JobPart.part == part)
-                .values(state=JobState.QUEUED)
+                .values(state=JobState.CANCELLED, finished_at=datetime.now(UTC))
             )
+
+
+def _is_cancelled(engine: Engine, job_id: str) -> bool:
+    try:
+        with engine.connect() as conn:
+            state = conn.execute(select(Job.state).where(Job.id == job_id)).scalar()
+    except Exception:  # monitoring detail only: a skipped part stays "skipped"
+        return False
+    return state == JobState.CANCELLED
 
 
 def _failed(
@@ -334,7 +404,8 @@ def _failed(
     t0: float,
     runner: Runner[Any] | None,
     spec: JobSpec | None,
-) -> str:
+) -> NoReturn:
+    """Record the failure (and cancel dependents), then raise ``PartFailed`` with the error."""
     if fail_job(engine, ctx.job_id, ctx.part, ctx.n_parts, message):
         on_failure = getattr(runner, "on_failure", None)
         if on_failure is not None and spec is not None:  # e.g. latency summaries so far
@@ -348,4 +419,4 @@ def _failed(
             message,
         )
         cancel_dependents(engine, ctx.batch_id, ctx.job_id, ctx.job_name)
-    return "failed"
+    raise PartFailed(redact_secrets(" ".join(message.split())))

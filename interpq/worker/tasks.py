@@ -1,8 +1,10 @@
 """Celery tasks: one per job kind of the registry (``interpq.<kind>``), each a thin call into
 ``lifecycle.run_part``.
 
-A task's arguments are ``(job_id, part)`` plus a human ``label`` that Flower shows; the spec
-itself is read from the database by id.
+A task's argument is the job id; its keyword arguments are the part and, for Flower, the
+batch's name and id, the job's name and a label (``queue.publish.task_kwargs``); the spec
+itself is read from the database by id. The task's end state tells the job's outcome
+(``worker.events``): ``FAILURE`` with the job's error, ``CANCELLED`` when it was cancelled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from celery import shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
 from interpq.specs.registry import KIND_NAMES
+from interpq.worker.events import PartFailed, announce_cancelled
 from interpq.worker.lifecycle import run_part
 
 log = logging.getLogger(__name__)
@@ -22,11 +25,11 @@ MAX_INFRA_RETRIES = 10
 
 
 def _define(kind: str) -> Any:
-    @shared_task(name=f"interpq.{kind}", bind=True, acks_late=True)
-    def _task(self: Any, job_id: str, part: int = 0, label: str = "") -> str:
+    @shared_task(name=f"interpq.{kind}", bind=True, acks_late=True, throws=(PartFailed,))
+    def _task(self: Any, job_id: str, part: int = 0, label: str = "", **_for_people: Any) -> str:
         try:
-            return run_part(job_id, part, task=self)
-        except (Retry, Ignore, Reject):
+            outcome = run_part(job_id, part, task=self)
+        except (Retry, Ignore, Reject, PartFailed):
             raise
         except Exception as exc:
             # Runner errors are the job's outcome already (lifecycle); what reaches here is
@@ -37,6 +40,10 @@ def _define(kind: str) -> Any:
                         type(exc).__name__, exc)  # fmt: skip
             countdown = min(60.0, 2.0**self.request.retries)
             raise self.retry(exc=exc, countdown=countdown, max_retries=MAX_INFRA_RETRIES) from None
+        if outcome == "cancelled":  # CANCELLED in Flower, not SUCCESS
+            announce_cancelled(self, "the job was cancelled")
+            raise Ignore()
+        return outcome
 
     _task.__doc__ = f"Run one part of an interpq {kind!r} job (the label is what Flower shows)."
     return _task

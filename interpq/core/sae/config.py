@@ -149,7 +149,8 @@ class SAEConfig:
     """A latent that has not fired on the last this-many training tokens counts as dead."""
 
     log_every_steps: int = 50
-    """Copy metrics to the host (and refresh the dead-latent set) every this-many steps."""
+    """Copy metrics to the host (and refresh the dead-latent set) every this-many steps; a
+    run too short for ten such windows logs more often (``trainer.logging_interval``)."""
 
     checkpoint_every_steps: int | None = 1000
     """Write a resumable checkpoint every this-many steps (when a directory is given)."""

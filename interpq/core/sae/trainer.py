@@ -49,6 +49,19 @@ class TrainEvent(NamedTuple):
     """Which SAE of a ``train_many`` sweep (0 for ``train``)."""
     metrics: dict[str, float]
     path: Path | None = None
+    total_steps: int = 0
+    """Optimiser steps of the whole run."""
+
+
+MIN_CURVE_POINTS = 10
+"""A run shorter than ``MIN_CURVE_POINTS * log_every_steps`` logs more often, so that its
+curves still have this many points (a logging window is never shorter than one step)."""
+
+
+def logging_interval(log_every_steps: int, total_steps: int) -> int:
+    """Steps per logging window: ``log_every_steps``, fewer for a short run (see
+    ``MIN_CURVE_POINTS``)."""
+    return max(1, min(log_every_steps, total_steps // MIN_CURVE_POINTS))
 
 
 Callback = Callable[[TrainEvent], None]
@@ -156,22 +169,23 @@ def _train(
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step")
     batch_size = first.batch_size
+    log_every = logging_interval(first.log_every_steps, total_steps)
     for step in range(start, total_steps):
         x = source.next()
         for run in runs:
             run.step(x, step)
         done = step + 1
         n_tokens = done * batch_size
-        if done % first.log_every_steps == 0 or done == total_steps:
+        if done % log_every == 0 or done == total_steps:
             for i, run in enumerate(runs):
                 metrics = run.log(done, n_tokens)
-                _emit(callbacks, TrainEvent("log", done, n_tokens, i, metrics))
+                _emit(callbacks, TrainEvent("log", done, n_tokens, i, metrics, None, total_steps))
             bar.set_postfix(fvu=f"{runs[0].curves['fvu'][-1]:.4f}", l0=runs[0].curves["l0"][-1])
         every = first.checkpoint_every_steps
         if checkpoint_dir is not None and every and done % every == 0 and done < total_steps:
             path = save_checkpoint(_state(runs, source, done), checkpoint_dir)
             for i in range(len(runs)):
-                _emit(callbacks, TrainEvent("checkpoint", done, n_tokens, i, {}, path))
+                _emit(callbacks, TrainEvent("checkpoint", done, n_tokens, i, {}, path, total_steps))
         bar.update(1)
     bar.close()
     duration_s = time.perf_counter() - t0
@@ -179,7 +193,8 @@ def _train(
     results = []
     for i, run in enumerate(runs):
         result = run.finish(total_steps, total_steps - start, duration_s)
-        _emit(callbacks, TrainEvent("end", total_steps, result.n_tokens, i, result.metrics))
+        _emit(callbacks, TrainEvent("end", total_steps, result.n_tokens, i, result.metrics,
+                                    None, total_steps))  # fmt: skip
         logger.info(
             "trained %s SAE d_in=%d d_sae=%d: %d steps in %.1f s, fvu=%.4f l0=%.1f",
             run.cfg.architecture,

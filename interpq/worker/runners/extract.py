@@ -41,7 +41,7 @@ from interpq.core.extraction import extract, rows_per_text
 from interpq.errors import PermanentJobError, RetryableJobError, YieldTurn
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
-from interpq.models.tables import Artifact
+from interpq.models.tables import Artifact, Job
 from interpq.providers import openai_http
 from interpq.queue.limiter import estimate_tokens, redis_for
 from interpq.queue.shard_locks import StillLocked, computing
@@ -101,6 +101,7 @@ class ShardOutcome:
 
 def run_part(ctx: RunnerContext, spec: Extract) -> None:
     t0 = time.perf_counter()
+    _report_shards(ctx)
     texts, offset = _shard_texts(ctx, spec)
     store = ctx.store
     swept = store.sweep_temporaries()
@@ -137,6 +138,14 @@ def run_part(ctx: RunnerContext, spec: Extract) -> None:
         ctx.job_name, ctx.part + 1, ctx.n_parts, len(texts), out.n_rows,
         "cache hit" if out.cache_hit else "computed", time.perf_counter() - t0,
     )  # fmt: skip
+
+
+def _report_shards(ctx: RunnerContext) -> None:
+    """Progress for Flower: this part's shard, and the job's shards done of all."""
+    with ctx.engine.connect() as conn:
+        done = conn.execute(select(Job.parts_done).where(Job.id == ctx.job_id)).scalar()
+    ctx.progress(final=True, shard=ctx.part + 1, shards_done=int(done or 0),
+                 shards_total=ctx.n_parts)  # fmt: skip
 
 
 def _shard_texts(ctx: RunnerContext, spec: Extract) -> tuple[list[str], int]:

@@ -117,7 +117,8 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         )
     store = ctx.store
     root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
-    results = train_many(train_ds, configs, checkpoint_dir=root / "checkpoints", progress=False)
+    results = train_many(train_ds, configs, checkpoint_dir=root / "checkpoints", progress=False,
+                         callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
     summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
@@ -140,6 +141,21 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         insert_ignore(conn, Artifact.__table__, rows)
     store.delete((root / "checkpoints").as_uri())  # every SAE is saved and recorded
     ctx.extra["result"] = summary
+
+
+def _reporter(ctx: Any, n_saes: int) -> Any:
+    """A training callback: progress for Flower (steps done / total), and a stop at the
+    next logging window or checkpoint when the job was cancelled (checkpoints are kept: a
+    retry resumes from the last one)."""
+
+    def report(event: Any) -> None:
+        if event.kind in ("log", "checkpoint") and event.sae_index == n_saes - 1:
+            ctx.progress(steps_done=event.step, steps_total=event.total_steps, n_saes=n_saes,
+                         fvu=round(float(event.metrics.get("fvu", float("nan"))), 4)
+                         if event.metrics else None)  # fmt: skip
+            ctx.check_cancelled()
+
+    return report
 
 
 def _train_window(res: Any) -> dict[str, float]:
