@@ -108,7 +108,7 @@ def test_flower_shows_failure_batch_names_progress_busy_worker_and_cancelled(
     assert status.counts == {"failed": 1, "cancelled": 1}
     summary = f"batch {name}: 1 failed, 1 cancelled (2 jobs)"
     assert status.summary() == summary  # failed and cancelled counted apart
-    assert re.search(rf"^{summary} in [\d.]+ s$", capsys.readouterr().err, re.M)
+    assert re.search(rf"^{re.escape(summary)} in [\d.]+ s$", capsys.readouterr().err, re.M)
     (cancelled,) = [r for r in batch.results() if r.name == "long"]
     assert cancelled.error == "cancelled: test over"
     uuid_long = seen["progress"]["uuid"]
