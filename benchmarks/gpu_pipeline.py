@@ -459,7 +459,8 @@ def profile_patch(args: argparse.Namespace, model: Any, shape: tuple[int, int]) 
                                           ("heads", SWEEPS["heads"])):  # fmt: skip
 
         def run() -> None:
-            patch(model, None, clean, corrupted, answers=answers, component=component,
+            patch(model, None, clean, corrupted, answers=answers, wrong_answers=answers.flip(0),
+                  component=component,
                   positions=positions, metrics=["logit_diff"])  # fmt: skip
             sync(args.device)
 
