@@ -14,6 +14,11 @@
 | INTERPQ_SOFT_SHUTDOWN_TIMEOUT_S | 0                              | cold shutdown: let tasks finish this   |
 |                               |                                  | long, then requeue them (worker/app.py)|
 | INTERPQ_SAFETY_MARGIN         | 0.97                             | fraction of rpm/tpm the limiter allows |
+| INTERPQ_OUTAGE_WINDOW_S       | 900                              | how long a part waits for Redis or the |
+|                               |                                  | database to come back before failing   |
+| INTERPQ_RECONCILE_GRACE_S     | 60                               | work nothing accounts for this long is |
+|                               |                                  | published again (queue/reconcile.py)   |
+| INTERPQ_RECONCILE_INTERVAL_S  | 30                               | how often beat runs the reconciler     |
 
 This module reads the environment; nothing under ``interpq/core`` does.
 """
@@ -64,6 +69,14 @@ class Settings(BaseSettings):
     """Processes of a ``compute`` worker (CPU/GPU work)."""
     safety_margin: float = 0.97
     """Fraction of each provider's rpm/tpm the global limiter lets through."""
+    outage_window_s: float = 900.0
+    """A part whose Redis or database is unreachable waits for it (backoff) this long before it
+    fails with a line naming the service. Apart from the provider-error retries."""
+    reconcile_grace_s: float = 60.0
+    """The reconciler publishes again a queued or running part that no broker message, run
+    lease or worker has accounted for during this long."""
+    reconcile_interval_s: float = 30.0
+    """Seconds between two runs of the reconciler by beat."""
 
     def resolved_database_url(self) -> str:
         """The database URL with a relative SQLite path made absolute (workers may chdir)."""

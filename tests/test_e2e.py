@@ -35,6 +35,8 @@ def providers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     f.write_text(
         f'[providers.keyed]\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_ENV}"\n'
         "[providers.keyed.models.m]\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n"
+        '[providers.nowhere]\nbase_url = "http://127.0.0.1:9/v1"\n'  # nothing listens there
+        "[providers.nowhere.models.m]\ninput_usd_per_mtok = 0.0\noutput_usd_per_mtok = 0.0\n"
     )
     return f
 
@@ -151,6 +153,20 @@ def test_missing_key_in_worker_is_a_one_line_job_error(
     assert r.state == "failed"
     assert KEY_ENV in r.error and "is not set" in r.error
     assert "\n" not in r.error and "Traceback" not in r.error
+
+
+def test_a_benchmark_with_no_successful_request_fails_naming_the_error(stack: Stack) -> None:
+    client = _client(stack)
+    spec = Benchmark(name="void", provider="nowhere", models=["m"], requests=3, concurrency=1,
+                     max_attempts=2, endpoint="embeddings")  # fmt: skip
+    batch = client.submit([spec, Noop(name="after", after=[spec])], name="e2e-void")
+    batch.wait(timeout_s=90)
+    void, after = batch.results()
+    assert void.state == "failed", void
+    assert void.error.startswith("nowhere/m: 0 of 3 requests succeeded"), void.error
+    assert "commonest error connection_error (6 of 6 failed attempts)" in void.error
+    assert void.latency and void.latency[0].n == 6 and void.latency[0].n_ok == 0
+    assert after.state == "cancelled"
 
 
 def test_flower_shows_workers_and_tasks_without_secrets(stack: Stack) -> None:

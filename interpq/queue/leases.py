@@ -41,6 +41,23 @@ redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return crashes
 """
 
+# KEYS: the leases this process holds; ARGV: lease ms, then each lease's owner value. Extends
+# each lease still ours, and takes back one that vanished (Redis restarted without it) unless
+# another worker took it meanwhile. Returns how many were taken back.
+_RENEW = """
+local back = 0
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ARGV[1])
+    back = back + 1
+  elseif v == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return back
+"""
+
 # KEYS: lease, started marker; ARGV: owner value. Deletes the lease only if it is still ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -56,12 +73,13 @@ class Leases:
         self.r = client
         self.lease_ms = int(lease_s * 1000)
         self.owner = uuid.uuid4().hex
-        self._held: set[str] = set()
+        self._held: dict[str, str] = {}  # lease key -> owner value
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._renew_all = client.register_script(_RENEW)
 
     @staticmethod
     def key(job_id: str, part: int) -> str:
@@ -78,14 +96,14 @@ class Leases:
         if int(got) < 0:
             return None
         with self._lock:
-            self._held.add(key)
+            self._held[key] = self._value()
             self._ensure_thread()
         return int(got)
 
     def release(self, job_id: str, part: int) -> None:
         key = self.key(job_id, part)
         with self._lock:
-            self._held.discard(key)
+            self._held.pop(key, None)
         self._release(keys=[key, f"{key}:started"], args=[self._value()])
 
     def _value(self) -> str:
@@ -100,16 +118,15 @@ class Leases:
         interval = self.lease_ms / 3000.0
         while not self._wake.wait(interval):
             with self._lock:
-                keys = list(self._held)
-            if not keys:
+                held = dict(self._held)
+            if not held:
                 continue
             try:
-                pipe = self.r.pipeline(transaction=False)
-                for k in keys:
-                    pipe.pexpire(k, self.lease_ms)
-                pipe.execute()
+                back = self._renew_all(keys=list(held), args=[self.lease_ms, *held.values()])
+                if int(back):
+                    log.warning("took back %d run lease(s) that Redis had lost", int(back))
             except Exception as exc:  # Redis briefly away: keep the thread, renew next round
-                log.warning("cannot renew %d run lease(s): %s", len(keys), exc)
+                log.warning("cannot renew %d run lease(s): %s", len(held), exc)
 
 
 _leases: dict[str, Leases] = {}

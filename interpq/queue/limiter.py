@@ -304,13 +304,28 @@ class Limiter:
         try:
             yield lambda: self._renew_leases(zkeys, args[0], lease_s)
         finally:
+            self._release_permit(zkeys, wakes, args[0], lease_s)
+
+    def _release_permit(
+        self, zkeys: list[str], wakes: list[str], member: str, lease_s: float
+    ) -> None:
+        """Give the permit back, waiting for Redis through a blip (a permit not given back
+        counts as in flight until its lease expires); after ``lease_s`` it has expired anyway."""
+        from interpq.queue.outage import ServiceUnavailable, until_back
+
+        def release() -> None:
             pipe = self.r.pipeline()
             for zkey, wake in zip(zkeys, wakes, strict=True):
-                pipe.zrem(zkey, args[0])
+                pipe.zrem(zkey, member)
                 pipe.lpush(wake, 1)
                 pipe.ltrim(wake, 0, 63)
                 pipe.expire(wake, 60)
             pipe.execute()
+
+        try:
+            until_back(release, "giving back a concurrency permit", window_s=lease_s)
+        except ServiceUnavailable:
+            pass  # expired by now
 
     # -- budget ------------------------------------------------------------------------------
     @staticmethod

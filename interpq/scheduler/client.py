@@ -26,7 +26,7 @@ from interpq.queue.publish import Dispatch, cancel_jobs, publish
 from interpq.scheduler.batch import Batch
 from interpq.scheduler.estimate import check_budget
 from interpq.settings import Settings, get_settings
-from interpq.specs import SPEC_TYPES, BatchSpec, JobSpec, SubmitContext
+from interpq.specs import SPEC_TYPES, BatchOptions, BatchSpec, JobSpec, SubmitContext
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,18 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
             parts.append(str(p))
     where = ".".join(parts)
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{prefix}{where}: {err['msg']}{more}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{prefix}{where}: {msg}{more}"
+
+
+def check_batch_options(name: object, max_cost_usd: object) -> tuple[str, float | None]:
+    """``submit``'s name and budget, checked as a batch file's are; ``SpecError`` naming the
+    field in one line (``name: ...``, ``max_cost_usd: ...``)."""
+    try:
+        opts = BatchOptions.model_validate({"name": name, "max_cost_usd": max_cost_usd})
+    except ValidationError as exc:
+        raise SpecError(validation_message(exc)) from None
+    return opts.name, opts.max_cost_usd
 
 
 def _order_and_check(specs: Sequence[JobSpec], ctx: SubmitContext) -> None:
@@ -116,8 +127,11 @@ class Client:
         """Validate, store and enqueue a batch, whole or not at all. Returns its handle."""
         if isinstance(jobs, BatchSpec):
             name, max_cost_usd, specs = jobs.name, jobs.max_cost_usd, list(jobs.jobs)
+        elif isinstance(jobs, str | bytes | dict) or not isinstance(jobs, Sequence):
+            raise SpecError(f"jobs: expected a list of job specs, got {type(jobs).__name__}")
         else:
             specs = list(jobs)
+        name, max_cost_usd = check_batch_options(name, max_cost_usd)
         if not specs:
             raise SpecError("jobs: a batch needs at least one job")
         for i, spec in enumerate(specs):
@@ -272,6 +286,17 @@ def _redact(url: str | None) -> str:
     return url
 
 
+def parse_error(exc: Exception) -> str:
+    """A YAML or JSON parse error in one line that keeps where it is (line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {problem}" + (f" ({context})" if context else "")
+    return " ".join(str(exc).split())  # json.JSONDecodeError: "... line 3 column 5 (char 17)"
+
+
 def load_batch_file(path: str) -> BatchSpec:
     """A YAML or JSON batch file as a validated ``BatchSpec``; ``SpecError`` naming the field."""
     import json
@@ -286,9 +311,8 @@ def load_batch_file(path: str) -> BatchSpec:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0]
         raise SpecError(
-            f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {first}"
+            f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {parse_error(exc)}"
         ) from None
     if isinstance(data, list):
         data = {"name": p.stem, "jobs": data}

@@ -165,7 +165,7 @@ def resolve_batch(batch: Mapping[str, Any], providers: Mapping[str, Any]) -> Bat
 
 def load_schedule(path: str | Path, providers: Mapping[str, Any]) -> list[ScheduleEntry]:
     """Read and check a schedule file; ``SpecError`` with one line naming the field."""
-    from interpq.scheduler.client import validation_message
+    from interpq.scheduler.client import parse_error, validation_message
 
     p = Path(path)
     if not p.is_file():
@@ -173,7 +173,7 @@ def load_schedule(path: str | Path, providers: Mapping[str, Any]) -> list[Schedu
     try:
         data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
     except (ValueError, yaml.YAMLError) as exc:
-        raise SpecError(f"{p}: not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+        raise SpecError(f"{p}: not valid YAML/JSON: {parse_error(exc)}") from None
     if isinstance(data, list):
         data = {"entries": data}
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from interpq.specs.api import Benchmark, Noop
 from interpq.specs.autointerp import Explain, FeatureRecords, Score
@@ -32,6 +32,7 @@ __all__ = [
     "SPEC_SCHEMA_VERSION",
     "SPEC_TYPES",
     "AnySpec",
+    "BatchOptions",
     "BatchSpec",
     "Benchmark",
     "Explain",
@@ -51,13 +52,31 @@ __all__ = [
 ]
 
 
-class BatchSpec(BaseModel):
-    """A batch file: a name, optional limits, and its jobs."""
+class BatchOptions(BaseModel):
+    """What a batch has besides its jobs: checked the same way for a batch file and for
+    ``Client().submit(jobs, name=..., max_cost_usd=...)``."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: str = Field(default="batch", min_length=1, max_length=200)
-    max_cost_usd: float | None = Field(default=None, gt=0)
-    """Calls that would take the batch's spend past this are not made (API jobs)."""
+    """Shown by ``interpq status`` and Flower; 1-200 printable characters."""
+    max_cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
+    """Calls that would take the batch's spend past this are not made (API jobs). A finite
+    number ≥ 0 (0: no paid call at all); unset: no budget."""
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        if not name.isprintable() or name != name.strip():
+            raise ValueError(
+                "use printable characters, without control characters (newlines, tabs) or "
+                f"spaces at either end; got {name[:40]!r}"
+            )
+        return name
+
+
+class BatchSpec(BatchOptions):
+    """A batch file: a name, optional limits, and its jobs."""
+
     jobs: list[AnySpec] = Field(min_length=1)
 
 

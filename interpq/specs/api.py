@@ -59,6 +59,9 @@ class Benchmark(JobSpec):
     batches submitted later get a worker too (fairness); it continues where it stopped."""
     max_retry_time_s: float = Field(default=300.0, gt=0, le=86_400)
     """Time from a request's first attempt after which it is not retried any more."""
+    min_success_rate: float = Field(default=0.5, ge=0, le=1)
+    """The job fails, naming the commonest error class, when a model has fewer than this
+    fraction of its requests succeeded (after retries). It fails when none succeeded, always."""
 
     queue: ClassVar[Queue] = "api"
 

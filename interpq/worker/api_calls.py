@@ -12,9 +12,10 @@ through an ``ApiCaller``:
    later get a worker too, and continues where it stopped.
 3. **One attempt**: the batch's budget is reserved (``BudgetExceeded`` fails the job), one of
    the provider's concurrency permits and an rpm/tpm slot are taken from the global limiter
-   in Redis, the attempt is made, its cost settled and its ``api_calls`` row written, keyed by
-   (job, part, request index, attempt) so a redelivered part never duplicates one. A 429
-   cools the model down for every worker.
+   in Redis, the attempt is made, its ``api_calls`` row written, keyed by (job, part, request
+   index, attempt) so a redelivered part never duplicates one, and its cost settled. The row
+   waits for the database through an outage (``queue.outage.until_back``): an answered call
+   is never dropped. A 429 cools the model down for every worker.
 4. **After a failed attempt**: a permanent error (400, 401, 404, ...) fails the job. A
    retryable one (429, 5xx, timeout, unreadable body) raises ``RetryableJobError`` with an
    exponential backoff (or the server's Retry-After): the lifecycle releases the part's lease
@@ -51,6 +52,7 @@ from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
 from interpq.providers.config import ModelPrice, Provider, get_provider
 from interpq.queue.limiter import Limiter, redis_for
+from interpq.queue.outage import until_back
 from interpq.settings import Settings
 from interpq.worker.context import RunnerContext
 
@@ -260,11 +262,13 @@ def limited_attempt(
             key_env=target.provider.api_key_env,
             timeout_s=timeout_s,
         )
-    limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
     cost = price.cost_usd(out.input_tokens, out.output_tokens)
+    # the row first: the call is made (and maybe paid); the limiter's bookkeeping in Redis
+    # after it may fail through an outage without losing the row
+    _record(ctx, target, endpoint, request_index, attempt, out, cost)
+    limiter.reconcile(model, est_in + est_out, out.input_tokens + out.output_tokens)
     if budget is not None:
         limiter.settle_budget(ctx.batch_id, estimate_usd, cost)
-    _record(ctx, target, endpoint, request_index, attempt, out, cost)
     if out.error_class == "rate_limited":
         limiter.cool_down(model, out.retry_after_s or backoff_s(attempt, None))
     return out
@@ -322,8 +326,13 @@ def _record(
         "cost_usd": cost,
         "worker": ctx.worker,
     }
-    with write(ctx.engine) as conn:
-        insert_ignore(conn, ApiCall.__table__, [row])
+
+    def insert() -> None:
+        with write(ctx.engine) as conn:
+            insert_ignore(conn, ApiCall.__table__, [row])
+
+    # The call is answered (and maybe paid for): wait for the database rather than lose its row
+    until_back(insert, f"job {ctx.job_id} part {ctx.part}: recording a call")
 
 
 _redis_clients: dict[str, Any] = {}

@@ -31,6 +31,7 @@ from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.models.tables import UTCDateTime
 from interpq.queue.leases import leases_for
+from interpq.queue.outage import ServiceUnavailable, service_of, until_back
 from interpq.queue.publish import cancel_dependents, release_dependents, repair_dependents
 from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, JobSpec
@@ -39,13 +40,13 @@ from interpq.worker.events import PartFailed, progress_sender, redact_secrets
 
 log = logging.getLogger("interpq.worker")
 MAX_TASK_RETRIES = 3
-"""Retries of a part that failed to claim (database unreachable)."""
+"""Retries of a part whose claim failed for another reason than an outage (a bug)."""
 MAX_RUNNER_RETRIES = 200
+"""Safety net: runners bound their own retries (attempts per call, total time)."""
 PUBLISH_WAIT_S = 60.0
 """How long a worker that got a message before its batch was fully published waits for it."""
 MAX_WORKER_DEATHS = 3
 """A part whose workers died this many times while running it fails instead of running again."""
-"""Safety net: runners bound their own retries (attempts per call, total time)."""
 
 
 JobContext = RunnerContext
@@ -180,7 +181,9 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     live worker holds it (the broker redelivered a slow worker's message), the message is
     retried later instead of running the part a second time at once. With a task, a failed
     job's part raises ``PartFailed`` (its error) instead of returning ``failed``, so that
-    Celery and Flower record the task as ``FAILURE``.
+    Celery and Flower record the task as ``FAILURE``. Redis or the database being away is
+    waited out (``outage.until_back``); a part fails for it only after the outage window,
+    with a line naming the service (``give_up``).
     """
     settings = get_settings()
     if task is None or not settings.broker_url:
@@ -190,22 +193,44 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
             if task is not None:
                 raise
             return "failed"
-    leases = leases_for(settings.broker_url, settings.part_lease_s)
-    deaths = leases.acquire(job_id, part)
+    what = f"job {job_id} part {part}"
+    try:
+        return _run_leased(job_id, part, task, settings, what)
+    except ServiceUnavailable as exc:
+        give_up(job_id, part, exc)
+        raise
+
+
+def _run_leased(job_id: str, part: int, task: Any, settings: Settings, what: str) -> str:
+    assert settings.broker_url
+    broker_url, lease_s = settings.broker_url, settings.part_lease_s
+    leases = leases_for(broker_url, lease_s)
+    deaths = until_back(lambda: leases.acquire(job_id, part), f"{what}: run lease")
     if deaths is None:
         log.info("job %s part %d: another live worker runs it; checking again later", job_id, part)
-        # no bound: the holder is alive (it renews its lease), however long the part takes
-        raise task.retry(countdown=settings.part_lease_s / 2, max_retries=None)
+        # no bound (the task's max_retries is None): the holder is alive, however long it takes
+        raise task.retry(countdown=lease_s / 2)
     try:
-        outcome = _run(job_id, part, task, worker_deaths=deaths, settings=settings)
+        outcome = until_back(
+            lambda: _run(job_id, part, task, worker_deaths=deaths, settings=settings), what
+        )
     finally:
-        leases.release(job_id, part)
+        _release_lease(leases, job_id, part, what)
     if outcome == "yielded":  # after the release, so the continuation can take the lease
-        _publish_continuation(job_id, part, task)
+        until_back(lambda: _publish_continuation(job_id, part, task, broker_url), what)
     return outcome
 
 
-def _publish_continuation(job_id: str, part: int, task: Any) -> None:
+def _release_lease(leases: Any, job_id: str, part: int, what: str) -> None:
+    """Release the run lease, waiting a little for Redis; if it stays away the lease lapses
+    by itself within ``part_lease_s`` (nothing renews it any more)."""
+    try:
+        until_back(lambda: leases.release(job_id, part), f"{what}: release", window_s=60)
+    except ServiceUnavailable as exc:
+        log.warning("%s", exc)
+
+
+def _publish_continuation(job_id: str, part: int, task: Any, broker_url: str) -> None:
     """Send the part to the back of its queue, with the message's own keyword arguments."""
     from interpq.queue.publish import Dispatch, publish
 
@@ -219,7 +244,26 @@ def _publish_continuation(job_id: str, part: int, task: Any) -> None:
         str(kwargs.get("batch_id") or ""),
         str(kwargs.get("batch") or ""),
     )
-    publish([dispatch], get_settings().broker_url, part=part)
+    publish([dispatch], broker_url, part=part)
+
+
+def give_up(job_id: str, part: int, exc: ServiceUnavailable) -> None:
+    """The outage outlasted the window: fail the part with a line naming the service, if the
+    database takes it. If it does not (the database is the service away), the job stays
+    running in the database and the reconciler publishes it again once both are back."""
+    log.error("%s", exc)
+    try:
+        with get_engine().connect() as conn:
+            n_parts = conn.execute(select(Job.n_parts).where(Job.id == job_id)).scalar()
+        if n_parts is not None and fail_job(get_engine(), job_id, part, n_parts, str(exc)):
+            from interpq.queue.publish import cancel_dependents
+
+            with get_engine().connect() as conn:
+                row = conn.execute(select(Job.batch_id, Job.name).where(Job.id == job_id)).one()
+            cancel_dependents(get_engine(), row.batch_id, job_id, row.name)
+    except Exception as again:  # still away: the reconciler's turn
+        log.warning("job %s: cannot record the failure (%s); left for the reconciler", job_id,
+                    type(again).__name__)  # fmt: skip
 
 
 def _run(
@@ -299,6 +343,8 @@ def _run(
     except (JobError, MissingApiKey, InterpqError) as exc:
         _failed(engine, ctx, str(exc), t0, runner, spec)
     except Exception as exc:  # a bug or an unexpected library error: keep it one line
+        if service_of(exc) is not None:
+            raise  # Redis or the database away: run_part waits for it and runs the part again
         log.exception("job %s part %d crashed", job_id, part)
         message = f"internal error: {type(exc).__name__}: {exc}"
         _failed(engine, ctx, message, t0, runner, spec)
@@ -336,8 +382,9 @@ def _wait_for_publish(engine: Engine, job_id: str, part: int, worker: str) -> An
 
 
 def _retry_later(task: Any, exc: Exception, what: str) -> NoReturn:
-    """Retry the task with exponential backoff (bounded), or re-raise when out of retries."""
-    if task is None or task.request.retries >= MAX_TASK_RETRIES:
+    """Redis or the database away: re-raise, ``run_part`` waits for it (``until_back``).
+    Anything else is a bug: retry the task a few times with backoff, then re-raise."""
+    if service_of(exc) is not None or task is None or task.request.retries >= MAX_TASK_RETRIES:
         raise exc
     log.warning("%s (%s); retrying", what, exc)
     raise task.retry(

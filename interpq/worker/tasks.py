@@ -15,22 +15,27 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
+from interpq.queue.outage import ServiceUnavailable
 from interpq.specs.registry import KIND_NAMES
 from interpq.worker.events import PartFailed, announce_cancelled
 from interpq.worker.lifecycle import run_part
 
 log = logging.getLogger(__name__)
 MAX_INFRA_RETRIES = 10
-"""Redeliveries of a part whose bookkeeping failed (Redis or the database away)."""
+"""Redeliveries of a part whose bookkeeping failed for another reason than an outage (Redis or
+the database away is waited out inside ``run_part``, see ``interpq.queue.outage``)."""
 
 
 def _define(kind: str) -> Any:
-    @shared_task(name=f"interpq.{kind}", bind=True, acks_late=True, throws=(PartFailed,))
+    # max_retries=None: a retry that names no bound of its own (waiting for a live worker's
+    # run lease) is unbounded; Celery's default of 3 would drop the message after the third.
+    @shared_task(name=f"interpq.{kind}", bind=True, acks_late=True, max_retries=None,
+                 throws=(PartFailed, ServiceUnavailable))  # fmt: skip
     def _task(self: Any, job_id: str, part: int = 0, label: str = "", **_for_people: Any) -> str:
         try:
             outcome = run_part(job_id, part, task=self)
-        except (Retry, Ignore, Reject, PartFailed):
-            raise
+        except (Retry, Ignore, Reject, PartFailed, ServiceUnavailable):
+            raise  # ServiceUnavailable: the outage window is over, the part failed (lifecycle)
         except Exception as exc:
             # Runner errors are the job's outcome already (lifecycle); what reaches here is
             # the bookkeeping around it (a lease, a state change, releasing dependents,

@@ -10,13 +10,14 @@ succeeded is paid for twice. ``finalize`` computes the latency summaries from th
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
 from interpq.core.latency import summarize
+from interpq.errors import PermanentJobError
 from interpq.models import ApiCall, LatencySummary
 from interpq.providers import openai_http
 from interpq.queue.limiter import estimate_tokens
@@ -63,7 +64,14 @@ def run_part(ctx: RunnerContext, spec: Benchmark) -> None:
 
 
 def finalize(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> dict[str, Any]:
-    """Latency summaries per provider × model from this job's api_calls rows."""
+    """Latency summaries per provider × model from this job's api_calls rows; the job fails
+    (``PermanentJobError``) if a model has too few successful requests."""
+    out, rows = _summaries(conn, ctx)
+    check_success(spec, rows)
+    return out
+
+
+def _summaries(conn: Connection, ctx: RunnerContext) -> tuple[dict[str, Any], list[Any]]:
     rows = conn.execute(select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id)).all()
     by_model: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
     for r in rows:
@@ -74,7 +82,7 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> dict[str,
     for (provider, model, endpoint), calls in sorted(by_model.items()):
         s = summarize(
             latency_ms=[c.latency_ms for c in calls],
-            ok=[c.status_code == 200 and c.error_class is None for c in calls],
+            ok=[_ok(c) for c in calls],
             ttft_ms=[c.ttft_ms for c in calls],
             output_tokens=[c.output_tokens for c in calls],
             cost_usd=[c.cost_usd for c in calls],
@@ -93,8 +101,37 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> dict[str,
         out["models"][model] = {
             k: flat[k] for k in ("n", "n_ok", "latency_p50_ms", "latency_p99_ms", "cost_usd")
         }
-    return out
+    return out, rows
 
 
-on_failure = finalize
-"""A failed benchmark still gets summaries of the attempts it made."""
+def _ok(call: Any) -> bool:
+    return bool(call.status_code == 200 and call.error_class is None)
+
+
+def check_success(spec: Benchmark, rows: list[Any]) -> None:
+    """Raise ``PermanentJobError`` naming the commonest error class when a model has no
+    successful request, or fewer than ``spec.min_success_rate`` of its requests."""
+    for model in spec.models:
+        calls = [r for r in rows if r.model == model]
+        n_ok = len({(r.part, r.request_index) for r in calls if _ok(r)})
+        if n_ok and n_ok >= spec.min_success_rate * spec.requests:
+            continue
+        failed = [r for r in calls if not _ok(r)]
+        classes = Counter(r.error_class or f"http_{r.status_code}" for r in failed)
+        if classes:
+            cls, n_cls = classes.most_common(1)[0]
+            example = next(
+                r.error for r in failed if (r.error_class or f"http_{r.status_code}") == cls
+            )
+            why = f"commonest error {cls} ({n_cls} of {len(failed)} failed attempts): {example}"
+        else:
+            why = "no attempt was made"
+        raise PermanentJobError(
+            f"{spec.provider}/{model}: {n_ok} of {spec.requests} requests succeeded (below "
+            f"min_success_rate={spec.min_success_rate:g}); {why}"
+        )
+
+
+def on_failure(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> None:
+    """A failed benchmark still gets summaries of the attempts it made."""
+    _summaries(conn, ctx)

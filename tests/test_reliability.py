@@ -1,0 +1,130 @@
+"""Reliability without processes: what counts as an outage, waiting one out, honest inputs.
+
+Outage errors come from real clients pointed at a port nothing listens on (Redis, PostgreSQL)
+and from a real SQLite file; the submit checks run the real ``Client``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from interpq.errors import SpecError
+from interpq.queue.outage import ServiceUnavailable, service_of, until_back
+from interpq.scheduler.client import Client, load_batch_file
+from interpq.settings import Settings
+from interpq.specs import Noop
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _error(step) -> Exception:  # type: ignore[no-untyped-def]
+    try:
+        step()
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an error")
+
+
+def test_service_of_names_redis_and_the_database_and_nothing_else(tmp_path: Path) -> None:
+    port = _closed_port()
+    refused_redis = _error(lambda: redis.Redis(port=port, socket_connect_timeout=1).ping())
+    assert service_of(refused_redis) == "Redis"
+    pg = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
+    refused_pg = _error(lambda: pg.connect())
+    assert service_of(refused_pg) == "the database"
+    sqlite = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with sqlite.connect() as conn:
+        missing_table = _error(lambda: conn.execute(text("select * from nope")))
+    assert service_of(missing_table) is None  # a bug, not an outage
+    assert service_of(ValueError("bad spec")) is None
+    try:  # wrapped, as a Celery Reject keeps a retry's send error
+        raise RuntimeError("bookkeeping") from refused_redis
+    except RuntimeError as wrapped:
+        assert service_of(wrapped) == "Redis"
+
+
+def test_until_back_waits_out_an_outage_and_gives_up_after_the_window() -> None:
+    port = _closed_port()
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    calls, slept = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            client.ping()  # refused: Redis is away
+        return "done"
+
+    assert until_back(flaky, "step", window_s=60, sleep=slept.append) == "done"
+    assert len(calls) == 4 and len(slept) == 3 and slept[0] < slept[-1]
+    with pytest.raises(ServiceUnavailable) as info:
+        until_back(client.ping, "job j part 0", window_s=0.3, sleep=lambda s: None)
+    msg = str(info.value)
+    assert msg.startswith("job j part 0: Redis unreachable for ") and "\n" not in msg
+    assert "INTERPQ_OUTAGE_WINDOW_S" in msg
+    with pytest.raises(ZeroDivisionError):  # anything else passes through at once
+        until_back(lambda: 1 / 0, "step", window_s=60, sleep=slept.append)
+
+
+def _client(tmp_path: Path) -> Client:
+    return Client(
+        Settings(broker_url=f"redis://127.0.0.1:{_closed_port()}/0",
+                 database_url=f"sqlite:///{tmp_path / 'v.db'}", providers=None)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "x" * 10_000}, r"^name: String should have at most 200 characters$"),
+        ({"name": "two\nlines"}, r"^name: use printable characters"),
+        ({"name": " padded"}, r"^name: use printable characters"),
+        ({"name": 42}, r"^name: Input should be a valid string$"),
+        ({"max_cost_usd": -1}, r"^max_cost_usd: Input should be greater than or equal to 0$"),
+        ({"max_cost_usd": float("nan")}, r"^max_cost_usd: Input should be a finite number$"),
+        ({"max_cost_usd": float("inf")}, r"^max_cost_usd: Input should be a finite number$"),
+        ({"max_cost_usd": "abc"}, r"^max_cost_usd: Input should be a valid number"),
+        ({"max_cost_usd": True}, r"^max_cost_usd: Input should be a valid number"),
+    ],
+)
+def test_submit_checks_name_and_budget_like_a_batch_file(
+    tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    client = _client(tmp_path)
+    with pytest.raises(SpecError, match=message) as info:
+        client.submit([Noop(name="a")], **kwargs)
+    assert "\n" not in str(info.value)
+    assert client.batches() == []  # nothing stored
+    f = tmp_path / "b.yaml"  # the same words from a batch file
+    field, value = next(iter(kwargs.items()))
+    if isinstance(value, str | int) and not isinstance(value, bool) and "\n" not in str(value):
+        f.write_text(f"{field}: {value!r}\njobs: [{{kind: noop, name: a}}]\n")
+        with pytest.raises(SpecError, match=f"^{f}: {field}: "):
+            load_batch_file(str(f))
+
+
+def test_submit_refuses_a_string_or_a_mapping_for_jobs(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"^jobs: expected a list of job specs, got str$"):
+        _client(tmp_path).submit("noop")  # type: ignore[arg-type]
+
+
+def test_yaml_and_json_errors_keep_line_and_column(tmp_path: Path) -> None:
+    f = tmp_path / "b.yaml"
+    f.write_text("name: x\njobs:\n  - kind: noop\n    name: a\n      bad: [1, 2\n")
+    with pytest.raises(SpecError, match=r"not valid YAML: line 5, column 10: ") as info:
+        load_batch_file(str(f))
+    assert "\n" not in str(info.value)
+    j = tmp_path / "b.json"
+    j.write_text('{"name": "x",\n "jobs": [}\n')
+    with pytest.raises(SpecError, match=r"not valid JSON: .*line 2 column 11"):
+        load_batch_file(str(j))
