@@ -18,6 +18,8 @@
 |                               |                                  | database to come back before failing   |
 | INTERPQ_RECONCILE_GRACE_S     | 60                               | work nothing accounts for this long is |
 |                               |                                  | published again (queue/reconcile.py)   |
+| INTERPQ_RECONCILE_HELD_S      | 300                              | a message a worker took longer ago     |
+|                               |                                  | only counts with a live run lease      |
 | INTERPQ_RECONCILE_INTERVAL_S  | 30                               | how often beat runs the reconciler     |
 
 This module reads the environment; nothing under ``interpq/core`` does.
@@ -75,6 +77,9 @@ class Settings(BaseSettings):
     reconcile_grace_s: float = 60.0
     """The reconciler publishes again a queued or running part that no broker message, run
     lease or worker has accounted for during this long."""
+    reconcile_held_s: float = 300.0
+    """A message a worker took this long ago, for a part that holds no run lease, no longer
+    counts as accounting for it (its worker may be dead; a live one running it holds a lease)."""
     reconcile_interval_s: float = 30.0
     """Seconds between two runs of the reconciler by beat."""
 

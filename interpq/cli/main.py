@@ -218,12 +218,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         s = b.status()
         rows.append([b.name, b.id, s.n_jobs, *(s.counts.get(k, 0) for k in _STATES)])
     print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
+    from interpq.cli.repair import print_stranded
+
+    for b in batches if args.batch or len(batches) <= 3 else batches[:3]:
+        print_stranded(b.id, b.name)
     providers = provider_activity(client)
     if providers:
         print("\nproviders: calls and tokens in the last 60 s; in flight and cool-down now")
         print(table(("provider", "calls/min", "tokens/min", "429s", "in flight", "cool-down s"),
                     providers))  # fmt: skip
     return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from interpq.cli.repair import cmd_repair
+
+    return cmd_repair(args)
 
 
 def provider_activity(client: object) -> list[list[object]]:
@@ -341,6 +351,8 @@ def _results_since(args: argparse.Namespace) -> int:
 def cmd_beat(args: argparse.Namespace) -> int:
     from interpq.scheduler.periodic import load_schedule, run_beat
 
+    if args.check and args.schedule is None:
+        raise InterpqError("beat --check needs --schedule FILE")
     if args.check:
         from interpq.providers.config import load_providers
         from interpq.settings import get_settings
@@ -430,6 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10)
     st.set_defaults(fn=cmd_status)
 
+    from interpq.cli.repair import REPAIR_HELP
+
+    rp = sub.add_parser("repair", help="publish again the queued/running work that no broker "
+                        "message, run lease or worker accounts for (beat does it by itself)",
+                        description=REPAIR_HELP)  # fmt: skip
+    rp.add_argument("batch", nargs="?", help="batch id or name (default: every batch)")
+    rp.add_argument("--settle", type=float, default=2.0,
+                    help="seconds between the two looks that must both miss a part (default 2)")  # fmt: skip
+    rp.set_defaults(fn=_repair)
+
     r = sub.add_parser("results", help="a batch's jobs and latency percentiles per model, "
                        "or (--since) latency over time")  # fmt: skip
     r.add_argument("batch", nargs="?",
@@ -454,9 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --since: also write a PNG of p50/p95 over time per model")  # fmt: skip
     r.set_defaults(fn=cmd_results)
 
-    b = sub.add_parser("beat", help="run Celery beat: periodic batches from a schedule file")
-    b.add_argument("--schedule", required=True, metavar="FILE",
-                   help="YAML/JSON: entries of {name, every: 1h | cron: '0 * * * *', batch}")  # fmt: skip
+    b = sub.add_parser("beat", help="run Celery beat: the reconciler, and periodic batches "
+                       "from a schedule file")  # fmt: skip
+    b.add_argument("--schedule", default=None, metavar="FILE",
+                   help="YAML/JSON: entries of {name, every: 1h | cron: '0 * * * *', batch}; "
+                   "without it beat runs only the reconciler (see `interpq repair --help`)")  # fmt: skip
     b.add_argument("--state", default="interpq-beat-schedule", metavar="FILE",
                    help="where beat remembers each entry's last run (a writable path)")  # fmt: skip
     b.add_argument("--check", action="store_true",

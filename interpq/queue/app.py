@@ -22,6 +22,7 @@ which another worker redoes it (skipping the calls that already succeeded).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -32,11 +33,39 @@ from interpq.settings import get_settings
 
 log = logging.getLogger(__name__)
 QUEUES = ("api", "compute")
-TASK_MODULES = ("interpq.worker.tasks", "interpq.scheduler.periodic")
-"""The modules whose tasks a worker runs: the job kinds, and what beat's ticks run."""
+TASK_MODULES = ("interpq.worker.tasks", "interpq.scheduler.periodic", "interpq.queue.reconcile")
+"""The modules whose tasks a worker runs: the job kinds, and what beat's ticks run (periodic
+batches, the reconciler)."""
+
+
+def _closed_transport_is_a_connection_error() -> None:
+    """Work around kombu 5.7 so a worker survives Redis going away mid-work.
+
+    After a connection loss Celery's consumer collects the connection (its transport's client
+    becomes None) and then closes it; closing the channel restores unacknowledged messages,
+    which builds a new Redis pool from that None and fails with ``AttributeError``. That is
+    not one of the transport's connection errors, so the consumer stops for good (the chaos
+    suite saw both api workers hang this way). Raising Redis' ``ConnectionError`` instead lets
+    kombu ignore it while closing; the consumer reconnects, and the messages it held stay in
+    Redis's unacked set (restored after the visibility timeout, or by the reconciler)."""
+    import redis
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.Channel._connparams
+    if getattr(original, "interpq_patched", False):
+        return
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is already closed")
+        return original(self, asynchronous)
+
+    _connparams.interpq_patched = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = _connparams
 
 
 def make_app(broker_url: str | None = None) -> Celery:
+    _closed_transport_is_a_connection_error()
     settings = get_settings()
     url = broker_url or settings.broker_url
     # Task modules are named, not imported: a worker imports them at start; a submitter sends

