@@ -58,6 +58,8 @@ ENV = {
     "INTERPQ_VISIBILITY_TIMEOUT_S": "120",
 }
 FINAL_TIMEOUT_S = 200
+REQUESTS = 16
+"""Requests per benchmark of the mixed batch."""
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def _provider(st: Stack, path: str, body: dict | None = None) -> dict:
     return resp.json()
 
 
-def mixed_batch(requests_per_model: int = 24) -> list[JobSpec]:
+def mixed_batch(requests_per_model: int = REQUESTS) -> list[JobSpec]:
     """Benchmarks, an extraction, an SAE on it, patching, and a job depending on two kinds."""
     benches = [
         Benchmark(name=f"bench-{i}", provider="local", models=["all-MiniLM-L6-v2"],
@@ -135,9 +137,9 @@ def mixed_batch(requests_per_model: int = 24) -> list[JobSpec]:
 
 
 def _submit(st: Stack, name: str, filler: int = 0) -> Batch:
-    """The mixed batch, plus ``filler`` one-second no-op jobs on the api queue."""
+    """The mixed batch, plus ``filler`` half-second no-op jobs on the api queue."""
     _provider(st, "/stats/reset", {})
-    noops = [Noop(name=f"filler-{i}", sleep_s=1.0, on_queue="api") for i in range(filler)]
+    noops = [Noop(name=f"filler-{i}", sleep_s=0.5, on_queue="api") for i in range(filler)]
     return _client(st).submit([*mixed_batch(), *noops], name=name)
 
 
@@ -193,9 +195,10 @@ def _wait_final(batch: Batch, timeout_s: float = FINAL_TIMEOUT_S) -> float:
 
 
 def verify(st: Stack, batch: Batch, fault: str, recover_s: float,
-           max_lost: int = 0) -> dict[str, Any]:  # fmt: skip
-    """The suite's invariants; returns (and prints) the figures. ``max_lost``: answers a
-    SIGKILLed worker received but had not yet recorded (it dies between the two)."""
+           killed_threads: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The suite's invariants; returns (and prints) the figures. ``killed_threads``: a
+    SIGKILLed worker's calls in flight: an answer it got but had not yet written is lost with
+    it, and its concurrency permits come back only when their leases expire."""
     results = batch.results()
     states = {r.name: r.state for r in results}
     stuck = [n for n, s in states.items() if s not in ("succeeded", "failed", "cancelled")]
@@ -215,15 +218,18 @@ def verify(st: Stack, batch: Batch, fault: str, recover_s: float,
     answered = int(_provider(st, "/stats")["by_status"].get("200", 0))
     lost = answered - sum(ok.values())
     assert duplicated == 0, f"{duplicated} successful request(s) recorded twice"
-    assert 0 <= lost <= max_lost, f"{answered} calls answered 200, {sum(ok.values())} recorded"
+    assert 0 <= lost <= killed_threads, (
+        f"{answered} calls answered 200, {sum(ok.values())} recorded"
+    )
     for r in results:
         if r.kind == "benchmark" and r.state == "succeeded":
-            assert sum(1 for k in ok if k[0] == r.job_id) == 24, r.name
+            assert sum(1 for k in ok if k[0] == r.job_id) == REQUESTS, r.name
     n_artifacts = _check_artifacts(st, results)
     in_flight = snapshot(redis_for(st.env["INTERPQ_BROKER_URL"]), "local")["in_flight"]
-    assert in_flight == 0, f"{in_flight} concurrency permits still held"
+    assert in_flight <= killed_threads, f"{in_flight} concurrency permits still held"
     figures = {
-        "fault": fault, "jobs": len(results), "republished": _republished(st) - _seen[0], "calls": len(calls), "answered": answered,
+        "fault": fault, "jobs": len(results), "republished": _republished(st) - _seen[0],
+        "permits_held_after": in_flight, "calls": len(calls), "answered": answered,
         "lost": lost, "duplicated": duplicated, "stuck": len(stuck),
         "artifacts": n_artifacts, "recover_s": round(recover_s, 1),
         "attempts": {r.name: r.attempts for r in results},
@@ -269,7 +275,7 @@ def test_redis_restarted_empty_is_reconciled(stack: Stack, redis_server: RedisSe
     """Wiped while messages wait in both queues (the compute worker busy with the extraction,
     more api parts than api threads): only the reconciler can bring those back."""
     batch = _submit(stack, "chaos-redis-empty", filler=12)
-    _wait_until(lambda: _state(stack, batch, "acts") == "running", 120, "the extraction")
+    _wait_until(lambda: _state(stack, batch, "acts") != "queued", 120, "the extraction")
     redis_server.kill9()
     redis_server.start(empty=True)  # everything the broker knew is gone
     figures = verify(stack, batch, "redis restarted empty", _wait_final(batch))
@@ -283,12 +289,12 @@ def test_postgres_connections_terminated_every_second_or_two(
     batch = _submit(stack, "chaos-pg-terminate")
     _until_calls(stack, batch, 4)
     rng = random.Random(0)
-    t_end = time.monotonic() + 12
+    t_end = time.monotonic() + 10
     killed = 0
     while time.monotonic() < t_end:
         killed += terminate_backends(PG_URL or "", database["name"])
         time.sleep(rng.uniform(1.0, 2.0))
-    figures = verify(stack, batch, f"postgres: {killed} connections terminated over 12 s",
+    figures = verify(stack, batch, f"postgres: {killed} connections terminated over 10 s",
                      _wait_final(batch))  # fmt: skip
     assert killed > 0 and figures["jobs"] == 6
 
@@ -302,12 +308,12 @@ def test_postgres_refusing_connections_while_the_provider_fails_half(
         batch = _submit(stack, "chaos-pg-refusing")
         _until_calls(stack, batch, 4)
         database["proxy"].stop()
-        time.sleep(15)
+        time.sleep(12)
         database["proxy"].start()
         recover_s = _wait_final(batch)
     finally:
         _provider(stack, "/faults", {"error_rate": 0.0})
-    verify(stack, batch, "postgres refusing 15 s, provider 50% errors", recover_s)
+    verify(stack, batch, "postgres refusing 12 s, provider 50% errors", recover_s)
 
 
 def test_a_part_revoked_while_retrying_is_cancelled(stack: Stack) -> None:
@@ -367,4 +373,4 @@ def test_workers_killed_during_dependent_jobs(stack: Stack) -> None:
     # the api worker had up to 4 calls in flight: an answer it got but had not yet written is
     # lost with it (the request is made again; RELIABILITY.md, "what can be lost")
     verify(stack, batch, "SIGKILL api worker mid-benchmark and compute worker mid-SAE",
-           _wait_final(batch), max_lost=4)  # fmt: skip
+           _wait_final(batch), killed_threads=4)  # fmt: skip
