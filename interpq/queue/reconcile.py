@@ -39,6 +39,7 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy import Engine, select
 
+from interpq.models import Batch as BatchRow
 from interpq.models import Job, JobPart, JobState
 from interpq.queue.app import QUEUES
 from interpq.queue.leases import Leases
@@ -70,6 +71,12 @@ class PartRef:
     kind: str
     queue: str
     state: str
+    n_parts: int = 1
+    batch_name: str = ""
+
+    def dispatch(self) -> Dispatch:
+        return Dispatch(self.job_id, self.kind, self.queue, self.n_parts, self.name,
+                        self.batch_id, self.batch_name)  # fmt: skip
 
     @property
     def key(self) -> tuple[str, int]:
@@ -158,12 +165,14 @@ def active_parts(engine: Engine, batch_id: str | None = None) -> list[PartRef]:
     """Every part the database says is queued or running (of one batch, or of all)."""
     j = Job.__table__
     p = JobPart.__table__
-    cols = (j.c.id, j.c.batch_id, j.c.name, j.c.kind, j.c.queue, j.c.state, j.c.n_parts)
+    b = BatchRow.__table__
+    cols = (j.c.id, j.c.batch_id, j.c.name, j.c.kind, j.c.queue, j.c.state, j.c.n_parts,
+            b.c.name.label("batch_name"))  # fmt: skip
     where = [j.c.state.in_(_ACTIVE)]
     if batch_id is not None:
         where.append(j.c.batch_id == batch_id)
     with engine.connect() as conn:
-        jobs = conn.execute(select(*cols).where(*where)).all()
+        jobs = conn.execute(select(*cols).join(b, b.c.id == j.c.batch_id).where(*where)).all()
         multi = [r.id for r in jobs if r.n_parts > 1]
         parts = (
             conn.execute(
@@ -178,10 +187,12 @@ def active_parts(engine: Engine, batch_id: str | None = None) -> list[PartRef]:
     by_id = {r.id: r for r in jobs}
     for r in jobs:
         if r.n_parts == 1:
-            out.append(PartRef(r.id, 0, r.batch_id, r.name, r.kind, r.queue, str(r.state)))
+            out.append(PartRef(r.id, 0, r.batch_id, r.name, r.kind, r.queue, str(r.state),
+                               1, r.batch_name))  # fmt: skip
     for pr in parts:
         r = by_id[pr.job_id]
-        out.append(PartRef(r.id, pr.part, r.batch_id, r.name, r.kind, r.queue, str(pr.state)))
+        out.append(PartRef(r.id, pr.part, r.batch_id, r.name, r.kind, r.queue, str(pr.state),
+                           r.n_parts, r.batch_name))  # fmt: skip
     return out
 
 
@@ -280,7 +291,7 @@ def apply(engine: Engine, plan: Plan, broker_url: str | None = None) -> int:
     n = 0
     if plan.republish:
         for p in plan.republish:
-            publish([Dispatch(p.job_id, p.kind, p.queue, 1, p.name)], broker_url, part=p.part)
+            publish([p.dispatch()], broker_url, part=p.part)
         n += len(plan.republish)
         log.warning("reconciler: published again %d part(s) nothing accounted for: %s",
                     len(plan.republish), ", ".join(f"{p.name}[{p.part}]" for p in plan.republish[:10]))  # fmt: skip
