@@ -135,8 +135,9 @@ def _decode_args(payload: dict[str, Any]) -> tuple[str, int] | None:
         body = payload["body"]
         if (payload.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return (str(args[0]), int(args[1]) if len(args) > 1 else 0)
+        args, kwargs = json.loads(body)[:2]
+        part = args[1] if len(args) > 1 else (kwargs or {}).get("part", 0)
+        return (str(args[0]), int(part))
     except (KeyError, IndexError, TypeError, ValueError):
         return None
 

@@ -57,9 +57,10 @@ def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, 
     if name not in JOB_TASKS or request is None:
         return
     args = list(getattr(request, "args", None) or [])
+    kwargs = getattr(request, "kwargs", None) or {}
     if not args:
         return
-    part = int(args[1]) if len(args) > 1 else 0
+    part = int(args[1] if len(args) > 1 else kwargs.get("part", 0))
     try:
         cancel_revoked(str(args[0]), part, "expired" if expired else "revoked")
     except Exception as exc:  # the database away: the reconciler runs the part again later
