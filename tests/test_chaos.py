@@ -39,7 +39,8 @@ from sqlalchemy.engine import make_url
 
 from interpq.models import ApiCall
 from interpq.models.db import get_engine
-from interpq.queue.limiter import redis_for, snapshot
+from interpq.queue.connections import connect
+from interpq.queue.limiter import snapshot
 from interpq.scheduler.batch import Batch
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
@@ -225,7 +226,7 @@ def verify(st: Stack, batch: Batch, fault: str, recover_s: float,
         if r.kind == "benchmark" and r.state == "succeeded":
             assert sum(1 for k in ok if k[0] == r.job_id) == REQUESTS, r.name
     n_artifacts = _check_artifacts(st, results)
-    in_flight = snapshot(redis_for(st.env["INTERPQ_BROKER_URL"]), "local")["in_flight"]
+    in_flight = snapshot(connect(st.env["INTERPQ_BROKER_URL"]), "local")["in_flight"]
     assert in_flight <= killed_threads, f"{in_flight} concurrency permits still held"
     figures = {
         "fault": fault, "jobs": len(results), "republished": _republished(st) - _seen[0],

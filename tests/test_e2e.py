@@ -307,7 +307,7 @@ def test_redelivered_message_of_a_finished_job_releases_or_cancels_what_a_crash_
     from interpq.models import Batch as BatchRow
     from interpq.models import Job
     from interpq.models.db import write
-    from interpq.queue.limiter import redis_for
+    from interpq.queue.connections import connect
     from interpq.queue.publish import Dispatch, publish
     from interpq.scheduler.batch import Batch
 
@@ -343,7 +343,7 @@ def test_redelivered_message_of_a_finished_job_releases_or_cancels_what_a_crash_
     publish(again + again, stack.env["INTERPQ_BROKER_URL"])  # two redeliveries of each
     batch = Batch(client, batch_id, "e2e-repair")
     status = batch.wait(timeout_s=60)
-    r = redis_for(stack.env["INTERPQ_BROKER_URL"])
+    r = connect(stack.env["INTERPQ_BROKER_URL"])
     deadline = time.monotonic() + 30  # let the copies of c's message reach a worker too
     while time.monotonic() < deadline and (r.llen("api") or r.hlen("unacked")):
         time.sleep(0.1)

@@ -27,7 +27,7 @@ from interpq.models import ApiCall, Artifact, Batch, Job, JobPart
 from interpq.models.db import get_engine, write
 from interpq.providers import openai_http
 from interpq.providers.local.server import LocalProviderServer, ServerOptions
-from interpq.queue.limiter import redis_for
+from interpq.queue.connections import connect
 from interpq.reports.tables import jobs_table
 from interpq.scheduler.batch import JobResult
 from interpq.specs import Extract
@@ -244,7 +244,7 @@ def test_two_jobs_asking_for_one_shard_at_once_pay_for_it_once(
     texts = [f"stampede {uuid.uuid4().hex} sentence {i}." for i in range(64)]
     spec = Extract(name="a", model="local:all-MiniLM-L6-v2", texts=texts, shard_size=64)
     a, b = _store(spec, db_url), _store(spec.model_copy(update={"name": "b"}), db_url)
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     before = _n_requests(server)
     _faults(server, added_latency_ms=1500)
     try:

@@ -258,9 +258,10 @@ def _status(stack: Stack) -> str:
 
 def test_status_lists_providers_busy_or_cooling_down_without_recent_calls(stack: Stack) -> None:
     from interpq.providers.config import get_provider
-    from interpq.queue.limiter import Limiter, redis_for
+    from interpq.queue.connections import connect
+    from interpq.queue.limiter import Limiter
 
-    r = redis_for(stack.env["INTERPQ_BROKER_URL"])
+    r = connect(stack.env["INTERPQ_BROKER_URL"])
     openai, deepseek = get_provider("openai"), get_provider("deepseek")  # presets, never called
     Limiter(r, openai).cool_down("gpt-4.1", 30.0)
     leases = "interpq:limit:deepseek:leases"

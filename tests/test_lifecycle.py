@@ -17,8 +17,8 @@ from sqlalchemy import insert, select, update
 
 from interpq.models import Batch, Job, JobPart, JobState
 from interpq.models.db import get_engine, write
+from interpq.queue.connections import connect
 from interpq.queue.leases import Leases
-from interpq.queue.limiter import redis_for
 from interpq.specs import Noop
 from interpq.worker.events import PartFailed
 from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
@@ -53,9 +53,9 @@ def _job(db_url: str, job_id: str) -> dict:
 def test_deliveries_that_die_are_counted_across_workers(redis_url: str) -> None:
     """A delivery that never releases its lease (its worker was killed) is counted by the next
     one; a delivery that ends normally is not."""
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     job_id = uuid.uuid4().hex
-    workers = [Leases(redis_for(redis_url), lease_s=5.0) for _ in range(5)]
+    workers = [Leases(connect(redis_url), lease_s=5.0) for _ in range(5)]
     assert workers[0].acquire(job_id, 0) == 0
     assert workers[1].acquire(job_id, 0) is None  # a live holder: the copy waits
     for i in range(1, 4):

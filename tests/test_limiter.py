@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from interpq.providers.config import ModelPrice, Provider
-from interpq.queue.limiter import BudgetExceeded, Limiter, redis_for, snapshot
+from interpq.queue.connections import connect
+from interpq.queue.limiter import BudgetExceeded, Limiter, snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,7 +27,7 @@ def provider() -> Provider:
 
 
 def test_reservations_are_paced_at_the_limit(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    lim = Limiter(connect(redis_url), provider, safety_margin=1.0)
     waits = [lim.reserve("m", tokens=1) for _ in range(5)]
     # 600 rpm = one request per 100 ms: slots at 0, .1, .2, ... (minus the time spent reserving)
     for i, w in enumerate(waits):
@@ -34,7 +35,7 @@ def test_reservations_are_paced_at_the_limit(redis_url: str, provider: Provider)
 
 
 def test_tokens_per_minute_can_be_the_binding_limit(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    lim = Limiter(connect(redis_url), provider, safety_margin=1.0)
     first = lim.reserve("m", tokens=500)  # 60k tpm: 500 tokens take 0.5 s of budget
     second = lim.reserve("m", tokens=500)
     assert first == pytest.approx(0.0, abs=0.02)
@@ -44,14 +45,14 @@ def test_tokens_per_minute_can_be_the_binding_limit(redis_url: str, provider: Pr
 
 
 def test_model_limits_apply_besides_the_providers(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)
+    lim = Limiter(connect(redis_url), provider, safety_margin=1.0)
     assert lim.reserve("slow", 1) == pytest.approx(0.0, abs=0.02)
     assert lim.reserve("slow", 1) == pytest.approx(1.0, abs=0.03)  # 60 rpm for this model
 
 
 def test_a_cool_down_delays_every_later_reservation(redis_url: str, provider: Provider) -> None:
-    r = redis_for(redis_url)
-    lim_a, lim_b = Limiter(r, provider), Limiter(redis_for(redis_url), provider)
+    r = connect(redis_url)
+    lim_a, lim_b = Limiter(r, provider), Limiter(connect(redis_url), provider)
     lim_a.cool_down("m", 1.0)
     assert lim_b.reserve("m", 1) == pytest.approx(1.0, abs=0.05)
     assert lim_b.cooldown_remaining("m") > 0.8
@@ -62,7 +63,7 @@ def test_a_cool_down_delays_every_later_reservation(redis_url: str, provider: Pr
 
 
 def test_concurrency_permits_block_and_expire(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider)
+    lim = Limiter(connect(redis_url), provider)
     held = threading.Event()
     release = threading.Event()
 
@@ -101,7 +102,7 @@ def test_concurrency_permits_block_and_expire(redis_url: str, provider: Provider
 
 
 def test_budget_refuses_the_call_that_would_pass_it(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider)
+    lim = Limiter(connect(redis_url), provider)
     batch = uuid.uuid4().hex
     lim.reserve_budget(batch, 0.6, budget_usd=1.0)
     with pytest.raises(BudgetExceeded, match="budget exceeded"):
@@ -142,7 +143,7 @@ def _waits(lim: Limiter, model: str) -> tuple[threading.Thread, threading.Event]
 def test_a_models_max_concurrency_holds_besides_the_providers(
     redis_url: str, provider: Provider
 ) -> None:
-    lim = Limiter(redis_for(redis_url), provider)
+    lim = Limiter(connect(redis_url), provider)
     _, release_one = _holds(lim, "one")  # "one" allows a single call in flight
     t, second_one = _waits(lim, "one")
     assert not second_one.wait(0.5), "a second call of 'one' ran beyond its max_concurrency=1"
@@ -156,7 +157,7 @@ def test_a_models_max_concurrency_holds_besides_the_providers(
 
 
 def test_a_full_provider_blocks_a_model_with_room(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider)
+    lim = Limiter(connect(redis_url), provider)
     releases = [_holds(lim, "m")[1] for _ in range(2)]  # the provider's 2 permits
     t, got = _waits(lim, "one")
     assert not got.wait(0.5), "a call ran beyond the provider's max_concurrency=2"
@@ -169,7 +170,7 @@ def test_a_full_provider_blocks_a_model_with_room(redis_url: str, provider: Prov
 
 
 def test_a_dead_holders_model_lease_expires(redis_url: str, provider: Provider) -> None:
-    lim = Limiter(redis_for(redis_url), provider)
+    lim = Limiter(connect(redis_url), provider)
     keys = [f"interpq:limit:{provider.name}:leases", f"interpq:limit:{provider.name}:one:leases"]
     assert lim._acquire(keys=keys, args=["dead", 0.3, 2, 1]) in (b"ok", "ok")
     t0 = time.monotonic()
@@ -179,7 +180,7 @@ def test_a_dead_holders_model_lease_expires(redis_url: str, provider: Provider) 
 
 
 def test_snapshot_keeps_providers_apart(redis_url: str, provider: Provider) -> None:
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     other = provider.model_copy(update={"name": provider.name + "x"})  # a name it prefixes
     Limiter(r, other).cool_down("m", 5.0)
     assert snapshot(r, provider.name)["cooldown_s"] == {}
@@ -193,7 +194,7 @@ def test_a_call_that_wakes_late_takes_a_new_slot(
     the next slots and overrun a sliding window); it reserves again and waits for that one."""
     import interpq.queue.limiter as limiter_module
 
-    lim = Limiter(redis_for(redis_url), provider, safety_margin=1.0)  # 100 ms per request
+    lim = Limiter(connect(redis_url), provider, safety_margin=1.0)  # 100 ms per request
     assert lim.late_tolerance_s("m") == pytest.approx(0.05)
     lim.reserve("m", 1)  # the slot now is taken: the next call waits ~100 ms
     real_sleep = time.sleep
@@ -218,7 +219,7 @@ def test_a_clock_lives_as_long_as_the_slots_it_has_reserved(
 ) -> None:
     """Calls queued more than the keys' 15-minute TTL ahead must not reset the clock (that
     would let the next calls burst)."""
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     lim = Limiter(r, provider, safety_margin=1.0)
     lim.reserve("m", tokens=1_200_000)  # 60k tpm: 20 minutes of tokens ahead
     ttl_ms = r.pttl(f"interpq:limit:{provider.name}:tat_tok")
@@ -227,7 +228,7 @@ def test_a_clock_lives_as_long_as_the_slots_it_has_reserved(
 
 
 def test_a_held_permit_can_be_renewed(redis_url: str, provider: Provider) -> None:
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     lim = Limiter(r, provider)
     key = f"interpq:limit:{provider.name}:leases"
     with lim.permit(lease_s=1) as renew:

@@ -245,7 +245,8 @@ def provider_activity(client: object) -> list[list[object]]:
     from sqlalchemy import case, func, select
 
     from interpq.models import ApiCall
-    from interpq.queue.limiter import redis_for, snapshot
+    from interpq.queue.connections import redis_client
+    from interpq.queue.limiter import snapshot
     from interpq.settings import get_settings
 
     since = datetime.now(UTC) - timedelta(seconds=60)
@@ -261,7 +262,7 @@ def provider_activity(client: object) -> list[list[object]]:
             .group_by(ApiCall.provider)
         ).all()
     url = get_settings().broker_url
-    r = redis_for(url) if url else None
+    r = redis_client(url) if url else None
     recent = {
         provider: (calls, int(tokens or 0), int(n429 or 0))
         for provider, calls, tokens, n429 in rows

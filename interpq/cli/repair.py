@@ -19,14 +19,14 @@ REPAIR_HELP = (
 def print_stranded(batch_id: str, name: str) -> None:
     """Say when a batch has work nothing runs, and what ``repair`` would do about it."""
     from interpq.models.db import get_engine
-    from interpq.queue.limiter import redis_for
+    from interpq.queue.connections import redis_client
     from interpq.queue.reconcile import survey
     from interpq.settings import get_settings
 
     settings = get_settings()
     if not settings.broker_url:
         return
-    plan = survey(get_engine(settings.resolved_database_url()), redis_for(settings.broker_url),
+    plan = survey(get_engine(settings.resolved_database_url()), redis_client(settings.broker_url),
                   batch_id)  # fmt: skip
     if not plan:
         return
@@ -39,7 +39,7 @@ def print_stranded(batch_id: str, name: str) -> None:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from interpq.models.db import get_engine
-    from interpq.queue.limiter import redis_for
+    from interpq.queue.connections import redis_client
     from interpq.queue.reconcile import repair
     from interpq.scheduler.client import Client
     from interpq.settings import get_settings
@@ -48,7 +48,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if not settings.broker_url:
         raise InterpqError("INTERPQ_BROKER_URL is not set: repair needs the broker")
     batch_id = Client().batch(args.batch).id if args.batch else None
-    plan = repair(get_engine(settings.resolved_database_url()), redis_for(settings.broker_url),
+    plan = repair(get_engine(settings.resolved_database_url()), redis_client(settings.broker_url),
                   settings.broker_url, batch_id, settle_s=args.settle)  # fmt: skip
     lines = plan.describe()
     print("\n".join(f"done: {line}" for line in lines) if lines else "nothing to repair")

@@ -353,13 +353,6 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def redis_for(url: str) -> redis.Redis:
-    """A Redis client for a broker URL (``redis://`` or ``redis+socket://``)."""
-    if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url[len("redis+socket://") :])
-    return redis.Redis.from_url(url)
-
-
 def snapshot(client: redis.Redis, provider: str) -> dict[str, Any]:
     """What the limiter holds now for a provider: calls in flight and any cool-down."""
     now = time.time()

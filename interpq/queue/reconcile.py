@@ -358,12 +358,12 @@ def requeue_unacked(r: Any) -> int:
 def reconcile_task() -> int:
     """Beat's periodic pass (runs on an ``api`` worker)."""
     from interpq.models.db import get_engine
-    from interpq.queue.limiter import redis_for
+    from interpq.queue.connections import redis_client
     from interpq.settings import get_settings
 
     settings = get_settings()
     assert settings.broker_url
-    plan = reconcile(get_engine(), redis_for(settings.broker_url), settings.broker_url)
+    plan = reconcile(get_engine(), redis_client(settings.broker_url), settings.broker_url)
     return len(plan.republish) + len(plan.release) + len(plan.cancel) + len(plan.abandoned)
 
 

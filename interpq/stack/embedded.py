@@ -194,10 +194,10 @@ class Stack:
         no worker of this stack has started yet."""
         import redis
 
-        from interpq.queue.limiter import redis_for
+        from interpq.queue.connections import connect
         from interpq.queue.reconcile import requeue_unacked
 
-        client = redis_for(url)
+        client = connect(url)
 
         def loaded() -> bool:
             try:

@@ -6,8 +6,9 @@ Jobs ask the store for URIs (``uri_for("activations", "shards", name)``), write 
 so an object store (``s3://...``) can be added as another class with the same five methods
 without touching a job.
 
-``put_atomic`` writes into a temporary file under ``<root>/.tmp/`` (named after the writing
-process id) and then renames it into place: a reader (or a worker started after another was
+``put_atomic`` writes through the one atomic writer (``interpq.core.atomic``) into a
+temporary file under ``<root>/.tmp/`` (named after the writing process id) and then renames it
+into place: a reader (or a worker started after another was
 killed) sees either no artifact or a complete one, never a torn file. With
 ``overwrite=False`` the first complete writer wins and later writers keep what is there
 (content-addressed files are written once). ``delete`` removes a file or a folder;
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urljoin, urlparse
 
+from interpq.core.atomic import write_atomic
 from interpq.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class ArtifactStore(Protocol):
     def put_atomic(
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored: ...
+    def put_tree(self, uri: str, write: Callable[[Path], object]) -> str: ...
     def delete(self, uri: str) -> None: ...
     def sweep_temporaries(self) -> int: ...
 
@@ -168,26 +171,39 @@ class FileStore:
         first), keep it and return its digest with ``created=False``.
         """
         final = self.local_path(uri)
-        tmp_dir = self.root / TMP_DIR
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # who wrote it: <pid>-<host>-<random>-<name>
-        tmp = tmp_dir / f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}-{final.name}"
-        try:
+        # who wrote it: <pid>-<host>-<random>-<name> (``sweep_temporaries`` reads it)
+        tmp_name = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}-{final.name}"
+        stored: list[tuple[str, int]] = []
+
+        def write_and_digest(tmp: Path) -> None:
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)
             else:
                 write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest, size = sha256_file(tmp), tmp.stat().st_size
-            created = _publish(tmp, final, overwrite)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            stored.append((sha256_file(tmp), tmp.stat().st_size))
+
+        created = write_atomic(
+            final, write_and_digest, tmp_dir=self.root / TMP_DIR, tmp_name=tmp_name,
+            overwrite=overwrite,
+        )  # fmt: skip
+        digest, size = stored[0]
         if not created:
             digest, size = sha256_file(final), final.stat().st_size
         return Stored(uri, digest, size, created)
+
+    def put_tree(self, uri: str, write: Callable[[Path], object]) -> str:
+        """Write a directory artifact: ``write(tmp_dir)`` fills a temporary directory under
+        ``<root>/.tmp/``, which is then renamed to ``uri`` as a whole (replacing an earlier
+        complete copy). Returns ``uri``."""
+        final = self.local_path(uri)
+        tmp_name = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}-{final.name}"
+
+        def fill(tmp: Path) -> None:
+            tmp.mkdir()
+            write(tmp)
+
+        write_atomic(final, fill, tmp_dir=self.root / TMP_DIR, tmp_name=tmp_name)
+        return uri
 
 
 def _alive(pid: int) -> bool:
@@ -203,22 +219,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:  # no /proc (macOS): kill(0) said it exists
         return True
-
-
-def _publish(tmp: Path, final: Path, overwrite: bool) -> bool:
-    """Make ``tmp`` visible as ``final`` in one step; False if kept an existing ``final``."""
-    if overwrite:
-        os.replace(tmp, final)
-        return True
-    try:
-        os.link(tmp, final)  # fails if ``final`` exists: the first complete writer wins
-    except FileExistsError:
-        return False
-    except OSError:  # a filesystem without hard links
-        if final.exists():
-            return False
-        os.replace(tmp, final)
-    return True
 
 
 def to_local_path(uri_or_path: str | Path) -> Path:

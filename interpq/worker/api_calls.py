@@ -51,7 +51,8 @@ from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.providers import openai_http
 from interpq.providers.config import ModelPrice, Provider, get_provider
-from interpq.queue.limiter import Limiter, redis_for
+from interpq.queue.connections import redis_client
+from interpq.queue.limiter import Limiter
 from interpq.queue.outage import until_back
 from interpq.settings import Settings
 from interpq.worker.context import RunnerContext
@@ -62,6 +63,8 @@ MAX_TURN_S = 30.0
 """A turn also ends after this long (slow or rate-limited calls): a worker told to stop
 (scaling down) then finishes its running parts well within compose's stop_grace_period, and
 their continuations go to other workers."""
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+"""The limiter's Redis when no broker is configured (a runner called outside a stack)."""
 PERMIT_GRACE_S = 30.0
 """A concurrency permit outlives its attempt's timeout by this much (then it lapses)."""
 
@@ -228,7 +231,7 @@ class ApiCaller:
 def make_limiter(provider: Provider, settings: Settings) -> Limiter:
     """The global limiter for ``provider``, on the broker's Redis."""
     margin = provider.safety_margin or settings.safety_margin
-    return Limiter(_redis(settings.broker_url), provider, margin)
+    return Limiter(redis_client(settings.broker_url or DEFAULT_BROKER_URL), provider, margin)
 
 
 def limited_attempt(
@@ -333,12 +336,3 @@ def _record(
 
     # The call is answered (and maybe paid for): wait for the database rather than lose its row
     until_back(insert, f"job {ctx.job_id} part {ctx.part}: recording a call")
-
-
-_redis_clients: dict[str, Any] = {}
-
-
-def _redis(url: str | None) -> Any:
-    if url not in _redis_clients:
-        _redis_clients[url] = redis_for(url or "redis://localhost:6379/0")
-    return _redis_clients[url]

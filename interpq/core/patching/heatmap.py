@@ -6,11 +6,11 @@ display and no global backend state are needed. Per-position head grids get one 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from interpq.core.atomic import write_atomic
 
 from .grid import PatchGrid
 
@@ -25,8 +25,8 @@ def plot_heatmap(
 ) -> Path:
     """Write ``grid.values[metric]`` as a PNG heatmap to ``path``; return the path.
 
-    The image is written to a temporary file in the same folder, then renamed: ``path`` never
-    holds a half-written PNG."""
+    The image is written atomically (``interpq.core.atomic``): ``path`` never holds a
+    half-written PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -72,13 +72,5 @@ def plot_heatmap(
         fontsize=10,
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

@@ -1,4 +1,4 @@
-"""Atomic checkpoint files: write to a temporary file, fsync, then ``os.replace``.
+"""Atomic checkpoint files (``interpq.core.atomic``: temporary file, fsync, rename).
 
 A reader (or a worker restarted after being killed) sees either the previous complete
 checkpoint or the new complete one, never a torn file. What goes into a checkpoint is
@@ -7,30 +7,14 @@ decided by ``trainer.py``; this module only moves a dict of tensors and plain va
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from interpq.core.atomic import write_atomic
+
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:

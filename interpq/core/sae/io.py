@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import write_atomic
+from interpq.core.atomic import write_atomic
+
 from .config import SCHEMA_VERSION, SAEConfig
 from .metrics import FORMULAS
 from .sparse_coder import SparseAutoencoder

@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .checkpoint import write_atomic
+from interpq.core.atomic import write_atomic
+
 from .metrics import FORMULAS, density_histogram
 
 CURVE_PANELS: tuple[tuple[str, str], ...] = (

@@ -4,7 +4,7 @@ A part reads its shard's texts, computes the shard's cache key (sha256 of the mo
 weights hash or hub revision, the hook points, the settings and the texts) and looks for
 ``activations/shards/<key[:2]>/<key>.safetensors`` in the artifact store. If it is there (and
 matches the sha256 recorded for it), the part is a cache hit: nothing is computed or paid for.
-Otherwise the part takes the shard's compute lock (``interpq.queue.shard_locks``; a part that
+Otherwise the part takes the shard's compute lock (``interpq.queue.leases``; a part that
 finds it held waits, then reuses the finished shard), and a local model runs forward (``interpq.core.extraction``) or the provider's
 ``/v1/embeddings`` is called with ``api_batch_size`` texts per request, and the shard is
 written to a temporary file and renamed into place. Every part records its shard in the
@@ -43,8 +43,8 @@ from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.models.tables import Artifact, Job
 from interpq.providers import openai_http
-from interpq.queue.limiter import estimate_tokens, redis_for
-from interpq.queue.shard_locks import StillLocked, computing
+from interpq.queue.leases import StillLocked, leases_for
+from interpq.queue.limiter import estimate_tokens
 from interpq.specs import Extract
 from interpq.store.artifacts import ArtifactStore, Stored, relative, sha256_file
 from interpq.store.datasets import (
@@ -208,9 +208,6 @@ def _hit_or_compute(
     return _hit(store, found, key, meta)
 
 
-_redis_clients: dict[str, Any] = {}
-
-
 @contextmanager
 def _compute_lock(ctx: RunnerContext, key: str) -> Iterator[None]:
     """The shard's compute lock in the broker's Redis (none without a broker: one process)."""
@@ -218,11 +215,9 @@ def _compute_lock(ctx: RunnerContext, key: str) -> Iterator[None]:
     if not settings.broker_url:
         yield
         return
-    client = _redis_clients.get(settings.broker_url)
-    if client is None:
-        client = _redis_clients[settings.broker_url] = redis_for(settings.broker_url)
+    leases = leases_for(settings.broker_url, settings.part_lease_s)
     try:
-        with computing(client, key, lock_s=settings.part_lease_s, wait_s=SHARD_WAIT_S):
+        with leases.holding(key, wait_s=SHARD_WAIT_S):
             yield
     except StillLocked:  # only raised before the body runs: go to the back of the queue
         raise YieldTurn(f"shard {key[:12]} is still computed by another worker") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +51,13 @@ def _model(name: str, device: str) -> Any:
     return _models[key]
 
 
-def _dir(ctx: RunnerContext) -> Path:
-    store = ctx.store
-    path = Path(store.local_path(store.uri_for(PATCH_DIR, ctx.job_id)))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _uri(ctx: RunnerContext, *name: str) -> str:
+    """The URI of one of the job's files: the store names it."""
+    return ctx.store.uri_for(PATCH_DIR, ctx.job_id, *name)
+
+
+def _put(ctx: RunnerContext, uri: str, text: str) -> None:
+    ctx.store.put_atomic(uri, text.encode())  # visible only complete
 
 
 def run_part(ctx: RunnerContext, spec: Patch) -> None:
@@ -85,13 +86,7 @@ def run_part(ctx: RunnerContext, spec: Patch) -> None:
         )  # fmt: skip
     except (PatchingInputError, LayoutError, ValueError) as exc:
         raise PermanentJobError(f"{type(exc).__name__}: {exc}") from None
-    _write_whole(_dir(ctx) / f"part-{ctx.part}.json", grid.to_json())
-
-
-def _write_whole(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # visible only complete
+    _put(ctx, _uri(ctx, f"part-{ctx.part}.json"), grid.to_json())
 
 
 def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any]:
@@ -100,22 +95,25 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any
     from interpq.core.patching import plot_heatmap
     from interpq.core.patching.grid import PatchGrid
 
-    root = _dir(ctx)
-    grids = [PatchGrid.from_json((root / f"part-{p}.json").read_text())
-             for p in range(ctx.n_parts) if (root / f"part-{p}.json").exists()]  # fmt: skip
+    store = ctx.store
+    parts = [_uri(ctx, f"part-{p}.json") for p in range(ctx.n_parts)]
+    grids = [PatchGrid.from_json(store.local_path(u).read_text())
+             for u in parts if store.exists(u)]  # fmt: skip
     grid = PatchGrid.merge(grids) if len(grids) > 1 else grids[0]
-    grid_path = root / "grid.json"
-    _write_whole(grid_path, grid.to_json())
-    rows_path = root / "rows.jsonl"  # one row per patch: layer, position, token, head, metrics
-    _write_whole(rows_path, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
-    png = plot_heatmap(grid, root / "heatmap.png", metric=spec.heatmap_metric(grid),
+    grid_uri = _uri(ctx, "grid.json")
+    _put(ctx, grid_uri, grid.to_json())
+    rows_uri = _uri(ctx, "rows.jsonl")  # one row per patch: layer, position, token, head, metrics
+    _put(ctx, rows_uri, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
+    png = _uri(ctx, "heatmap.png")
+    plot_heatmap(grid, store.local_path(png),
+                       metric=spec.heatmap_metric(grid),
                        title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
     rows = [
-        {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_path.as_uri(),
+        {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_uri,
          "meta": {"component": spec.component, "method": "activation patching"}},
-        {"job_id": ctx.job_id, "kind": "patch_rows", "uri": rows_path.as_uri(),
+        {"job_id": ctx.job_id, "kind": "patch_rows", "uri": rows_uri,
          "meta": {"what": "one JSON line per patch", "n_rows": int(np.prod(grid.shape))}},
-        {"job_id": ctx.job_id, "kind": "plot", "uri": Path(png).as_uri(),
+        {"job_id": ctx.job_id, "kind": "plot", "uri": png,
          "meta": {"what": "patching heatmap"}},
     ]  # fmt: skip
     insert_ignore(conn, Artifact.__table__, rows)
@@ -131,9 +129,9 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any
         "corrupted": grid.corrupted,
         "n_forward_passes": grid.n_forward_passes,
         "correlation_with_exact": grid.correlation,
-        "heatmap": Path(png).as_uri(),
-        "grid": grid_path.as_uri(),
-        "rows": rows_path.as_uri(),
+        "heatmap": png,
+        "grid": grid_uri,
+        "rows": rows_uri,
     }
 
 
@@ -152,19 +150,17 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
 
     provider_name, model = spec.model.split(":", 1)
     calls = ApiCaller(ctx, resolve(ctx, provider_name, model), API_POLICY)
-    responses = _dir(ctx) / "responses"
     indices = itertools.count()  # requests in the spec's fixed order: stable across runs
 
     def logprobs_fn(prompt: str) -> dict[str, float]:
         index = next(indices)
-        saved = responses / f"{index:06d}.json"
-        if saved.exists():  # answered in an earlier run of this part: not paid for again
-            body = dict(json.loads(saved.read_text()))
+        saved = _uri(ctx, "responses", f"{index:06d}.json")
+        if ctx.store.exists(saved):  # answered in an earlier run of this part: not paid again
+            body = dict(json.loads(ctx.store.local_path(saved).read_text()))
         else:
             payload = logprobs_request(model, prompt, spec.endpoint, spec.top_logprobs)
             body = calls.answer(index, spec.endpoint, payload, (estimate_tokens(prompt), 1))
-            responses.mkdir(parents=True, exist_ok=True)
-            _write_whole(saved, json.dumps(body))
+            _put(ctx, saved, json.dumps(body))
         try:
             return read_top_logprobs(body, spec.endpoint)
         except MissingLogprobsError as exc:
@@ -178,12 +174,12 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
         )
         comparisons.append(compare_prompts(clean, corrupted, str(answer), logprobs_fn,
                                            wrong_answer=None if wrong is None else str(wrong)))  # fmt: skip
-    path = _dir(ctx) / "counterfactual.json"
+    uri = _uri(ctx, "counterfactual.json")
     payload = [json.loads(c.to_json()) for c in comparisons]
-    _write_whole(path, json.dumps(payload, default=str, indent=1))
+    _put(ctx, uri, json.dumps(payload, default=str, indent=1))
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, [
-            {"job_id": ctx.job_id, "kind": "counterfactual_comparison", "uri": path.as_uri(),
+            {"job_id": ctx.job_id, "kind": "counterfactual_comparison", "uri": uri,
              "meta": {"method": "counterfactual prompt comparison"}}])  # fmt: skip
     ctx.extra["result"] = {
         "method": "counterfactual prompt comparison (not activation patching)",
@@ -191,5 +187,5 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
         "top-k are reported as missing",
         "endpoint": openai_http.PATHS[spec.endpoint],
         "n_pairs": len(comparisons),
-        "artifact": path.as_uri(),
+        "artifact": uri,
     }

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -31,6 +27,7 @@ from interpq.models import Artifact, Job
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
 from interpq.specs import Ref, TrainSAE
+from interpq.store.artifacts import ArtifactStore
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
@@ -58,17 +55,6 @@ def dataset_uri(ctx: RunnerContext, spec: TrainSAE) -> str:
             f"activations: job @{spec.activations.job} recorded no activation dataset"
         )
     return str(uri)
-
-
-def _save_dir_atomic(store_root: Path, final: Path, write_into: Any) -> None:
-    """Write a directory under a temporary name, then rename it into place."""
-    tmp = store_root / ".tmp" / f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    write_into(tmp)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # a redelivered job: replace the earlier complete copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 EVALUATION = (
@@ -116,9 +102,9 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
             f"{train_ds.n_rows} training rows{held}; lower batch_size"
         )
     store = ctx.store
-    root = store.local_path(store.uri_for(SAE_DIR, ctx.job_id))
-    results = train_many(train_ds, configs, checkpoint_dir=root / "checkpoints", progress=False,
-                         callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
+    checkpoints = store.uri_for(SAE_DIR, ctx.job_id, "checkpoints")
+    results = train_many(train_ds, configs, checkpoint_dir=store.local_path(checkpoints),
+                         progress=False, callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
     summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
@@ -132,14 +118,12 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         evaluation = evaluate(res.sae, eval_ds.iter_batches(4096))
         down = downstream[i] if isinstance(downstream, list) else {}
         stored = {**evaluation.as_dict(), **_train_window(res), **down}
-        entry, files = _outputs(
-            ctx, store, root, label, uri, ds, res, (evaluation, what), stored, texts
-        )
+        entry, files = _outputs(ctx, store, label, uri, ds, res, (evaluation, what), stored, texts)
         summary["saes"].append(entry)
         rows += files
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
-    store.delete((root / "checkpoints").as_uri())  # every SAE is saved and recorded
+    store.delete(checkpoints)  # every SAE is saved and recorded
     ctx.extra["result"] = summary
 
 
@@ -174,7 +158,7 @@ def _train_window(res: Any) -> dict[str, float]:
 
 
 def _outputs(
-    ctx: RunnerContext, store: Any, root: Path, label: str, uri: str, ds: Any, res: Any,
+    ctx: RunnerContext, store: ArtifactStore, label: str, uri: str, ds: Any, res: Any,
     evaluated: tuple[Any, str], stored: dict[str, Any], texts: list[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
@@ -190,31 +174,32 @@ def _outputs(
         top_activating_examples,
     )
 
-    out = root / label
+    def artifact(name: str) -> str:  # the store names every file of the job
+        return store.uri_for(SAE_DIR, ctx.job_id, name)
+
     meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri,
             "evaluation": what}  # fmt: skip
-    _save_dir_atomic(
-        Path(store.local_path(store.uri_for())),
-        out,
-        lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta),
+    out = store.put_tree(
+        artifact(label), lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta)
     )
-    curves_json = root / f"{label}-curves.json"
-    store.put_atomic(curves_json.as_uri(), json.dumps({"label": label, **res.curves}).encode())
-    curves = plot_training_curves(  # plots are written to a temporary file, then renamed
-        res.curves, root / f"{label}-curves.png", title=label,
+    curves_json = artifact(f"{label}-curves.json")
+    store.put_atomic(curves_json, json.dumps({"label": label, **res.curves}).encode())
+    curves, density = artifact(f"{label}-curves.png"), artifact(f"{label}-density.png")
+    plot_training_curves(  # plots are written atomically (interpq.core.atomic)
+        res.curves, store.local_path(curves), title=label,
         dead_window_tokens=res.config.dead_window_tokens,
     )  # fmt: skip
-    density = plot_density_histogram(
-        evaluation.fire_counts, evaluation.n_tokens, root / f"{label}-density.png",
+    plot_density_histogram(
+        evaluation.fire_counts, evaluation.n_tokens, store.local_path(density),
         title=f"{label}: evaluation over {evaluation.n_tokens} rows"
         + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
     )  # fmt: skip
     tops = top_activating_examples(
         res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES
     )
-    tops_json = root / f"{label}-top-examples.json"
+    tops_json = artifact(f"{label}-top-examples.json")
     compact = json.dumps(compact_top_examples(tops, texts), separators=(",", ":"))
-    store.put_atomic(tops_json.as_uri(), compact.encode())
+    store.put_atomic(tops_json, compact.encode())
     readable = {
         str(f): [
             {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
@@ -225,18 +210,20 @@ def _outputs(
     }  # fmt: skip
     entry = {
         "label": label,
-        "uri": out.as_uri(),
+        "uri": out,
         **stored,
         "formulas": {k: FORMULAS[k] for k in stored if k in FORMULAS},
         "top_examples": readable,
-        "top_examples_uri": tops_json.as_uri(),
-        "curves_uri": curves_json.as_uri(),
+        "top_examples_uri": tops_json,
+        "curves_uri": curves_json,
     }
     rows = [
-        {"job_id": ctx.job_id, "kind": kind, "uri": Path(path).as_uri(),
+        {"job_id": ctx.job_id, "kind": kind, "uri": artifact_uri,
          "meta": {"label": label, **({"fvu": stored["fvu"]} if kind == "sae" else {})}}
-        for kind, path in (("sae", out), ("plot", curves), ("plot", density),
-                           ("training_curves", curves_json), ("top_examples", tops_json))
+        for kind, artifact_uri in (
+            ("sae", out), ("plot", curves), ("plot", density),
+            ("training_curves", curves_json), ("top_examples", tops_json),
+        )
     ]  # fmt: skip
     return entry, rows
 
