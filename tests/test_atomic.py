@@ -40,8 +40,9 @@ def test_a_directory_is_renamed_into_place_whole(tmp_path: Path) -> None:
     def save(files: dict[str, str]):  # type: ignore[no-untyped-def]
         return lambda tmp: [(tmp / k).write_text(v) for k, v in files.items()]
 
-    assert store.put_tree(uri, save({"cfg.json": "{}", "w.bin": "1"})) == uri
-    store.put_tree(uri, save({"cfg.json": "{2}"}))  # a redelivered job: the new copy replaces
+    assert store.put_tree(uri, save({"cfg.json": "{}", "w.bin": "1"}))
+    assert not store.put_tree(uri, save({"x": "1"}), overwrite=False)  # the first copy stays
+    assert store.put_tree(uri, save({"cfg.json": "{2}"}))  # a redelivered job: replaced
     final = store.local_path(uri)
     assert sorted(p.name for p in final.iterdir()) == ["cfg.json"]
     assert (final / "cfg.json").read_text() == "{2}"

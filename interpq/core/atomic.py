@@ -35,8 +35,8 @@ def write_atomic(
     """Make ``path`` appear complete: ``write`` into a temporary ``tmp_dir/tmp_name``
     (default: a hidden name beside ``path``), fsync a file, then rename it to ``path``.
 
-    ``overwrite=False``: if a complete file is already at ``path`` (another writer finished
-    first), keep it. Returns False when it kept an existing file, else True. The temporary
+    ``overwrite=False``: if a complete file (or directory) is already at ``path`` (another
+    writer finished first), keep it. Returns False when it kept an existing file, else True. The temporary
     is removed whatever happens.
     """
     path = Path(path)
@@ -52,8 +52,7 @@ def write_atomic(
         else:
             write(tmp)
         if tmp.is_dir():
-            _replace_dir(tmp, path)
-            return True
+            return _publish_dir(tmp, path, overwrite)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         return _publish(tmp, path, overwrite)
@@ -81,8 +80,17 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> bool:
     return True
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename the directory ``tmp`` to ``final``, replacing an earlier complete copy."""
-    if final.exists():  # a redelivered job: the earlier copy was complete too
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+def _publish_dir(tmp: Path, final: Path, overwrite: bool) -> bool:
+    """Rename the directory ``tmp`` to ``final``; an earlier complete copy is replaced
+    (``overwrite``) or kept (False returned)."""
+    if final.exists():
+        if not overwrite:
+            return False
+        shutil.rmtree(final)  # a redelivered job: the earlier copy was complete too
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another writer's complete copy appeared meanwhile
+        if overwrite or not final.exists():
+            raise
+        return False
+    return True

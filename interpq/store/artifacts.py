@@ -71,7 +71,9 @@ class ArtifactStore(Protocol):
     def put_atomic(
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored: ...
-    def put_tree(self, uri: str, write: Callable[[Path], object]) -> str: ...
+    def put_tree(
+        self, uri: str, write: Callable[[Path], object], *, overwrite: bool = True
+    ) -> bool: ...
     def delete(self, uri: str) -> None: ...
     def sweep_temporaries(self) -> int: ...
 
@@ -191,10 +193,12 @@ class FileStore:
             digest, size = sha256_file(final), final.stat().st_size
         return Stored(uri, digest, size, created)
 
-    def put_tree(self, uri: str, write: Callable[[Path], object]) -> str:
+    def put_tree(
+        self, uri: str, write: Callable[[Path], object], *, overwrite: bool = True
+    ) -> bool:
         """Write a directory artifact: ``write(tmp_dir)`` fills a temporary directory under
-        ``<root>/.tmp/``, which is then renamed to ``uri`` as a whole (replacing an earlier
-        complete copy). Returns ``uri``."""
+        ``<root>/.tmp/``, which is then renamed to ``uri`` as a whole, replacing an earlier
+        complete copy (``overwrite=False``: keeping it). False when it kept one."""
         final = self.local_path(uri)
         tmp_name = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}-{final.name}"
 
@@ -202,8 +206,9 @@ class FileStore:
             tmp.mkdir()
             write(tmp)
 
-        write_atomic(final, fill, tmp_dir=self.root / TMP_DIR, tmp_name=tmp_name)
-        return uri
+        return write_atomic(
+            final, fill, tmp_dir=self.root / TMP_DIR, tmp_name=tmp_name, overwrite=overwrite
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -191,17 +191,8 @@ def build_records(s: _Setup, spec: FeatureRecords) -> None:
     meta = {"sae": s.sae_dir.as_uri(), "dataset": s.dataset_uri, "hook": s.ds.hook,
             "model": s.ds.manifest.model}  # fmt: skip
     records = finish(merged, spec.records, _token_strings(s.ds.manifest), meta)
-    tmp = s.store.local_path(s.store.uri_for(".tmp", f"records-{s.key}-{id(records)}"))
-    records.save(tmp)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(final)  # atomic; a directory already there (another writer) is complete
-    except OSError:
-        if not (final / "index.json").is_file():
-            raise
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # renamed into place whole; a directory already there (another writer's) is complete
+    s.store.put_tree(s.records_uri, records.save, overwrite=False)
 
 
 def _token_strings(manifest: Any) -> Any:

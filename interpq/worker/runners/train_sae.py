@@ -179,9 +179,8 @@ def _outputs(
 
     meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri,
             "evaluation": what}  # fmt: skip
-    out = store.put_tree(
-        artifact(label), lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta)
-    )
+    out = artifact(label)
+    store.put_tree(out, lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta))
     curves_json = artifact(f"{label}-curves.json")
     store.put_atomic(curves_json, json.dumps({"label": label, **res.curves}).encode())
     curves, density = artifact(f"{label}-curves.png"), artifact(f"{label}-density.png")
