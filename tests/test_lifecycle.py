@@ -18,7 +18,7 @@ from sqlalchemy import insert, select, update
 from interpq.models import Batch, Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.queue.connections import connect
-from interpq.queue.leases import Leases
+from interpq.queue.leases import Leases, StillLocked
 from interpq.specs import Noop
 from interpq.worker.events import PartFailed
 from interpq.worker.lifecycle import MAX_WORKER_DEATHS, _run
@@ -67,6 +67,30 @@ def test_deliveries_that_die_are_counted_across_workers(redis_url: str) -> None:
     assert workers[4].acquire(job_id, 0) == 3
     workers[4].release(job_id, 0)
     assert r.get(Leases.key(job_id, 0)) is None
+
+
+def test_one_lease_mechanism_for_run_leases_and_compute_locks(redis_url: str) -> None:
+    """Renewal extends only what is still ours and takes back what Redis lost; a compute lock
+    is the same kind of lease, waited for by others and given back after its body."""
+    r = connect(redis_url)
+    a, b = Leases(connect(redis_url), lease_s=5.0), Leases(connect(redis_url), lease_s=5.0)
+    job_id, name = uuid.uuid4().hex, uuid.uuid4().hex
+    assert a.acquire(job_id, 0) == 0 and b.acquire(job_id, 0) is None
+    r.delete(Leases.key(job_id, 0))  # Redis lost it (restarted without it)
+    assert a.renew() == 1 and 0 < r.pttl(Leases.key(job_id, 0)) <= 5000
+    assert b.acquire(job_id, 0) is None and b.renew() == 0
+    with a.holding(name, wait_s=1.0) as waited:
+        assert not waited
+        with pytest.raises(StillLocked), b.holding(name, wait_s=0.3):
+            pytest.fail("the body runs only under the lock")
+        r.set(f"interpq:shard:{name}", "someone else")  # another holder's value now
+        assert a.renew() == 0, "a lease no longer ours is not extended"
+        r.set(f"interpq:shard:{name}", a._held[f"interpq:shard:{name}"])
+    assert r.get(f"interpq:shard:{name}") is None
+    with b.holding(name, wait_s=0.3) as waited:
+        assert not waited
+    a.release(job_id, 0)
+    assert r.get(Leases.key(job_id, 0)) is None and not a._held and not b._held
 
 
 def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(env: str) -> None:
