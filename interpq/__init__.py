@@ -20,7 +20,19 @@ from interpq.errors import (
     SpecError,
 )
 from interpq.scheduler import Batch, BatchStatus, Client, JobResult, LatencyRow, load_batch_file
-from interpq.specs import BatchSpec, Benchmark, Extract, JobSpec, Noop, Patch, Ref, TrainSAE
+from interpq.specs import (
+    BatchSpec,
+    Benchmark,
+    Explain,
+    Extract,
+    FeatureRecords,
+    JobSpec,
+    Noop,
+    Patch,
+    Ref,
+    Score,
+    TrainSAE,
+)
 
 __version__ = "0.1.0"
 
@@ -32,7 +44,9 @@ __all__ = [
     "Client",
     "ConfigError",
     "EnqueueError",
+    "Explain",
     "Extract",
+    "FeatureRecords",
     "InterpqError",
     "JobError",
     "JobResult",
@@ -44,6 +58,7 @@ __all__ = [
     "PermanentJobError",
     "Ref",
     "RetryableJobError",
+    "Score",
     "SpecError",
     "TrainSAE",
     "load_batch_file",

@@ -33,6 +33,7 @@ SCRIPT = {"rules": [
     {"match": "^\nExample 1:", "model": "judge", "replies": ["Hmm, hard to say."]},
     {"match": "could not be read", "model": "judge", "replies": [f"[EXPLANATION]: {EXPLANATION}"]},
     {"match": "", "model": "mute", "replies": ["No idea."]},
+    {"match": "", "model": "slow", "replies": ["[EXPLANATION]: Slowly explained."]},
 ]}  # fmt: skip
 
 
@@ -42,6 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     f.write_text(
         '[providers.local.models."judge"]\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n'
         '[providers.local.models."mute"]\ninput_usd_per_mtok = 5.0\noutput_usd_per_mtok = 5.0\n'
+        '[providers.local.models."slow"]\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n'
     )
     env = {"INTERPQ_PROVIDERS": str(f), "INTERPQ_VISIBILITY_TIMEOUT_S": "4",
            "INTERPQ_PART_LEASE_S": "3"}  # fmt: skip
@@ -254,3 +256,40 @@ def test_a_running_batch_stops_cleanly_at_its_budget(stack: Stack) -> None:
     assert 0 < spent <= budget
     rows = job.explanations()
     assert 0 < len(rows) < 20 and all(r.n_answers == 4 for r in rows)
+
+
+def test_explaining_resumes_after_its_worker_is_killed(stack: Stack) -> None:
+    """SIGKILL the worker explaining features mid-way: the redelivered part finishes on the
+    other worker; every feature is explained once and no successful call is paid twice (each
+    paid answer is one llm_cache row; the redelivery replays them from there)."""
+    import signal
+    import time
+
+    requests.post(_root(stack) + "/faults", json={"added_latency_ms": 150}, timeout=10)
+    try:
+        spec = Explain(name="slow", records=_RECORDS["uri"], provider="local", model="slow",
+                       densest=24, parts=1, requests_per_turn=1000)  # fmt: skip
+        batch = _client(stack).submit([spec], name="killed")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (job,) = batch.results()
+            if job.worker and len(job.explanations()) >= 5:
+                break
+            time.sleep(0.1)
+        assert 5 <= len(job.explanations()) < 24, "the job was not caught mid-way"
+        victim = next(p for p in stack.procs if p.name == f"worker-{job.worker.split('@')[0]}")
+        os.killpg(victim.popen.pid, signal.SIGKILL)
+        status = batch.wait(timeout_s=120)
+    finally:
+        requests.post(_root(stack) + "/faults", json={"added_latency_ms": 0}, timeout=10)
+    (done,) = batch.results()
+    assert status.counts == {"succeeded": 1}, done.error
+    assert done.attempts == 2 and done.worker != job.worker
+    rows = done.explanations()
+    assert len(rows) == 24 == len({r.feature for r in rows})
+    assert all(r.status == "ok" and r.model == "slow" for r in rows)
+    with _engine(stack).connect() as conn:
+        calls = conn.execute(select(ApiCall.__table__).where(ApiCall.job_id == done.job_id)).all()
+        paid = conn.execute(select(LlmCache.__table__).where(LlmCache.job_id == done.job_id)).all()
+    ok = [c for c in calls if c.status_code == 200]
+    assert len(ok) == len(paid) == 24, (len(ok), len(paid))

@@ -141,6 +141,7 @@ class RequestStats:
             self._sent: deque[float] = deque()
             self._max_sent = 0
             self._first_unix_s: float | None = None
+            self._last_unix_s: float | None = None
             self._last_ok_unix_s: float | None = None
 
     def on_receive(self, now_s: float) -> None:
@@ -156,13 +157,16 @@ class RequestStats:
 
     def record(self, path: str, status: int, t_unix_s: float) -> None:
         """A request that arrived at ``t_unix_s`` is answered ``status`` (0: closed without a
-        response, a hang); ``first_unix_s`` and ``last_ok_unix_s`` are arrival times."""
+        response, a hang); ``first_unix_s``, ``last_unix_s`` (any status) and
+        ``last_ok_unix_s`` are arrival times."""
         with self._lock:
             self._by_path[path] += 1
             self._by_status[status] += 1
             self._recent.append((t_unix_s, status))
             if self._first_unix_s is None or t_unix_s < self._first_unix_s:
                 self._first_unix_s = t_unix_s
+            if (self._last_unix_s or 0.0) < t_unix_s:
+                self._last_unix_s = t_unix_s
             if status == 200 and (self._last_ok_unix_s or 0.0) < t_unix_s:
                 self._last_ok_unix_s = t_unix_s
 
@@ -177,6 +181,7 @@ class RequestStats:
                 "max_accepted_in_1s": self._max_in_window,
                 "max_sent_in_1s": self._max_sent,
                 "first_unix_s": self._first_unix_s,
+                "last_unix_s": self._last_unix_s,
                 "last_ok_unix_s": self._last_ok_unix_s,
                 "recent": [[t, status] for t, status in self._recent],
             }

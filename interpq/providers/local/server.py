@@ -11,7 +11,7 @@ Beyond OpenAI, for tests, demos and benchmarks of rate limiters and retries:
 - ``GET /health`` → ``{"ok": true}`` (never needs the API key).
 - ``GET /stats`` → counts of ``/v1`` requests by path and status, ``n_429``,
   ``max_accepted_in_1s`` (the most requests let through in any sliding 1-second window),
-  ``max_sent_in_1s`` (the most received, 429s included), ``first_unix_s``/``last_ok_unix_s``
+  ``max_sent_in_1s`` (the most received, 429s included), ``first_unix_s``/``last_unix_s``/``last_ok_unix_s``
   and ``recent`` ``[t_unix_s, status]`` pairs (status 0: closed without a response);
   ``POST /stats/reset`` clears them.
 - ``GET /faults`` / ``POST /faults`` read / change the fault settings at runtime, e.g.
