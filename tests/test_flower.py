@@ -91,7 +91,7 @@ def test_flower_shows_failure_batch_names_progress_busy_worker_and_cancelled(
         time.sleep(0.5)
     assert "failure" in seen, f"no FAILURE for the failed job; Flower has {tasks}"
     (failed,) = [r for r in batch.results() if r.name == "bad"]
-    assert failed.state == "failed" and "lower batch_size" in failed.error
+    assert failed.state == "failed" and "set batch_size: 256" in failed.error
     assert failed.error in seen["failure"]["exception"]  # the job's one-line error
     info = _get(stack, f"/api/task/info/{seen['failure']['uuid']}")
     assert info["state"] == "FAILURE" and name in info["kwargs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
-from interpq.specs import Extract, Patch, TrainSAE
+from interpq.specs import Extract, Noop, Patch, TrainSAE
 from interpq.stack.embedded import Stack
 from interpq.store.artifacts import to_local_path
+from interpq.worker.runners.train_sae import suggest_batch_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -108,10 +110,17 @@ def test_bad_science_specs_are_refused_naming_the_field(stack: Stack) -> None:
     client = _client(stack)
     with pytest.raises(SpecError, match=r"refers to @missing"):
         client.submit([TrainSAE(activations="@missing")])
-    batch = client.submit([TrainSAE(name="nodata", activations="/nonexistent/manifest.json")])
-    batch.wait(timeout_s=60)
-    (r,) = batch.results()
-    assert r.state == "failed" and r.error.startswith("activations: ")
+    with pytest.raises(SpecError, match=r"activations: 'act' is neither .* write '@act'"):
+        client.submit([Noop(name="act"), TrainSAE(name="sae", activations="act")])
+    with pytest.raises(SpecError, match=r"activations: '/nonexistent/manifest.json' is neither"):
+        client.submit([TrainSAE(name="nodata", activations="/nonexistent/manifest.json")])
+    for model in ("tiny-gpt2-randomweights", "./no/such/model"):  # refused at once, no hub wait
+        t0 = time.monotonic()
+        with pytest.raises(SpecError, match=r"jobs\[0\] \(p\)\.model: .*tiny-gpt2-random-weights"):
+            client.submit([Patch(name="p", model=model, clean=["a b"], corrupted=["a c"])])
+        assert time.monotonic() - t0 < 5
+    with pytest.raises(SpecError, match=r"did you mean 'tiny-gpt2-random-weights'"):
+        client.submit([Extract(model="tiny-gpt2-randomweights", texts=["a"], layers=[0])])
 
 
 def test_api_models_get_a_counterfactual_prompt_comparison_named_so(stack: Stack) -> None:
@@ -338,16 +347,26 @@ def test_patch_jobs_chunked_attribution_options_and_methods_in_the_report(stack:
 def test_a_dataset_smaller_than_one_batch_is_refused_naming_batch_size(stack: Stack) -> None:
     acts = Extract(name="few", model="all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings",
                    n_texts=3, layers=[3], hooks=["resid_post"])  # fmt: skip
-    batch = _client(stack).submit([acts, TrainSAE(name="sae", activations=acts)], name="few")
+    fit = TrainSAE(name="fit", activations=acts, fit_batch_size=True, k=4, expansion_factor=2,
+                   downstream_texts=0)  # fmt: skip
+    batch = _client(stack).submit([acts, TrainSAE(name="sae", activations=acts), fit], name="few")
     batch.wait(timeout_s=120)
     res = {r.name: r for r in batch.results()}
     assert res["few"].state == "succeeded", res["few"].error
     n_rows = res["few"].result["n_rows"]
     assert res["sae"].state == "failed"
+    size = suggest_batch_size(n_rows)
     assert res["sae"].error == (
-        f"invalid SAE settings: batch_size 4096 is more than the dataset's {n_rows} training "
-        "rows; lower batch_size"
+        f"batch_size: 4096 is more than the dataset's {n_rows} training rows; set batch_size: "
+        f"{size} (8 steps per pass), or fit_batch_size: true to let the worker choose"
     )
+    assert res["fit"].state == "succeeded", res["fit"].error
+    assert res["fit"].result["batch_size_fitted"] == (
+        f"batch_size 4096 lowered to {size} ({n_rows} training rows)"
+    )
+    (sae,) = res["fit"].result["saes"]  # one pass of 8+ steps: a point per step to draw
+    curves = json.loads(to_local_path(sae["curves_uri"]).read_text())
+    assert len(curves["fvu"]) == sae["n_steps"] >= 8
 
 
 def test_the_demo_science_jobs_run_and_are_summarised(stack: Stack) -> None:

@@ -24,6 +24,7 @@ from interpq.models.db import get_engine, write
 from interpq.providers.config import load_providers
 from interpq.queue.publish import Dispatch, cancel_jobs, publish
 from interpq.scheduler.batch import Batch
+from interpq.scheduler.checks import check_resources
 from interpq.scheduler.estimate import check_budget
 from interpq.settings import Settings, get_settings
 from interpq.specs import SPEC_TYPES, BatchOptions, BatchSpec, JobSpec, SubmitContext
@@ -80,6 +81,7 @@ def _order_and_check(specs: Sequence[JobSpec], ctx: SubmitContext) -> None:
                 raise SpecError(f"jobs[{i}] ({spec.name}): refers to itself")
         try:
             spec.check(ctx)
+            check_resources(spec, names)
         except ConfigError as exc:  # e.g. MissingApiKey: already one line, names the variable
             raise SpecError(f"jobs[{i}] ({spec.name}): {exc}") from None
         except ValueError as exc:

@@ -34,7 +34,11 @@ class TrainSAE(JobSpec):
     lr: float | None = Field(default=None, gt=0)
     """Adam learning rate (default: scaled by 1/sqrt(d_sae / 16384), as sparsify does)."""
     batch_size: int = Field(default=4096, ge=1)
-    """Rows per step."""
+    """Rows per step. A dataset with fewer training rows fails the job with a suggested value,
+    unless ``fit_batch_size``."""
+    fit_batch_size: bool = False
+    """Lower ``batch_size`` to fit a dataset smaller than it (the largest power of two giving
+    8 steps per pass); the result says so (``batch_size_fitted``)."""
     n_steps: int | None = Field(default=None, ge=1)
     """Training steps; unset: ``n_epochs`` passes over the data."""
     n_epochs: float = Field(default=1.0, gt=0)

@@ -90,17 +90,14 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         ds = ActivationDataset.open(uri, spec.hook)
     except DatasetError as exc:
         raise PermanentJobError(f"activations: {exc}") from None
+    train_ds, eval_ds, what = _split(ds, spec)
+    spec, fitted = _fit_batch_size(
+        spec, train_ds.n_rows, eval_ds.n_rows if eval_ds is not ds else None
+    )
     try:
         configs = spec.configs(d_in=ds.d)
     except ValueError as exc:
         raise PermanentJobError(f"invalid SAE settings: {exc}") from None
-    train_ds, eval_ds, what = _split(ds, spec)
-    if train_ds.n_rows < spec.batch_size:
-        held = f" (after eval_fraction held out {eval_ds.n_rows})" if eval_ds is not ds else ""
-        raise PermanentJobError(
-            f"invalid SAE settings: batch_size {spec.batch_size} is more than the dataset's "
-            f"{train_ds.n_rows} training rows{held}; lower batch_size"
-        )
     store = ctx.store
     checkpoints = store.uri_for(SAE_DIR, ctx.job_id, "checkpoints")
     results = train_many(train_ds, configs, checkpoint_dir=store.local_path(checkpoints),
@@ -112,6 +109,8 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
                                "evaluation": what, "saes": []}  # fmt: skip
     if isinstance(downstream, str):
         summary["downstream_skipped"] = downstream
+    if fitted:
+        summary["batch_size_fitted"] = fitted
     rows: list[dict[str, Any]] = []
     for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
         label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
@@ -125,6 +124,36 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         insert_ignore(conn, Artifact.__table__, rows)
     store.delete(checkpoints)  # every SAE is saved and recorded
     ctx.extra["result"] = summary
+
+
+MIN_STEPS_PER_PASS = 8
+"""A suggested (or fitted) batch size gives at least this many steps per pass of the data."""
+
+
+def suggest_batch_size(n_rows: int) -> int:
+    """The largest power of two that gives ``MIN_STEPS_PER_PASS`` steps over ``n_rows`` (1 at
+    least)."""
+    target = max(1, n_rows // MIN_STEPS_PER_PASS)
+    return 1 << (target.bit_length() - 1)
+
+
+def _fit_batch_size(spec: TrainSAE, n_train: int, n_held_out: int | None) -> tuple[TrainSAE, str]:
+    """``spec`` unchanged when its batch fits the training rows; with ``fit_batch_size`` a
+    copy with the suggested batch size (and a note saying so); otherwise a one-line error that
+    names the value to use."""
+    if n_train >= spec.batch_size:
+        return spec, ""
+    suggested = suggest_batch_size(n_train)
+    if spec.fit_batch_size:
+        note = f"batch_size {spec.batch_size} lowered to {suggested} ({n_train} training rows)"
+        log.info("%s", note)
+        return spec.model_copy(update={"batch_size": suggested}), note
+    held = f" (after eval_fraction held out {n_held_out})" if n_held_out is not None else ""
+    raise PermanentJobError(
+        f"batch_size: {spec.batch_size} is more than the dataset's {n_train} training rows"
+        f"{held}; set batch_size: {suggested} ({MIN_STEPS_PER_PASS} steps per pass), or "
+        "fit_batch_size: true to let the worker choose"
+    )
 
 
 def _reporter(ctx: Any, n_saes: int) -> Any:
