@@ -497,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Alembic revision to upgrade to (default head, the newest)")  # fmt: skip
     up.set_defaults(fn=cmd_db)
 
+    from interpq.cli.loop import add_commands
+
+    add_commands(sub)
+
     sc = sub.add_parser("schema", help="print the JSON schema of batch files and job specs")
     sc.set_defaults(fn=cmd_schema)
     return p

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, PrivateAttr
 from sqlalchemy import Engine, case, func, select
 
-from interpq.models import FINISHED_STATES, Artifact, Job, JobState, LatencySummary
+from interpq.models import FINISHED_STATES, ApiCall, Artifact, Job, JobState, LatencySummary
 
 if TYPE_CHECKING:
     from interpq.scheduler.client import Client
@@ -150,10 +150,24 @@ class JobResult(BaseModel):
 class Batch:
     """Handle on a submitted batch."""
 
-    def __init__(self, client: Client, batch_id: str, name: str) -> None:
+    def __init__(
+        self, client: Client, batch_id: str, name: str, created_at: datetime | None = None
+    ) -> None:
         self.client = client
         self.id = batch_id
         self.name = name
+        self.created_at = created_at
+        """When it was submitted (set by ``Client.batches``)."""
+
+    def cost_usd(self) -> float:
+        """What the batch's API calls cost so far (every attempt, every run), in USD."""
+        with self.client.engine.connect() as conn:
+            total = conn.execute(
+                select(func.sum(ApiCall.cost_usd))
+                .join(Job, Job.id == ApiCall.job_id)
+                .where(Job.batch_id == self.id)
+            ).scalar()
+        return float(total or 0.0)
 
     def __repr__(self) -> str:
         return f"Batch(name={self.name!r}, id={self.id!r})"
@@ -225,6 +239,19 @@ class Batch:
         from interpq.scheduler.control import cancel
 
         return cancel(self.client.engine, self.id, self.name, jobs, reason)
+
+    def retry(self, overrides: dict[str, dict[str, Any]] | None = None) -> list[str]:
+        """Run the failed and cancelled jobs again, and what depends on them, with fixes:
+        ``overrides={"sae": {"batch_size": 256}}``. What succeeded is kept and reused (its
+        activation shards, trained SAEs). Returns the jobs queued again; ``SpecError`` (naming
+        the field) if a fixed spec is invalid, nothing changed then."""
+        from interpq.scheduler.client import check_specs
+        from interpq.scheduler.control import retry
+
+        def check(specs: list[Any]) -> None:
+            check_specs(specs, self.client.settings)
+
+        return retry(self.client.engine, self.id, self.name, overrides, check)
 
     def results(self) -> list[JobResult]:
         """Every job's result, in submission order, with its latency rows and artifacts."""

@@ -89,6 +89,12 @@ def _order_and_check(specs: Sequence[JobSpec], ctx: SubmitContext) -> None:
     _check_acyclic(specs)
 
 
+def check_specs(specs: Sequence[JobSpec], settings: Settings) -> None:
+    """The checks a batch's specs get at submit, for a retry's fixed specs: names,
+    references, cycles, providers and keys, models and files; ``SpecError`` naming the field."""
+    _order_and_check(specs, SubmitContext(providers=load_providers(settings)))
+
+
 def _check_acyclic(specs: Sequence[JobSpec]) -> None:
     deps = {s.name: set(s.references()) for s in specs}
     state: dict[str, int] = {}
@@ -266,13 +272,14 @@ class Client:
             raise SpecError(f"no batch with id or name {ref!r}")
         return Batch(self, row.id, row.name)
 
-    def batches(self, limit: int = 20) -> list[Batch]:
-        """The newest batches first."""
+    def batches(self, limit: int = 20, name: str | None = None) -> list[Batch]:
+        """The newest batches first; ``name``: only those whose name contains it."""
+        query = select(BatchRow.id, BatchRow.name, BatchRow.created_at)
+        if name:
+            query = query.where(BatchRow.name.contains(name, autoescape=True))
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(BatchRow.id, BatchRow.name).order_by(BatchRow.created_at.desc()).limit(limit)
-            ).all()
-        return [Batch(self, r.id, r.name) for r in rows]
+            rows = conn.execute(query.order_by(BatchRow.created_at.desc()).limit(limit)).all()
+        return [Batch(self, r.id, r.name, created_at=r.created_at) for r in rows]
 
 
 def _redact(url: str | None) -> str:

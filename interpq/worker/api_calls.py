@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 
 from interpq.errors import ConfigError, PermanentJobError, RetryableJobError, YieldTurn
-from interpq.models import ApiCall
+from interpq.models import ApiCall, Job
 from interpq.models import Batch as BatchRow
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
@@ -277,21 +277,38 @@ def limited_attempt(
     return out
 
 
+def this_run(job_id: str) -> ColumnElement[bool]:
+    """The condition on ``api_calls`` rows that keeps those of the job's current run: made
+    since it was last queued. ``Batch.retry`` queues a failed job again, so its earlier calls
+    stay recorded (cost, history) but are neither reused nor summarised as this run's. A
+    redelivery of the same run sees all of its calls. (Clocks: the worker's call times are
+    compared with the queueing time, written by the submitter or the releasing worker.)"""
+    queued_at = select(Job.queued_at).where(Job.id == job_id).scalar_subquery()
+    return or_(queued_at.is_(None), ApiCall.started_at >= queued_at)
+
+
 def _previous_attempts(ctx: RunnerContext) -> tuple[set[int], dict[int, int], dict[int, datetime]]:
-    """For this part's recorded calls: request indices already answered; per index, the last
-    attempt number (redeliveries go on from it) and when its first attempt started."""
+    """For this part's recorded calls: request indices already answered in this run; per
+    index, the last attempt number of any run (redeliveries go on from it) and when its first
+    attempt of this run started."""
     with ctx.engine.connect() as conn:
         rows = conn.execute(
             select(
                 ApiCall.request_index, ApiCall.attempt, ApiCall.status_code,
-                ApiCall.error_class, ApiCall.started_at,
+                ApiCall.error_class, ApiCall.started_at, this_run(ctx.job_id).label("current"),
             ).where(ApiCall.job_id == ctx.job_id, ApiCall.part == ctx.part)
         ).all()  # fmt: skip
-    done = {r.request_index for r in rows if r.status_code == 200 and r.error_class is None}
+    done = {
+        r.request_index
+        for r in rows
+        if r.current and r.status_code == 200 and r.error_class is None
+    }
     last: dict[int, int] = defaultdict(int)
     first: dict[int, datetime] = {}
-    for r in rows:
+    for r in rows:  # attempt numbers go on across runs (one row per attempt, ever)
         last[r.request_index] = max(last[r.request_index], r.attempt)
+        if not r.current:
+            continue
         if r.request_index not in first or r.started_at < first[r.request_index]:
             first[r.request_index] = r.started_at
     return done, last, first

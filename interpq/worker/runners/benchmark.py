@@ -22,7 +22,7 @@ from interpq.models import ApiCall, LatencySummary
 from interpq.providers import openai_http
 from interpq.queue.limiter import estimate_tokens
 from interpq.specs import Benchmark
-from interpq.worker.api_calls import ApiCaller, CallPolicy, resolve
+from interpq.worker.api_calls import ApiCaller, CallPolicy, resolve, this_run
 from interpq.worker.context import RunnerContext
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Benchmark) -> dict[str,
 
 
 def _summaries(conn: Connection, ctx: RunnerContext) -> tuple[dict[str, Any], list[Any]]:
-    rows = conn.execute(select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id)).all()
+    rows = conn.execute(
+        select(ApiCall.__table__).where(ApiCall.job_id == ctx.job_id, this_run(ctx.job_id))
+    ).all()
     by_model: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
     for r in rows:
         by_model[(r.provider, r.model, r.endpoint)].append(r)
