@@ -50,13 +50,19 @@ def test_a_failed_sae_is_retried_with_a_fix_reusing_the_extraction(
     before = {r.name: r for r in batch.results()}
     size = suggest_batch_size(before["acts"].result["n_rows"])
     assert f"set batch_size: {size}" in before["sae"].error
+    capsys.readouterr()
+    assert main(["results", name, "--errors"]) == 0
+    out = capsys.readouterr().out
+    assert f"sae (failed): {before['sae'].error}" in out  # whole, not cut at 100 characters
+    assert f"→ {before['acts'].result['manifest_uri']}" in out  # the extraction's science
 
     with pytest.raises(SpecError, match=r"--set sae\.k: .*integer"):  # refused, nothing changed
         batch.retry({"sae": {"k": "many"}})
     assert batch.status().counts == {"succeeded": 1, "failed": 1}
 
     assert main(["retry", name, "--set", f"sae.batch_size={size}", "--wait", "--no-progress"]) == 0
-    assert "running again sae" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "running again sae" in out and "topk-k4-x2: FVU " in out
     after = {r.name: r for r in batch.results()}
     assert after["sae"].state == "succeeded" and after["sae"].error is None
     assert after["sae"].attempts == 1 and after["sae"].result["saes"][0]["fvu"] < 1

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from interpq.core.patching import PatchGrid
+from interpq.core.sae import load as load_sae
+from interpq.reports.science import science_summary
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
 from interpq.specs import Extract, Noop, Patch, TrainSAE
@@ -101,6 +104,23 @@ def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
     assert {"logit_diff", "logprob", "prob", "kl", "recovery"} <= rows[0].keys()
     assert res["patch-minilm"].result["shape"][0] == 3
 
+    # typed accessors, and loaders that take what results give (file:// URIs and paths)
+    (first, second) = res["sae"].saes()
+    assert first.fvu == saes[0]["fvu"] and first.uri.startswith("file://")
+    assert load_sae(first.uri).cfg.k == 4 and load_sae(second.path).cfg.k == 8
+    assert res["acts"].dataset().n_rows == res["acts"].result["n_rows"]
+    loaded = res["patch-gpt"].grid()
+    assert loaded.shape == tuple(grid["shape"])
+    assert PatchGrid.from_json(grid["grid"]).shape == PatchGrid.from_json(Path(
+        to_local_path(grid["grid"]))).shape == loaded.shape  # fmt: skip
+    summary = science_summary(list(res.values()))
+    assert f"topk-k4-x2: FVU {saes[0]['fvu']:.3f}, L0 " in summary
+    assert str(to_local_path(saes[0]["uri"])) in summary
+    assert f"({res['acts'].result['cache_hits']} reused from the cache)" in summary
+    best = grid["largest_effect"]
+    assert f"largest effect at layer {best['layer']}, position {best['position']}" in summary
+    assert f"heatmap {to_local_path(grid['heatmap'])}" in summary
+
 
 def test_bad_science_specs_are_refused_naming_the_field(stack: Stack) -> None:
     from interpq.errors import SpecError
@@ -142,6 +162,12 @@ def test_api_models_get_a_counterfactual_prompt_comparison_named_so(stack: Stack
     # a random-weight model rarely puts "mat" in its top 5: then it is missing, never zero
     assert (clean["answer_logprob"] is not None) != ("mat" in clean["missing"])
     assert comparison["variants"], "variants that swap the differing span were compared"
+    measured = sum(v["effect"] is not None for v in comparison["variants"])
+    assert r.result["n_effects_measured"] == measured
+    assert r.result["n_variants"] == len(comparison["variants"])
+    # every effect null (the answers were not among the top-k): said so, in results too
+    warned = "WARNING: no effect could be measured" in science_summary([r])
+    assert warned == (measured == 0) == ("warning" in r.result)
 
 
 def test_sae_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path: Path) -> None:

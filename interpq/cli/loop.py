@@ -8,7 +8,34 @@ cancels a batch or some of its jobs (and what depends on them); ``interpq retry 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
+
+
+def print_results(results: Sequence[Any], top: int = 10, errors: bool = False) -> None:
+    """A finished batch in the terminal: the jobs table, latency percentiles, feature
+    interpretations, the science per job kind, and (``errors``) every error in full."""
+    from interpq.reports.science import errors_section, science_summary
+    from interpq.reports.tables import ERROR_WIDTH, jobs_table, latency_table
+
+    print(jobs_table(results))
+    if any(r.latency for r in results):
+        print()
+        print(latency_table(results))
+    if any(r.kind in ("explain", "score") for r in results):
+        from interpq.reports.interpretations import interpretation_tables
+
+        print()
+        print(interpretation_tables(results, n=top))
+    science = science_summary(results)
+    if science:
+        print()
+        print(science)
+    if errors and any(r.error for r in results):
+        print("\nerrors")
+        print(errors_section(results))
+    elif any(len(r.error or "") > ERROR_WIDTH for r in results):
+        print("\n(errors cut to fit: --errors prints them whole)")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -44,7 +71,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from interpq.reports.tables import jobs_table
     from interpq.scheduler.client import Client
     from interpq.scheduler.control import parse_overrides
 
@@ -57,7 +83,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     status = batch.wait(progress=not args.no_progress, timeout_s=args.timeout)
-    print(jobs_table(batch.results()))
+    print_results(batch.results(), errors=True)
     return 0 if status.ok else 1
 
 

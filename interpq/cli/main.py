@@ -178,7 +178,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from interpq.reports.tables import jobs_table, latency_table
+    from interpq.cli.loop import print_results
     from interpq.scheduler.client import Client, load_batch_file
 
     spec = load_batch_file(args.file)
@@ -195,15 +195,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
-    print(jobs_table(results))
-    if any(r.latency for r in results):
-        print()
-        print(latency_table(results))
-    if any(r.kind in ("explain", "score") for r in results):
-        from interpq.reports.interpretations import interpretation_tables
-
-        print()
-        print(interpretation_tables(results, n=args.top))
+    print_results(results, top=args.top, errors=args.errors)
     return 0 if status.ok else 1
 
 
@@ -294,8 +286,8 @@ _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from interpq.cli.loop import print_results
     from interpq.errors import SpecError
-    from interpq.reports.tables import jobs_table, latency_table
     from interpq.scheduler.client import Client
 
     if args.since is not None:
@@ -315,15 +307,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
-    print(jobs_table(results))
-    if any(r.latency for r in results):
-        print()
-        print(latency_table(results))
-    if any(r.kind in ("explain", "score") for r in results):
-        from interpq.reports.interpretations import interpretation_tables
-
-        print()
-        print(interpretation_tables(results, n=args.top))
+    print_results(results, top=args.top, errors=args.errors)
     return 0
 
 
@@ -436,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait with a progress bar, print results")
     s.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
     s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S s")
+    s.add_argument("--errors", action="store_true",
+                   help="with --wait: print every failed or cancelled job's error whole")  # fmt: skip
+    s.add_argument("--top", type=int, default=5, metavar="N",
+                   help="with --wait, feature interpretation: the N best and worst features")  # fmt: skip
+    s.add_argument("--jsonl", metavar="FILE", default=None,
+                   help="with --wait, feature interpretation: one JSON line per explained "
+                   "feature")  # fmt: skip
     s.set_defaults(fn=cmd_submit)
 
     st = sub.add_parser("status", help="job counts by state, for one batch or the newest ones")
@@ -459,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch id or name (the newest batch of that name); with --since: "
                    "only the batches of that id or name, optional")  # fmt: skip
     r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--errors", action="store_true",
+                   help="print every failed or cancelled job's error whole")  # fmt: skip
     r.add_argument(
         "--top",
         type=int,

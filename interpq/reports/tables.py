@@ -71,11 +71,19 @@ def latency_table(results: Sequence[JobResult]) -> str:
     return table(LATENCY_HEADERS, rows)
 
 
+ERROR_WIDTH = 100
+"""Characters of an error the jobs table shows (``interpq results --errors``: all of it)."""
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def jobs_table(results: Sequence[JobResult]) -> str:
     """One row per job: name, kind, state, attempts, duration, cached shards reused, error."""
     rows = [
         [r.name, kind_label(r), r.state, r.attempts, r.duration_s, shards_reused(r),
-         (r.error or "")[:100]]
+         _cut(r.error or "", ERROR_WIDTH)]
         for r in results
     ]  # fmt: skip
     return table(("job", "kind", "state", "attempts", "seconds", "reused", "error"), rows)

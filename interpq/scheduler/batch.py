@@ -16,6 +16,7 @@ from interpq.models import FINISHED_STATES, ApiCall, Artifact, Job, JobState, La
 if TYPE_CHECKING:
     from interpq.scheduler.client import Client
     from interpq.scheduler.interpretations import ExplanationRow, ScoreRow
+    from interpq.scheduler.outputs import TrainedSAE
 
 
 class BatchStatus(BaseModel):
@@ -145,6 +146,25 @@ class JobResult(BaseModel):
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds()
         return None
+
+    def saes(self) -> list[TrainedSAE]:
+        """A ``train_sae`` job's SAEs: label, path, FVU, L0, dead fraction, CE recovered where
+        measured, and ``.load()``. ``ValueError`` for another kind or an unfinished job."""
+        from interpq.scheduler.outputs import saes
+
+        return saes(self)
+
+    def dataset(self) -> Any:
+        """An ``extract`` job's ``ActivationDataset`` (a ``train_sae`` job's: what it read)."""
+        from interpq.scheduler.outputs import dataset
+
+        return dataset(self)
+
+    def grid(self) -> Any:
+        """A ``patch`` job's ``PatchGrid`` (activation patching; not a comparison via an API)."""
+        from interpq.scheduler.outputs import grid
+
+        return grid(self)
 
 
 class Batch:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from interpq.core.uris import local_path
 
 SCHEMA_VERSION = 1
 
@@ -165,7 +168,12 @@ class PatchGrid:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> PatchGrid:
+    def from_json(cls, source: str | Path) -> PatchGrid:
+        """A grid from its JSON text, or from the file holding it: a path or the ``file://``
+        URI a job's result gives (``result["grid"]``)."""
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            text = local_path(source).read_text()
         data = json.loads(text)
         for key in ("values", "per_prompt"):
             data[key] = {m: np.array(v, dtype=float) for m, v in data[key].items()}

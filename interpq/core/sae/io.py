@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interpq.core.atomic import write_atomic
+from interpq.core.uris import local_path
 
 from .config import SCHEMA_VERSION, SAEConfig
 from .metrics import FORMULAS
@@ -95,8 +96,9 @@ def save(
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read an SAE saved by ``save`` (or a SAELens topk / standard / jumprelu directory)."""
-    path = Path(path)
+    """Read an SAE saved by ``save`` (or a SAELens topk / standard / jumprelu directory): a
+    path, or the ``file://`` URI a job's result gives (``result["saes"][i]["uri"]``)."""
+    path = local_path(path)
     doc = json.loads((path / CFG_NAME).read_text())
     version = doc.get("schema_version", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:

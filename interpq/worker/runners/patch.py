@@ -188,4 +188,20 @@ def _run_counterfactual(ctx: RunnerContext, spec: Patch) -> None:
         "endpoint": openai_http.PATHS[spec.endpoint],
         "n_pairs": len(comparisons),
         "artifact": uri,
+        **_measured(comparisons, spec.top_logprobs),
     }
+
+
+def _measured(comparisons: list[Any], top_k: int) -> dict[str, Any]:
+    """How many variants' effects could be measured; a warning when none could (every
+    answer outside the returned top-k, or clean and corrupted scoring alike)."""
+    variants = [v for c in comparisons for v in c.variants]
+    n_effects = sum(v.effect is not None for v in variants)
+    out: dict[str, Any] = {"n_variants": len(variants), "n_effects_measured": n_effects}
+    if variants and n_effects == 0:
+        out["warning"] = (
+            f"no effect could be measured: in none of the {len(variants)} variants was the "
+            f"answer among the top {top_k} log-probabilities (or clean and corrupted scored "
+            "the same); raise top_logprobs or check the answer tokens (leading spaces count)"
+        )
+    return out
