@@ -375,3 +375,39 @@ def test_workers_killed_during_dependent_jobs(stack: Stack) -> None:
     # lost with it (the request is made again; RELIABILITY.md, "what can be lost")
     verify(stack, batch, "SIGKILL api worker mid-benchmark and compute worker mid-SAE",
            _wait_final(batch), killed_threads=4)  # fmt: skip
+
+
+def test_the_embedded_stack_restarted_hard_finishes_its_batch(tmp_path: Path) -> None:
+    """`interpq up` killed outright (every process SIGKILLed, a part mid-run) and started again
+    on the same workdir: its Redis comes back from the AOF, the messages the dead worker held
+    go back on their queue at start (not after the visibility timeout), the batch finishes."""
+    import signal
+
+    saved = os.environ.get("INTERPQ_PART_LEASE_S")
+    os.environ["INTERPQ_PART_LEASE_S"] = "3"
+    try:
+        first = Stack(tmp_path, api_workers=1, api_concurrency=2, compute_workers=0,
+                      flower=False, provider=False, beat=False)  # fmt: skip
+        first.start()
+        batch = _client(first).submit(
+            [Noop(name=f"n{i}", sleep_s=2.0, on_queue="api") for i in range(6)], name="restart"
+        )
+        _wait_until(lambda: batch.status().counts.get("running", 0) >= 2, 60, "two running parts")
+        time.sleep(1.5)  # the AOF is fsynced every second
+        for p in first.procs:
+            os.killpg(p.popen.pid, signal.SIGKILL)
+        first.stop()
+        t0 = time.monotonic()
+        with Stack(tmp_path, api_workers=1, api_concurrency=2, compute_workers=0, flower=False,
+                   provider=False, beat=False) as second:  # fmt: skip
+            again = _client(second).batch(batch.id)
+            _wait_until(lambda: again.status().finished, 90, "the batch after the restart")
+            assert again.status().counts == {"succeeded": 6}, again.results()
+        print("chaos:", json.dumps({"fault": "embedded stack SIGKILLed, restarted on its "
+                                    "workdir", "jobs": 6, "stuck": 0,
+                                    "recover_s": round(time.monotonic() - t0, 1)}))  # fmt: skip
+    finally:
+        if saved is None:
+            os.environ.pop("INTERPQ_PART_LEASE_S", None)
+        else:
+            os.environ["INTERPQ_PART_LEASE_S"] = saved

@@ -128,3 +128,51 @@ def test_yaml_and_json_errors_keep_line_and_column(tmp_path: Path) -> None:
     j.write_text('{"name": "x",\n "jobs": [}\n')
     with pytest.raises(SpecError, match=r"not valid JSON: .*line 2 column 11"):
         load_batch_file(str(j))
+
+
+def test_status_and_repair_find_the_work_a_broker_lost(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No worker runs here: the messages stay where the test can see (and lose) them."""
+    from conftest import worker_settings
+    from sqlalchemy import update
+
+    from interpq.cli.main import main
+    from interpq.models import Job, JobState
+    from interpq.models.db import write
+    from interpq.queue.limiter import redis_for
+    from interpq.queue.reconcile import messages_on_broker, survey
+
+    r = redis_for(redis_url)
+    r.delete("api")
+    env = {
+        "INTERPQ_BROKER_URL": redis_url,
+        "INTERPQ_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}",
+    }
+    with worker_settings(env):
+        client = Client()
+        a = Noop(name="a", on_queue="api")
+        batch = client.submit([a, Noop(name="b", after=[a], on_queue="api"),
+                               Noop(name="c", on_queue="api")], name="lost")  # fmt: skip
+        ids = {j.name: j.job_id for j in batch.results()}
+        assert not survey(client.engine, r, batch.id)  # both messages wait in the api queue
+        r.delete("api")  # Redis restarted without them
+        plan = survey(client.engine, r, batch.id, grace_s=60)
+        assert sorted(p.name for p, _ in plan.suspects) == ["a", "c"] and not plan.republish
+        assert main(["status", batch.id]) == 0
+        out = capsys.readouterr().out
+        assert "batch lost: work that nothing is running:" in out
+        assert "2 queued/running part(s) that no broker message" in out
+        assert f"`interpq repair {batch.id}` does this now" in out
+        assert main(["repair", batch.id, "--settle", "0.1"]) == 0
+        assert "done: 2 queued/running part(s)" in capsys.readouterr().out
+        assert messages_on_broker(r, 60) == {(ids["a"], 0), (ids["c"], 0)}
+        assert not survey(client.engine, r, batch.id)  # accounted for again
+        with write(client.engine) as conn:  # a finished, its worker died before releasing b
+            conn.execute(update(Job).where(Job.id == ids["a"]).values(state=JobState.SUCCEEDED))
+        assert survey(client.engine, r, batch.id).release == [(batch.id, ids["a"])]
+        assert main(["repair", "lost", "--settle", "0"]) == 0
+        assert "whose dependencies all succeeded" in capsys.readouterr().out
+        assert (ids["b"], 0) in messages_on_broker(r, 60)
+        assert {j.name: j.state for j in batch.results()}["b"] == "queued"
+    r.delete("api")
