@@ -199,6 +199,13 @@ def test_flower_shows_workers_and_tasks_without_secrets(stack: Stack) -> None:
     assert mine and mine[0]["name"] == "interpq.noop" and mine[0]["state"] == "SUCCESS"
     assert "seen-by-flower" in str(mine[0].get("kwargs"))  # the label reads well
     assert "sk-only-the-submitter" not in json.dumps(tasks)
+    # Flower serves /healthcheck and /metrics without auth (RELIABILITY.md says so): they name
+    # workers and task kinds with counts and timings, never a job's arguments or a key
+    assert requests.get(f"{stack.flower_url}/healthcheck", timeout=10).text == "OK"
+    metrics = requests.get(f"{stack.flower_url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and 'task="interpq.noop"' in metrics.text
+    assert job.job_id not in metrics.text and "seen-by-flower" not in metrics.text
+    assert "sk-only-the-submitter" not in metrics.text and stack.flower_password not in metrics.text
 
 
 def test_submit_refuses_a_bad_batch_whole(stack: Stack) -> None:
