@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from interpq.cli.status import REPAIR_HELP, cmd_repair, cmd_status
 from interpq.errors import InterpqError
 
 EPILOG = """\
@@ -199,92 +200,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status.ok else 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from interpq.reports.tables import table
-    from interpq.scheduler.client import Client
-
-    client = Client()
-    batches = [client.batch(args.batch)] if args.batch else client.batches(args.limit)
-    rows = []
-    for b in batches:
-        s = b.status()
-        rows.append([b.name, b.id, s.n_jobs, *(s.counts.get(k, 0) for k in _STATES)])
-    print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
-    from interpq.cli.repair import print_stranded
-
-    for b in batches if args.batch or len(batches) <= 3 else batches[:3]:
-        print_stranded(b.id, b.name)
-    providers = provider_activity(client)
-    if providers:
-        print("\nproviders: calls and tokens in the last 60 s; in flight and cool-down now")
-        print(table(("provider", "calls/min", "tokens/min", "429s", "in flight", "cool-down s"),
-                    providers))  # fmt: skip
-    return 0
-
-
-def _repair(args: argparse.Namespace) -> int:
-    from interpq.cli.repair import cmd_repair
-
-    return cmd_repair(args)
-
-
-def provider_activity(client: object) -> list[list[object]]:
-    """Per provider: calls and tokens in the last minute (database), in flight and cool-down
-    (the limiter in Redis). A configured provider with calls in flight or cooling down is
-    listed even when none of its calls finished in the last minute."""
-    from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import case, func, select
-
-    from interpq.models import ApiCall
-    from interpq.queue.connections import redis_client
-    from interpq.queue.limiter import snapshot
-    from interpq.settings import get_settings
-
-    since = datetime.now(UTC) - timedelta(seconds=60)
-    with client.engine.connect() as conn:  # type: ignore[attr-defined]
-        rows = conn.execute(
-            select(
-                ApiCall.provider,
-                func.count(),
-                func.sum(ApiCall.input_tokens + ApiCall.output_tokens),
-                func.sum(case((ApiCall.status_code == 429, 1), else_=0)),
-            )
-            .where(ApiCall.started_at >= since)
-            .group_by(ApiCall.provider)
-        ).all()
-    url = get_settings().broker_url
-    r = redis_client(url) if url else None
-    recent = {
-        provider: (calls, int(tokens or 0), int(n429 or 0))
-        for provider, calls, tokens, n429 in rows
-    }
-    out: list[list[object]] = []
-    for provider in [*recent, *sorted(_configured_providers() - set(recent))]:
-        snap = snapshot(r, provider) if r is not None else {"in_flight": "-", "cooldown_s": {}}
-        cool = max(snap["cooldown_s"].values(), default=0.0)
-        if provider not in recent and not (snap["in_flight"] or cool):
-            continue  # configured, idle and silent
-        calls, tokens, n429 = recent.get(provider, (0, 0, 0))
-        out.append([provider, calls, tokens, n429, snap["in_flight"],
-                    f"{cool:.1f}" if cool else "-"])  # fmt: skip
-    return out
-
-
-def _configured_providers() -> set[str]:
-    """Names in the presets and the providers file (none when that file is broken)."""
-    from interpq.errors import ConfigError
-    from interpq.providers.config import load_providers
-
-    try:
-        return set(load_providers())
-    except ConfigError:
-        return set()
-
-
-_STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")
-
-
 def cmd_results(args: argparse.Namespace) -> int:
     from interpq.cli.loop import print_results
     from interpq.errors import SpecError
@@ -434,15 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10)
     st.set_defaults(fn=cmd_status)
 
-    from interpq.cli.repair import REPAIR_HELP
-
     rp = sub.add_parser("repair", help="publish again the queued/running work that no broker "
                         "message, run lease or worker accounts for (beat does it by itself)",
                         description=REPAIR_HELP)  # fmt: skip
     rp.add_argument("batch", nargs="?", help="batch id or name (default: every batch)")
     rp.add_argument("--settle", type=float, default=2.0,
                     help="seconds between the two looks that must both miss a part (default 2)")  # fmt: skip
-    rp.set_defaults(fn=_repair)
+    rp.set_defaults(fn=cmd_repair)
 
     r = sub.add_parser("results", help="a batch's jobs and latency percentiles per model, "
                        "or (--since) latency over time")  # fmt: skip
