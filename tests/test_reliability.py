@@ -134,6 +134,8 @@ def test_status_and_repair_find_the_work_a_broker_lost(
     redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No worker runs here: the messages stay where the test can see (and lose) them."""
+    from datetime import UTC, datetime, timedelta
+
     from conftest import worker_settings
     from sqlalchemy import update
 
@@ -175,4 +177,15 @@ def test_status_and_repair_find_the_work_a_broker_lost(
         assert "whose dependencies all succeeded" in capsys.readouterr().out
         assert (ids["b"], 0) in messages_on_broker(r, 60)
         assert {j.name: j.state for j in batch.results()}["b"] == "queued"
+        stalled = client.submit([Noop(name="x", on_queue="api")], name="stalled")
+        with write(client.engine) as conn:  # its submitter died while publishing, long ago
+            conn.execute(
+                update(Job).where(Job.batch_id == stalled.id).values(
+                    state=JobState.PENDING, created_at=datetime.now(UTC) - timedelta(hours=1)
+                )
+            )  # fmt: skip
+        assert main(["repair", "stalled", "--settle", "0"]) == 0
+        assert "its submitter never finished publishing" in capsys.readouterr().out
+        (x,) = stalled.results()
+        assert x.state == "cancelled" and "submitter stopped while publishing" in x.error
     r.delete("api")
