@@ -142,10 +142,10 @@ def test_status_and_repair_find_the_work_a_broker_lost(
     from interpq.cli.main import main
     from interpq.models import Job, JobState
     from interpq.models.db import write
-    from interpq.queue.limiter import redis_for
+    from interpq.queue.connections import connect
     from interpq.queue.reconcile import messages_on_broker, survey
 
-    r = redis_for(redis_url)
+    r = connect(redis_url)
     r.delete("api")
     env = {
         "INTERPQ_BROKER_URL": redis_url,
