@@ -409,6 +409,14 @@ def test_the_demo_science_jobs_run_and_are_summarised(stack: Stack) -> None:
     summary = science_summary(results)
     assert f"FVU {sae['fvu']:.3f}" in summary and "training dead fraction" in summary
     assert summary.count("    feature ") == 3 and "heatmap " in summary
+    # the local chat model: its context is shorter than delphi's prompt, its weights random
+    assert (
+        "explain-minilm-l3: 0 of 8 features explained by local/tiny-gpt2-random-weights" in summary
+    )
+    assert "context_length_exceeded" in summary
+    assert "NOTE: tiny-gpt2-random-weights has random weights" in summary
+    (records,) = [r for r in results if r.kind == "feature_records"]
+    assert records.records().d_sae == records.result["d_sae"] == 384 * 8
 
 
 def test_eval_fraction_holds_out_whole_texts_for_the_evaluation(stack: Stack) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, case, func, select
 from interpq.models import FINISHED_STATES, ApiCall, Artifact, Job, JobState, LatencySummary
 
 if TYPE_CHECKING:
+    from interpq.core.autointerp import RecordSet
     from interpq.scheduler.client import Client
     from interpq.scheduler.interpretations import ExplanationRow, ScoreRow
     from interpq.scheduler.outputs import TrainedSAE
@@ -133,6 +134,18 @@ class JobResult(BaseModel):
         from interpq.scheduler.interpretations import scores
 
         return scores(self._need_engine("score"), self.job_id)
+
+    def records(self) -> RecordSet:
+        """A FeatureRecords job's records (per feature: counts, top, sampled and silent
+        contexts), read from its artifact."""
+        from interpq.core.autointerp import RecordSet
+        from interpq.store.artifacts import to_local_path
+
+        if self.kind != "feature_records" or not self.result:
+            raise ValueError(
+                f"job {self.name!r} has no feature records ({self.kind}, {self.state})"
+            )
+        return RecordSet.load(to_local_path(self.result["uri"]))
 
     def _need_engine(self, kind: str) -> Engine:
         if self.kind != kind:
@@ -271,7 +284,8 @@ class Batch:
         def check(specs: list[Any]) -> None:
             check_specs(specs, self.client.settings)
 
-        return retry(self.client.engine, self.id, self.name, overrides, check)
+        broker = self.client.settings.broker_url  # this client's broker, not the environment's
+        return retry(self.client.engine, self.id, self.name, overrides, check, broker)
 
     def results(self) -> list[JobResult]:
         """Every job's result, in submission order, with its latency rows and artifacts."""

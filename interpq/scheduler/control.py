@@ -109,6 +109,7 @@ def retry(
     batch_name: str,
     overrides: dict[str, dict[str, Any]] | None,
     check: Callable[[list[JobSpec]], None],
+    broker_url: str | None = None,
 ) -> list[str]:
     """Run the batch's failed and cancelled jobs again (and what depends on them), with
     ``overrides`` applied to their specs; what succeeded is kept and reused. Returns the names
@@ -140,7 +141,7 @@ def retry(
         return []
     specs = [_spec(r, overrides.get(r.name, {})) for r in rows]
     check(specs)
-    _requeue(engine, batch_id, batch_name, rows, {s.name: s for s in specs}, targets)
+    _requeue(engine, batch_id, batch_name, rows, {s.name: s for s in specs}, targets, broker_url)
     return targets
 
 
@@ -175,6 +176,7 @@ def _requeue(
     rows: list[Any],
     specs: dict[str, JobSpec],
     targets: list[str],
+    broker_url: str | None = None,
 ) -> None:
     """Reset the target jobs to pending with their new specs, in one transaction; then queue
     and publish those whose dependencies have all succeeded (the rest are released by them)."""
@@ -211,7 +213,7 @@ def _requeue(
                 ready.append(Dispatch(ids[name], spec.kind, spec.job_queue(), n_parts, name,
                                       batch_id, batch_name))  # fmt: skip
     try:
-        publish(ready)
+        publish(ready, broker_url)
     except Exception as exc:
         cancel(engine, batch_id, batch_name, targets, f"not enqueued again: {exc!r}")
         raise
