@@ -444,3 +444,34 @@ def test_train_sae_eval_fraction_is_checked() -> None:
     for value in (-0.1, 1.0):
         with pytest.raises(ValueError, match="eval_fraction"):
             TrainSAE(activations="/data/manifest.json", eval_fraction=value)
+
+
+@pytest.mark.timeout(10)
+def test_an_unset_sae_setting_means_the_same_in_the_library_and_a_queued_job() -> None:
+    import dataclasses
+
+    from interpq.sae import SAEConfig
+    from interpq.specs import BatchSpec
+    from interpq.specs.science import QUEUE_DEFAULTS, SAE_SPEC_EXCLUDED
+
+    (queued,) = TrainSAE(activations="/data/manifest.json").configs(d_in=64)
+    library = SAEConfig(d_in=64)
+    assert queued == dataclasses.replace(library, **QUEUE_DEFAULTS)
+    assert QUEUE_DEFAULTS == {"checkpoint_every_steps": 200}  # the one documented difference
+    assert (queued.lr_warmup_steps, queued.expansion_factor) == (1000, 32) == (
+        library.lr_warmup_steps, library.expansion_factor)  # fmt: skip
+    # every library setting is a field of the spec, described by the library's docstring
+    for f in dataclasses.fields(SAEConfig):
+        if f.name not in SAE_SPEC_EXCLUDED:
+            assert TrainSAE.model_fields[f.name].description, f.name
+    assert "linear warm-up" in TrainSAE.model_fields["lr_warmup_steps"].description
+    # batch files keep their flat fields; what the library refuses is refused at submit
+    job = {"kind": "train_sae", "activations": "/m.json", "k": [4, 8], "expansion_factor": 2,
+           "lr_warmup_steps": 5, "n_steps": 10, "l0_coefficient": 0.5}  # fmt: skip
+    (spec,) = BatchSpec.model_validate({"jobs": [job]}).jobs
+    assert [(c.k, c.d_sae, c.lr_warmup_steps, c.l0_coefficient) for c in spec.configs(16)] == [
+        (4, 32, 5, 0.5), (8, 32, 5, 0.5)]  # fmt: skip
+    with pytest.raises(ValueError, match="give n_steps or n_epochs, not both"):
+        TrainSAE(activations="/m.json", n_steps=10, n_epochs=2.0)
+    with pytest.raises(ValueError, match="lr: must be positive"):
+        TrainSAE(activations="/m.json", lr=-1.0)

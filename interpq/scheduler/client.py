@@ -50,6 +50,10 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     where = ".".join(parts)
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     msg = str(err["msg"]).removeprefix("Value error, ")
+    field, sep, rest = msg.partition(": ")  # a spec-level check naming its field
+    spec_level = not parts or parts[-1].endswith("]")
+    if sep and field.isidentifier() and err["type"] == "value_error" and spec_level:
+        where, msg = f"{where}.{field}" if where else field, rest
     return f"{prefix}{where}: {msg}{more}"
 
 

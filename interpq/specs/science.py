@@ -4,18 +4,67 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from interpq.specs.base import JobSpec, Queue, Ref, SubmitContext
 from interpq.specs.extract import _API_MODEL
 
+SAE_SPEC_EXCLUDED = ("d_in", "d_sae")
+"""``SAEConfig`` fields a ``TrainSAE`` does not take: ``d_in`` is the dataset's width, and
+the width of the SAE is ``expansion_factor`` (a sweep)."""
+SWEEP_FIELDS = ("k", "expansion_factor")
+"""``SAEConfig`` fields that may be lists in a ``TrainSAE``: one SAE per combination."""
+QUEUE_DEFAULTS: dict[str, Any] = {"checkpoint_every_steps": 200}
+"""Where a queued job's default differs from the library's ``SAEConfig``, and only here:
+a worker killed mid-training is resumed from its last checkpoint by whichever worker gets
+the redelivered message, so a queued job checkpoints every 200 steps (the library: 1000)."""
+QUEUE_NOTES: dict[str, str] = {
+    "batch_size": "A dataset with fewer training rows fails the job with a suggested value, "
+    "unless ``fit_batch_size``.",
+}
+"""What a queued job adds to the meaning of a library field (appended to its description)."""
+_PROBE_D_IN = 1 << 20
+"""A dataset width for checking settings at submit time (the real one is known at run)."""
 
-class TrainSAE(JobSpec):
+
+def _sae_settings() -> type[JobSpec]:
+    """A ``JobSpec`` base whose fields are ``SAEConfig``'s (types, defaults and docstrings
+    read from it; ``QUEUE_DEFAULTS`` applied; ``SWEEP_FIELDS`` also take lists)."""
+    import dataclasses
+    import typing
+
+    from interpq.core.sae.config import SAEConfig, field_docs
+
+    hints, docs = typing.get_type_hints(SAEConfig), field_docs()
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(SAEConfig):
+        if f.name in SAE_SPEC_EXCLUDED:
+            continue
+        kind: Any = hints[f.name]
+        if f.name in SWEEP_FIELDS:
+            kind = kind | list[int]
+        default = QUEUE_DEFAULTS.get(f.name, f.default)
+        note = " (queue default, see ``QUEUE_DEFAULTS``)" if f.name in QUEUE_DEFAULTS else ""
+        if f.name in SWEEP_FIELDS:
+            note += " A list trains one SAE per value."
+        if f.name in QUEUE_NOTES:
+            note += " " + QUEUE_NOTES[f.name]
+        fields[f.name] = (kind, Field(default=default, description=docs.get(f.name, "") + note))
+    base: type[JobSpec] = create_model(  # type: ignore[call-overload]
+        "SAESettings", __base__=JobSpec, __module__=__name__, **fields
+    )
+    return base
+
+
+class TrainSAE(_sae_settings()):  # type: ignore[misc]
     """Sparse autoencoders trained on an activation dataset (one per value of a sweep).
 
     ``activations`` is an ``Extract`` job of the same batch (the spec object, or ``"@name"``)
-    or the URI of an existing dataset manifest. ``k`` and ``expansion_factor`` may be lists:
-    every combination is trained over one shared pass of the data.
+    or the URI of an existing dataset manifest. Every other field but five is a field of the
+    library's ``SAEConfig`` (``interpq.sae``), with its type, default and meaning: an unset
+    field means what it means to ``interpq.sae.train`` (except ``QUEUE_DEFAULTS``). ``k`` and
+    ``expansion_factor`` may be lists: every combination is trained over one shared pass of
+    the data.
     """
 
     kind: Literal["train_sae"] = "train_sae"
@@ -23,47 +72,9 @@ class TrainSAE(JobSpec):
     """The Extract job (``@name`` or the spec) or a dataset manifest URI/path."""
     hook: str | None = None
     """Which hook point of the dataset (needed when it holds several, e.g. ``resid_post.3``)."""
-    architecture: Literal["topk", "relu", "batchtopk", "jumprelu"] = "topk"
-    """TopK (default), ReLU + L1, BatchTopK or JumpReLU."""
-    k: int | list[int] = 32
-    """Active latents per row (TopK/BatchTopK); a list trains one SAE per value."""
-    expansion_factor: int | list[int] = 8
-    """d_sae / d_in; a list trains one SAE per value."""
-    l1_coefficient: float = Field(default=5.0, ge=0)
-    """ReLU only: weight of the decoder-norm-weighted L1 penalty."""
-    lr: float | None = Field(default=None, gt=0)
-    """Adam learning rate (default: scaled by 1/sqrt(d_sae / 16384), as sparsify does)."""
-    batch_size: int = Field(default=4096, ge=1)
-    """Rows per step. A dataset with fewer training rows fails the job with a suggested value,
-    unless ``fit_batch_size``."""
     fit_batch_size: bool = False
     """Lower ``batch_size`` to fit a dataset smaller than it (the largest power of two giving
     8 steps per pass); the result says so (``batch_size_fitted``)."""
-    n_steps: int | None = Field(default=None, ge=1)
-    """Training steps; unset: ``n_epochs`` passes over the data."""
-    n_epochs: float = Field(default=1.0, gt=0)
-    """Passes over the data when ``n_steps`` is unset."""
-    lr_warmup_steps: int = Field(default=100, ge=0)
-    """Linear warm-up steps."""
-    lr_decay: Literal["none", "linear", "cosine"] = "linear"
-    """Decay of the learning rate to 0 over the steps after the warm-up."""
-    grad_clip_norm: float | None = Field(default=None, gt=0)
-    """Clip the global gradient norm to this before each step (unset: no clipping)."""
-    aux_k_coefficient: float = Field(default=1 / 32, ge=0)
-    """TopK/BatchTopK: weight of the AuxK loss that revives dead latents (0 disables it)."""
-    dead_window_tokens: int = Field(default=10_000_000, ge=1)
-    """A latent that fired on none of the last this-many training tokens is dead (for AuxK
-    and the training-window dead fraction; the evaluation's window is its own rows)."""
-    seed: int = 0
-    """Seed of the initialisation and of the data order."""
-    device: str = "auto"
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
-    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    """Dtype of the SAE's parameters and optimiser state."""
-    autocast_bf16: bool = False
-    """Train under bf16 autocast on CUDA."""
-    checkpoint_every_steps: int = Field(default=200, ge=1)
-    """A killed worker's redelivered job resumes from the last checkpoint."""
     downstream_texts: int = Field(default=32, ge=0, le=100_000)
     """Datasets of a local causal LM read at every token at a residual-stream, attn_out or
     mlp_out hook: on this many of the dataset's texts, the LM's loss with the SAE spliced in
@@ -82,32 +93,41 @@ class TrainSAE(JobSpec):
             return Ref.model_validate(value)
         return value
 
-    def sweep(self) -> list[tuple[int, int]]:
-        ks = self.k if isinstance(self.k, list) else [self.k]
-        xs = (
-            self.expansion_factor
-            if isinstance(self.expansion_factor, list)
-            else [self.expansion_factor]
-        )
-        return [(k, x) for k in ks for x in xs]
+    @model_validator(mode="after")
+    def _sae_settings_are_valid(self) -> TrainSAE:
+        """``SAEConfig`` checks every setting at submit (the dataset width comes later)."""
+        try:
+            self.configs(d_in=_PROBE_D_IN)
+        except ValueError as exc:
+            message = str(exc)
+            if message.startswith("SAEConfig."):  # "SAEConfig.lr must be ..." -> "lr: must be"
+                field, _, rest = message[len("SAEConfig.") :].partition(" ")
+                raise ValueError(f"{field}: {rest}") from None
+            raise ValueError(message.replace("SAEConfig: ", "")) from None
+        return self
+
+    def sae_settings(self) -> dict[str, Any]:
+        """The ``SAEConfig`` fields this spec sets (sweep fields as given)."""
+        from interpq.core.sae.config import SAEConfig
+
+        names = [f for f in SAEConfig.__dataclass_fields__ if f not in SAE_SPEC_EXCLUDED]
+        return {name: getattr(self, name) for name in names}
+
+    def sweep(self) -> list[tuple[int, int | None]]:
+        def values(v: Any) -> list[Any]:
+            return v if isinstance(v, list) else [v]
+
+        return [(k, x) for k in values(self.k) for x in values(self.expansion_factor)]
 
     def configs(self, d_in: int) -> list[Any]:
         """One ``SAEConfig`` per sweep point (ValueError naming the setting if invalid)."""
         from interpq.core.sae import SAEConfig
 
+        settings = self.sae_settings()
         return [
-            SAEConfig(
-                d_in=d_in, architecture=self.architecture, k=k, expansion_factor=x,
-                l1_coefficient=self.l1_coefficient, lr=self.lr, batch_size=self.batch_size,
-                n_steps=self.n_steps, n_epochs=None if self.n_steps else self.n_epochs,
-                lr_warmup_steps=self.lr_warmup_steps, lr_decay=self.lr_decay,
-                grad_clip_norm=self.grad_clip_norm, aux_k_coefficient=self.aux_k_coefficient,
-                dead_window_tokens=self.dead_window_tokens, seed=self.seed, device=self.device,
-                dtype=self.dtype, autocast_bf16=self.autocast_bf16,
-                checkpoint_every_steps=self.checkpoint_every_steps,
-            )
+            SAEConfig(d_in=d_in, **{**settings, "k": k, "expansion_factor": x})
             for k, x in self.sweep()
-        ]  # fmt: skip
+        ]
 
     def label(self) -> str:
         return f"train_sae {self.architecture} × {len(self.sweep())}"

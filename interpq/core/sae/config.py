@@ -268,6 +268,28 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
 
+def field_docs() -> dict[str, str]:
+    """Each ``SAEConfig`` field's docstring (the string under it), by field name; job specs
+    that embed the config show these as their field descriptions."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(SAEConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"SAEConfig.{field} {message}")
