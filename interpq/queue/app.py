@@ -29,7 +29,7 @@ from celery.signals import worker_process_init
 from kombu import Queue
 
 from interpq.errors import ConfigError
-from interpq.settings import get_settings
+from interpq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 QUEUES = ("api", "compute")
@@ -64,9 +64,10 @@ def _closed_transport_is_a_connection_error() -> None:
     kombu_redis.Channel._connparams = _connparams
 
 
-def make_app(broker_url: str | None = None) -> Celery:
+def make_app(broker_url: str | None = None, settings: Settings | None = None) -> Celery:
+    """A Celery app for the broker, configured from ``settings`` (default: the process's)."""
     _closed_transport_is_a_connection_error()
-    settings = get_settings()
+    settings = settings or get_settings()
     url = broker_url or settings.broker_url
     # Task modules are named, not imported: a worker imports them at start; a submitter sends
     # tasks by name and never needs them (so this layer knows no job kind).
@@ -107,16 +108,18 @@ def make_app(broker_url: str | None = None) -> Celery:
 _apps: dict[str, Celery] = {}
 
 
-def get_app(broker_url: str | None = None) -> Celery:
-    """The process-wide app for a broker URL (default: the settings'); ``ConfigError`` if none."""
-    url = broker_url or get_settings().broker_url
+def get_app(broker_url: str | None = None, settings: Settings | None = None) -> Celery:
+    """The process-wide app for a broker URL (default: the settings'), configured from
+    ``settings`` when first made (a ``Client``'s own); ``ConfigError`` if there is no URL."""
+    settings = settings or get_settings()
+    url = broker_url or settings.broker_url
     if not url:
         raise ConfigError(
             "INTERPQ_BROKER_URL is not set: start a stack with `interpq up` (it prints the "
             "variables to export) or point it at your Redis, e.g. redis://localhost:6379/0"
         )
     if url not in _apps:
-        _apps[url] = make_app(url)
+        _apps[url] = make_app(url, settings)
     return _apps[url]
 
 

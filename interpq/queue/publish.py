@@ -19,6 +19,7 @@ from sqlalchemy import Engine, select, update
 from interpq.models import Batch as BatchRow
 from interpq.models import Job, JobState
 from interpq.models.db import write
+from interpq.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ def task_name(kind: str) -> str:
 
 
 def publish(
-    dispatches: Sequence[Dispatch], broker_url: str | None = None, part: int | None = None
+    dispatches: Sequence[Dispatch],
+    broker_url: str | None = None,
+    part: int | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Send one message per part of each job; returns messages sent.
 
@@ -69,7 +73,7 @@ def publish(
     """
     from interpq.queue.app import get_app
 
-    app = get_app(broker_url)
+    app = get_app(broker_url, settings)
     n_messages = sum(d.n_parts for d in dispatches)
     sent = 0
     with app.producer_or_acquire() as producer:

@@ -173,7 +173,7 @@ class Client:
             if part_rows:
                 conn.execute(insert(JobPart), part_rows)
         try:
-            publish(dispatches, self.settings.broker_url)
+            publish(dispatches, self.settings.broker_url, settings=self.settings)
         except BaseException as exc:  # Ctrl-C too: what was published must not run
             cancel_jobs(self.engine, [r["id"] for r in job_rows], f"not enqueued: {exc!r}")
             if not isinstance(exc, Exception):
@@ -252,7 +252,7 @@ class Client:
     def _check_broker(self) -> None:
         from interpq.queue.app import get_app
 
-        app = get_app(self.settings.broker_url)
+        app = get_app(self.settings.broker_url, self.settings)
         try:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=5)

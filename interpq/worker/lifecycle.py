@@ -197,7 +197,7 @@ def run_part(job_id: str, part: int, task: Any = None) -> str:
     try:
         return _run_leased(job_id, part, task, settings, what)
     except ServiceUnavailable as exc:
-        give_up(job_id, part, exc)
+        give_up(job_id, part, exc, settings)
         raise
 
 
@@ -247,20 +247,23 @@ def _publish_continuation(job_id: str, part: int, task: Any, broker_url: str) ->
     publish([dispatch], broker_url, part=part)
 
 
-def give_up(job_id: str, part: int, exc: ServiceUnavailable) -> None:
+def give_up(
+    job_id: str, part: int, exc: ServiceUnavailable, settings: Settings | None = None
+) -> None:
     """The outage outlasted the window: fail the part with a line naming the service, if the
     database takes it. If it does not (the database is the service away), the job stays
     running in the database and the reconciler publishes it again once both are back."""
     log.error("%s", exc)
+    engine = get_engine((settings or get_settings()).resolved_database_url())
     try:
-        with get_engine().connect() as conn:
+        with engine.connect() as conn:
             n_parts = conn.execute(select(Job.n_parts).where(Job.id == job_id)).scalar()
-        if n_parts is not None and fail_job(get_engine(), job_id, part, n_parts, str(exc)):
+        if n_parts is not None and fail_job(engine, job_id, part, n_parts, str(exc)):
             from interpq.queue.publish import cancel_dependents
 
-            with get_engine().connect() as conn:
+            with engine.connect() as conn:
                 row = conn.execute(select(Job.batch_id, Job.name).where(Job.id == job_id)).one()
-            cancel_dependents(get_engine(), row.batch_id, job_id, row.name)
+            cancel_dependents(engine, row.batch_id, job_id, row.name)
     except Exception as again:  # still away: the reconciler's turn
         log.warning("job %s: cannot record the failure (%s); left for the reconciler", job_id,
                     type(again).__name__)  # fmt: skip
