@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from interpq.errors import InterpqError
 
@@ -85,58 +86,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def provider_activity(client: object) -> list[list[object]]:
-    """Per provider: calls and tokens in the last minute (database), in flight and cool-down
-    (the limiter in Redis). A configured provider with calls in flight or cooling down is
-    listed even when none of its calls finished in the last minute."""
-    from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import case, func, select
-
-    from interpq.models import ApiCall
-    from interpq.queue.connections import redis_client
-    from interpq.queue.limiter import snapshot
-    from interpq.settings import get_settings
-
-    since = datetime.now(UTC) - timedelta(seconds=60)
-    with client.engine.connect() as conn:  # type: ignore[attr-defined]
-        rows = conn.execute(
-            select(
-                ApiCall.provider,
-                func.count(),
-                func.sum(ApiCall.input_tokens + ApiCall.output_tokens),
-                func.sum(case((ApiCall.status_code == 429, 1), else_=0)),
-            )
-            .where(ApiCall.started_at >= since)
-            .group_by(ApiCall.provider)
-        ).all()
-    url = get_settings().broker_url
-    r = redis_client(url) if url else None
-    recent = {
-        provider: (calls, int(tokens or 0), int(n429 or 0))
-        for provider, calls, tokens, n429 in rows
-    }
-    out: list[list[object]] = []
-    for provider in [*recent, *sorted(_configured_providers() - set(recent))]:
-        snap = snapshot(r, provider) if r is not None else {"in_flight": "-", "cooldown_s": {}}
-        cool = max(snap["cooldown_s"].values(), default=0.0)
-        if provider not in recent and not (snap["in_flight"] or cool):
-            continue  # configured, idle and silent
-        calls, tokens, n429 = recent.get(provider, (0, 0, 0))
-        out.append([provider, calls, tokens, n429, snap["in_flight"],
-                    f"{cool:.1f}" if cool else "-"])  # fmt: skip
-    return out
-
-
-def _configured_providers() -> set[str]:
-    """Names in the presets and the providers file (none when that file is broken)."""
-    from interpq.errors import ConfigError
-    from interpq.providers.config import load_providers
-
-    try:
-        return set(load_providers())
-    except ConfigError:
-        return set()
+def provider_activity(client: Any) -> list[list[object]]:
+    """``interpq status``'s provider rows (``Client.provider_activity``), ready to print."""
+    return [
+        [a.provider, a.calls, a.tokens, a.n_429, "-" if a.in_flight is None else a.in_flight,
+         f"{a.cooldown_s:.1f}" if a.cooldown_s else "-"]
+        for a in client.provider_activity()
+    ]  # fmt: skip
 
 
 _STATES = ("pending", "queued", "running", "succeeded", "failed", "cancelled")

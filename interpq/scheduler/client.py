@@ -22,6 +22,7 @@ from interpq.models import Batch as BatchRow
 from interpq.models import Job, JobPart, JobState
 from interpq.models.db import get_engine, write
 from interpq.providers.config import load_providers
+from interpq.queue.activity import ProviderActivity
 from interpq.queue.publish import Dispatch, cancel_jobs, publish
 from interpq.scheduler.batch import Batch
 from interpq.scheduler.checks import check_resources
@@ -275,6 +276,20 @@ class Client:
         if row is None:
             raise SpecError(f"no batch with id or name {ref!r}")
         return Batch(self, row.id, row.name)
+
+    def provider_activity(self) -> list[ProviderActivity]:
+        """Per provider: calls, tokens and 429s in the last minute, calls in flight and
+        cool-down now (what ``interpq status`` shows). Configured providers are listed only
+        when busy; a broken providers file lists none of them."""
+        from interpq.queue.activity import provider_activity
+        from interpq.queue.connections import redis_client
+
+        try:
+            configured = set(load_providers(self.settings))
+        except ConfigError:
+            configured = set()
+        url = self.settings.broker_url
+        return provider_activity(self.engine, redis_client(url) if url else None, configured)
 
     def batches(self, limit: int = 20, name: str | None = None) -> list[Batch]:
         """The newest batches first; ``name``: only those whose name contains it."""
