@@ -181,6 +181,7 @@ def test_records_explanations_and_scores_in_one_batch(stack: Stack) -> None:
     assert cli.returncode == 0, cli.stderr
     assert "score · detection (balanced_accuracy, judged by judge; 6 features)" in cli.stdout
     assert "best" in cli.stdout and "worst" in cli.stdout and EXPLANATION in cli.stdout
+    assert "records: 384 features" not in cli.stdout and " of 384 features fire over " in cli.stdout
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert len(lines) == 6 and all(set(x["scores"]) == {"detection", "fuzzing", "embedding"}
                                    for x in lines)  # fmt: skip

@@ -6,6 +6,8 @@ print under the jobs table.
   a causal LM), and its path;
 - activation patching: the largest effect (layer, position, token, head) and the heatmap;
 - counterfactual prompt comparison: effects measured, and a warning when none could be;
+- feature records: features that fire, their median density, where the records are
+  (explanations and scores have their own tables: ``reports.interpretations``);
 - failed and cancelled jobs: their full error line (``errors_section``).
 """
 
@@ -73,10 +75,20 @@ def patch_lines(r: JobResult) -> list[str]:
     ]
 
 
+def records_lines(r: JobResult) -> list[str]:
+    res = r.result or {}
+    return [
+        f"{r.name}: {res.get('n_alive')} of {res.get('d_sae')} features fire over "
+        f"{res.get('n_tokens')} tokens of {res.get('hook')} (median density "
+        f"{_num(res.get('density_p50'), 5)}) → {res.get('uri')}"
+    ]
+
+
 SUMMARIES: dict[str, Callable[[JobResult], list[str]]] = {
     "extract": extract_lines,
     "train_sae": sae_lines,
     "patch": patch_lines,
+    "feature_records": records_lines,
 }
 """The text summary of each job kind that has science to show (others: tables only)."""
 
