@@ -22,8 +22,8 @@ from interpq.core.sae.kernels import (
     sparse_decode,
     sparse_preacts,
 )
+from interpq.core.sae.run import lr_factor
 from interpq.core.sae.sparse_coder import DeadLatents, reference_forward
-from interpq.core.sae.trainer import lr_factor
 from interpq.sae import (
     SAEConfig,
     SparseAutoencoder,

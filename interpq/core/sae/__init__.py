@@ -2,7 +2,8 @@
 
 One noun per file: ``config`` (SAEConfig), ``sparse_coder`` (the module and its forward
 math), ``kernels`` (sparse decode / sparse backward and their naive twins), ``data``
-(batches from arrays or iterables), ``trainer`` (train, train_many), ``checkpoint``
+(batches from arrays or iterables), ``trainer`` (train, train_many: the loop, checkpoints,
+callbacks), ``run`` (one SAE under training and its step), ``checkpoint``
 (atomic files), ``metrics`` (formulas, evaluate, downstream loss), ``splice`` (a causal
 LM run with the SAE in its forward pass, for the downstream loss), ``io`` (SAELens
 layout), ``plots`` (PNG) and ``top_examples``. Imports torch, numpy, safetensors,
@@ -24,10 +25,11 @@ from .metrics import (
     mse,
 )
 from .plots import plot_density_histogram, plot_training_curves
+from .run import TrainResult, geometric_median
 from .sparse_coder import ForwardOutput, SparseAutoencoder
 from .splice import lm_runner, sae_reconstruction, token_batches
 from .top_examples import Example, TopExamples, top_activating_examples
-from .trainer import TrainEvent, TrainResult, geometric_median, train, train_many
+from .trainer import TrainEvent, train, train_many
 
 __all__ = [
     "FORMULAS",
