@@ -7,14 +7,7 @@ A dataset is what one ``Extract`` job produced::
 
 Shard files are content-addressed: ``key`` is the sha256 of what determines their bytes
 (model, weights, hook points, settings, texts), so a shard computed once is reused by every
-later job that asks for it. One shard holds, for ``n_rows`` rows:
-
-- one ``[n_rows, d]`` float32 or float16 tensor per hook point, named ``resid_pre.6``,
-  ``mlp_out.2``, ... (``embedding`` for API extraction);
-- ``text_id`` ``[n_rows]`` int32: the row's text, counted from the shard's first text;
-- ``position`` / ``token_id`` ``[n_rows]`` int32: where in the text and which token
-  (-1 when a row is a mean over tokens or an API embedding);
-- in the safetensors header metadata: the format, the cache key and the shard's texts (JSON).
+later job that asks for it. What one shard holds is ``shards.py``'s docstring.
 
 The manifest records the model and its weights hash (or hub revision), the hook points with
 their widths, the dtype, token handling and settings, and per shard its (relative) URI,
@@ -23,24 +16,34 @@ then position. ``ActivationDataset.open(uri)`` reads it back; ``iter_batches`` m
 shards and copies out one batch at a time, so a dataset larger than RAM streams (shuffled:
 within windows of ``SHUFFLE_WINDOW_ROWS`` rows, visited in a random order).
 
-This module knows the file formats; it knows nothing about models, jobs or the database.
+The shard file format is ``shards.py``'s (its names are re-exported here). This module
+knows the file formats; it knows nothing about models, jobs or the database.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpq.store.artifacts import resolve, sha256_file, to_local_path
+from interpq.store.shards import (
+    META_COLUMNS,
+    SHARD_FORMAT,
+    DatasetError,
+    Shard,
+    ShardRows,
+    StoreDtype,
+    _map,
+    read_shard_header,
+    shard_writer,
+    write_shard,
+)
 
 __all__ = [
     "ActivationDataset",
@@ -60,185 +63,14 @@ __all__ = [
     "write_shard",
 ]
 
-SHARD_FORMAT = "interpq.activations.shard/1"
 MANIFEST_FORMAT: Literal["interpq.activations/1"] = "interpq.activations/1"
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-META_COLUMNS = ("text_id", "position", "token_id")
-StoreDtype = Literal["float32", "float16"]
 SHUFFLE_WINDOW_ROWS = 1 << 20
 """Rows a shuffle window holds at most (``iter_batches(shuffle=True)``): 8 MiB of indices."""
 
-_TO_ST = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64"}
-_FROM_ST = {v: np.dtype(k) for k, v in _TO_ST.items()}
-
-
-class DatasetError(ValueError):
-    """A dataset or shard file is missing, truncated, corrupt or asked for a missing hook."""
-
 
 # ---- shard files (safetensors, written through memory maps) ---------------------------------
-
-
-def _layout(
-    tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]
-) -> tuple[bytes, dict[str, tuple[np.dtype, tuple[int, ...], int]]]:
-    """Header bytes, and per tensor (dtype, shape, offset from the start of the file)."""
-    # widest dtypes first keeps every tensor aligned to its item size (as safetensors does)
-    names = sorted(tensors, key=lambda n: (-np.dtype(tensors[n][0]).itemsize, n))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    spans = {}
-    at = 0
-    for name in names:
-        dtype, shape = np.dtype(tensors[name][0]), tuple(int(s) for s in tensors[name][1])
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {
-            "dtype": _TO_ST[dtype.name],
-            "shape": list(shape),
-            "data_offsets": [at, at + size],
-        }
-        spans[name] = (dtype, shape, at)
-        at += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
-    start = 8 + len(raw)
-    return struct.pack("<Q", len(raw)) + raw, {
-        n: (d, s, start + off) for n, (d, s, off) in spans.items()
-    }
-
-
-@contextmanager
-def shard_writer(
-    path: str | Path,
-    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-    metadata: Mapping[str, str] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Create a safetensors file of the given ``{name: (dtype, shape)}`` and yield writable
-    memory maps of its tensors; fill them inside the block. Readable by ``safetensors``."""
-    head, spans = _layout(tensors, metadata or {})
-    end = max((off + _nbytes(d, s) for d, s, off in spans.values()), default=len(head))
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(max(end, len(head)))
-    maps = {n: _map(path, d, s, off, "r+") for n, (d, s, off) in spans.items()}
-    try:
-        yield maps
-    finally:
-        for m in maps.values():
-            if isinstance(m, np.memmap):
-                m.flush()
-        maps.clear()
-
-
-def _nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-
-
-def _map(path: str | Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, mode: Any) -> Any:
-    if _nbytes(dtype, shape) == 0:  # mmap cannot map zero bytes
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape)
-
-
-def read_shard_header(
-    path: str | Path,
-) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], dict[str, str]]:
-    """Per tensor (dtype, shape, file offset), and the metadata; DatasetError if truncated."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise DatasetError(f"{path}: truncated header")
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not a readable safetensors file ({exc})") from None
-    metadata = header.pop("__metadata__", {}) or {}
-    spans, end = {}, 0
-    for name, info in header.items():
-        begin, stop = info["data_offsets"]
-        spans[name] = (_FROM_ST[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
-        end = max(end, stop)
-    if size != 8 + n + end:
-        raise DatasetError(f"{path}: {size} bytes, the header says {8 + n + end}; truncated?")
-    return spans, metadata
-
-
-class Shard:
-    """One shard file, memory-mapped read-only."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        spans, self.metadata = read_shard_header(self.path)
-        self.tensors: dict[str, np.ndarray] = {
-            n: _map(self.path, d, s, off, "r") for n, (d, s, off) in spans.items()
-        }
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.tensors["text_id"].shape[0])
-
-    def texts(self) -> list[str]:
-        return list(json.loads(self.metadata.get("texts", "[]")))
-
-
-class ShardRows(Protocol):
-    """One batch of rows to write (``interpq.core.extraction.ExtractedBatch`` fits, with
-    ``acts`` keyed by tensor name)."""
-
-    text_index: Sequence[int]
-    rows_per_text: Sequence[int]
-    acts: Mapping[str, Any]
-    positions: Any
-    token_ids: Any
-
-
-def write_shard(
-    path: str | Path,
-    *,
-    widths: Mapping[str, int],
-    rows_per_text: Sequence[int],
-    batches: Iterable[ShardRows],
-    dtype: StoreDtype,
-    metadata: Mapping[str, str],
-) -> int:
-    """Write a shard file from batches that may come in any text order; returns its rows.
-
-    Each text's rows land at its place (texts in order, rows in position order), so the
-    file does not depend on how texts were batched.
-    """
-    offsets = np.concatenate([[0], np.cumsum(rows_per_text, dtype=np.int64)])
-    n_rows = int(offsets[-1])
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {
-        name: (dtype, (n_rows, d)) for name, d in widths.items()
-    }
-    tensors |= {col: ("int32", (n_rows,)) for col in META_COLUMNS}
-    with shard_writer(path, tensors, {"format": SHARD_FORMAT, **metadata}) as out:
-        out["text_id"][:] = np.repeat(np.arange(len(rows_per_text), dtype=np.int32), rows_per_text)
-        done = np.zeros(len(rows_per_text), dtype=bool)
-        for batch in batches:
-            acts = {name: _numpy(batch.acts[name]) for name in widths}
-            cols = {"position": _numpy(batch.positions), "token_id": _numpy(batch.token_ids)}
-            src = np.concatenate([[0], np.cumsum(batch.rows_per_text, dtype=np.int64)])
-            for j, t in enumerate(batch.text_index):
-                if src[j + 1] - src[j] != offsets[t + 1] - offsets[t]:
-                    raise ValueError(f"text {t}: {src[j + 1] - src[j]} rows, expected fewer/more")
-                dst, take = slice(offsets[t], offsets[t + 1]), slice(src[j], src[j + 1])
-                for name, a in acts.items():
-                    out[name][dst] = a[take]
-                for col, a in cols.items():
-                    out[col][dst] = a[take]
-                done[t] = True
-        if not done.all():
-            raise ValueError(f"no rows for texts {np.flatnonzero(~done)[:5].tolist()} ...")
-    return n_rows
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 # ---- the manifest ---------------------------------------------------------------------------
