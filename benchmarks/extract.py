@@ -44,7 +44,8 @@ from interpq.core.corpus import load_texts  # noqa: E402
 from interpq.core.extraction import accepts_position_ids, pad, plan_batches  # noqa: E402
 from interpq.specs import Extract  # noqa: E402
 from interpq.store.artifacts import FileStore  # noqa: E402
-from interpq.worker.runners.extract import local_model, write_local_shard  # noqa: E402
+from interpq.worker.extraction.local import write_local_shard  # noqa: E402
+from interpq.worker.local_models import local_model  # noqa: E402
 
 CORPUS = "corpus:stdlib-docstrings"
 

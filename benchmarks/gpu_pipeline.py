@@ -532,7 +532,7 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     ds = ActivationDataset.open(ds_uri)
     m = local_model(gpt, device, "float32")
     from interpq.store.artifacts import FileStore
-    from interpq.worker.runners.extract import write_local_shard
+    from interpq.worker.extraction.local import write_local_shard
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store = FileStore(tmp)
