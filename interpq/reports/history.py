@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, or_, select
 
@@ -92,8 +93,26 @@ def _cells(r: HistoryRow) -> list[object]:
 
 def plot_history(rows: Sequence[HistoryRow], path: str | Path, title: str | None = None) -> Path:
     """Draw p50 (solid) and p95 (dashed) latency over time, one colour per model; save a PNG."""
+    fig = history_figure(rows, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def _time_format(span_s: float) -> str:
+    """Tick labels that read alone: a clock time, with the date when the span passes a day."""
+    if span_s < 120:
+        return "%H:%M:%S"
+    if span_s < 86_400:
+        return "%H:%M"
+    return "%m-%d %H:%M"
+
+
+def history_figure(rows: Sequence[HistoryRow], title: str | None = None) -> Any:
+    """The p50/p95 plot as a matplotlib ``Figure`` (constrained layout: labels stay inside)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
+    from matplotlib.dates import AutoDateLocator, DateFormatter, date2num
     from matplotlib.figure import Figure
 
     if not rows:
@@ -117,19 +136,19 @@ def plot_history(rows: Sequence[HistoryRow], path: str | Path, title: str | None
         colour = f"C{i % 10}"
         ax.plot(t, p50, "-o", color=colour, label=f"{label} p50")
         ax.plot(t, p95, "--.", color=colour, label=f"{label} p95")
-    locator = AutoDateLocator(tz=UTC)
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))
-    ax.set_xlabel("time (UTC)")
+    times = [r.measured_at for r in rows]
+    span_s = (max(times) - min(times)).total_seconds()
+    ax.xaxis.set_major_locator(AutoDateLocator(tz=UTC, maxticks=8))
+    ax.xaxis.set_major_formatter(DateFormatter(_time_format(span_s), tz=UTC))
+    ax.tick_params(axis="x", labelrotation=30)
+    day = f", {min(times):%Y-%m-%d}" if span_s < 86_400 else ""
+    ax.set_xlabel(f"time (UTC{day})")
     ax.set_ylabel("latency (ms)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     ax.set_title(title or "latency over time: p50 (solid) and p95 (dashed) per model")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    return out
+    return fig
 
 
 def _nan(value: float | None) -> float:

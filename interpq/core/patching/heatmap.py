@@ -7,12 +7,15 @@ display and no global backend state are needed. Per-position head grids get one 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from interpq.core.atomic import write_atomic
 
 from .grid import PatchGrid
+
+POSITION_AXIS = "position: token (clean→corrupted where they differ)"
 
 
 def plot_heatmap(
@@ -27,6 +30,22 @@ def plot_heatmap(
 
     The image is written atomically (``interpq.core.atomic``): ``path`` never holds a
     half-written PNG."""
+    fig = heatmap_figure(grid, metric, title, cmap, dpi)
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def heatmap_figure(
+    grid: PatchGrid,
+    metric: str = "recovery",
+    title: str | None = None,
+    cmap: str = "RdBu",
+    dpi: int = 120,
+) -> Any:
+    """The heatmap as a matplotlib ``Figure`` (Agg canvas). Its layout is constrained, so that
+    every label (whole token labels such as ``[CLS]`` or ``john→mary``, axis titles, the
+    colour bar's) lies inside the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -39,28 +58,30 @@ def plot_heatmap(
     ylabels = [str(layer) for layer in grid.layers]
     panels: list[tuple[np.ndarray, list[str], str, str | None]]
     if grid.heads is None:
-        panels = [(values, grid.position_labels, "position", None)]
+        panels = [(values, grid.position_labels, POSITION_AXIS, None)]
     elif grid.positions is None:
         panels = [(values[:, 0, :], [str(h) for h in grid.heads], "head", None)]
     else:
         panels = [
-            (values[:, :, i], grid.position_labels, "position", f"head {h}")
+            (values[:, :, i], grid.position_labels, POSITION_AXIS, f"head {h}")
             for i, h in enumerate(grid.heads)
         ]
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    width = max(4.0, 0.45 * len(panels[0][1]) + 2) * ncols
-    height = max(3.0, 0.35 * len(ylabels) + 1.5) * nrows
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    longest = max((len(label) for label in panels[0][1]), default=1)
+    width = max(5.0, 0.45 * len(panels[0][1]) + 2.5) * ncols
+    height = (max(3.0, 0.35 * len(ylabels) + 1.5) + 0.07 * longest) * nrows
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     image = None
     for ax, (data, xlabels, xname, panel_title) in zip(axes.flat, panels, strict=False):
         image = ax.imshow(data, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right",
+                      rotation_mode="anchor", fontsize=8)  # fmt: skip
         ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
-        ax.set_xlabel(xname)
-        ax.set_ylabel("layer")
+        ax.set_xlabel(xname, fontsize=9)
+        ax.set_ylabel("layer", fontsize=9)
         if panel_title:
             ax.set_title(panel_title, fontsize=9)
     for ax in list(axes.flat)[len(panels) :]:
@@ -71,6 +92,4 @@ def plot_heatmap(
         title or f"{grid.model} {grid.component} {grid.direction} ({grid.mode}): {metric}",
         fontsize=10,
     )
-    path = Path(path)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    return path
+    return fig
