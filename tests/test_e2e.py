@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from chromium import chromium
 from sqlalchemy import select
+from test_report import check_in_chromium
 
 from interpq.models import ApiCall, LatencySummary
 from interpq.models.db import get_engine
@@ -66,7 +68,9 @@ def _client(stack: Stack) -> Client:
     return Client(Settings(**env))
 
 
-def test_benchmark_percentiles_agree_with_numpy_over_api_calls(stack: Stack) -> None:
+def test_benchmark_percentiles_agree_with_numpy_over_api_calls(
+    stack: Stack, tmp_path: Path
+) -> None:
     client = _client(stack)
     jobs = [
         Benchmark(name="emb", provider="local", models=["all-MiniLM-L6-v2"],
@@ -121,6 +125,17 @@ def test_benchmark_percentiles_agree_with_numpy_over_api_calls(stack: Stack) -> 
         ).stdout  # fmt: skip
     )
     assert {j["name"] for j in as_json} == {"emb", "chat"}
+    # the report: its latency table and p50/p95 chart, rendered by Chromium
+    page = tmp_path / "bench.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "interpq.cli", "report", batch.id, "-o", str(page)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    if chromium() is not None:  # .ci/run installs it
+        dom = check_in_chromium(page, ["batch", "jobs", "latency"], tmp_path)
+        assert f"{results['emb'].latency[0].latency_p95_ms:.3f}" in dom
+        assert dom.count("data:image/png;base64,") == 1  # the p50/p95 chart
 
 
 def test_dependencies_run_in_order_and_failures_cancel_dependents(stack: Stack) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import check_in_chromium
 
 from interpq.core.patching import PatchGrid
 from interpq.core.sae import load as load_sae
+from interpq.reports.html import write_report
 from interpq.reports.science import science_summary
 from interpq.scheduler.client import Client
 from interpq.settings import Settings
@@ -36,7 +40,7 @@ def _client(stack: Stack) -> Client:
     return Client(Settings(**{k[8:].lower(): v for k, v in stack.env.items()}))
 
 
-def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
+def test_extract_then_train_sae_then_patch(stack: Stack, tmp_path: Path) -> None:
     acts = Extract(name="acts", model="all-MiniLM-L6-v2", texts="corpus:stdlib-docstrings",
                    n_texts=96, layers=[3], hooks=["resid_post"], shard_size=48)  # fmt: skip
     sae = TrainSAE(name="sae", activations=acts, k=[4, 8], expansion_factor=2, n_steps=150,
@@ -120,6 +124,15 @@ def test_extract_then_train_sae_then_patch(stack: Stack) -> None:
     best = grid["largest_effect"]
     assert f"largest effect at layer {best['layer']}, position {best['position']}" in summary
     assert f"heatmap {to_local_path(grid['heatmap'])}" in summary
+
+    page = write_report(_client(stack).batch(batch.id), tmp_path / "science.html")
+    dom = check_in_chromium(page, ["batch", "jobs", "extraction", "saes", "patching"], tmp_path)
+    assert dom.count('class="card feature-card"') == 2 * 8  # 8 strongest features per SAE
+    cards = re.findall(r'<div class="card feature-card".*?</table></div>', dom)
+    examples = sum(card.count("<tr>") for card in cards)
+    assert dom.count('<mark class="act"') == examples >= 2 * 8  # each example's token marked
+    assert html.escape(saes[0]["formulas"]["fvu"]) in dom  # metrics beside their formulas
+    assert dom.count("data:image/png;base64,") == 2 * 2 + 2  # curves, density; two heatmaps
 
 
 def test_bad_science_specs_are_refused_naming_the_field(stack: Stack) -> None:

@@ -1,4 +1,4 @@
-"""The researcher's loop on the command line: ``ls``, ``cancel``, ``retry``.
+"""The researcher's loop on the command line: ``ls``, ``cancel``, ``retry``, ``report``.
 
 ``interpq ls`` lists batches (newest first, a name filter); ``interpq cancel BATCH [JOB ...]``
 cancels a batch or some of its jobs (and what depends on them); ``interpq retry BATCH
@@ -87,6 +87,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0 if status.ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from interpq.reports.html import write_report
+    from interpq.scheduler.client import Client
+
+    batch = Client().batch(args.batch)
+    path = write_report(batch, args.output or f"{batch.name}-report.html")
+    print(f"report of batch {batch.name}: {path.resolve()}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """The loop's subcommands, on ``interpq``'s subparsers."""
     ls = sub.add_parser("ls", help="list batches, newest first: time, name, states, cost")
@@ -110,3 +120,10 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
     r.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S s")
     r.set_defaults(fn=cmd_retry)
+
+    rep = sub.add_parser("report", help="one self-contained HTML page of a batch: jobs, "
+                         "latency, SAE metrics and feature cards, patching heatmaps")  # fmt: skip
+    rep.add_argument("batch", help="batch id or name (the newest batch of that name)")
+    rep.add_argument("-o", "--output", default=None, metavar="FILE",
+                     help="where to write it (default BATCH-report.html)")  # fmt: skip
+    rep.set_defaults(fn=cmd_report)

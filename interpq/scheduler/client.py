@@ -265,17 +265,16 @@ class Client:
 
     def batch(self, ref: str) -> Batch:
         """A batch by id, or the newest with that name."""
+        columns = select(BatchRow.id, BatchRow.name, BatchRow.created_at)
         with self.engine.connect() as conn:
-            row = conn.execute(select(BatchRow.id, BatchRow.name).where(BatchRow.id == ref)).first()
+            row = conn.execute(columns.where(BatchRow.id == ref)).first()
             if row is None:
                 row = conn.execute(
-                    select(BatchRow.id, BatchRow.name)
-                    .where(BatchRow.name == ref)
-                    .order_by(BatchRow.created_at.desc())
+                    columns.where(BatchRow.name == ref).order_by(BatchRow.created_at.desc())
                 ).first()
         if row is None:
-            raise SpecError(f"no batch with id or name {ref!r}")
-        return Batch(self, row.id, row.name)
+            raise SpecError(f"no batch with id or name {ref!r} (interpq ls lists them)")
+        return Batch(self, row.id, row.name, created_at=row.created_at)
 
     def provider_activity(self) -> list[ProviderActivity]:
         """Per provider: calls, tokens and 429s in the last minute, calls in flight and

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor
 
 from interpq.core.atomic import write_atomic
@@ -57,6 +58,8 @@ def plot_training_curves(
                 continue
         ax.plot(x[: len(values)], values, lw=1.4)
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a few readable ticks: 10k, 20k
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _tokens(int(v))))
         if key in ("loss", "fvu") and values and min(values) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
