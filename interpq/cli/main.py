@@ -190,14 +190,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = batch.wait(progress=not args.no_progress, timeout_s=args.timeout)
     results = batch.results()
     if args.jsonl:
-        from interpq.reports.interpretations import feature_records
-
-        lines = feature_records(results)
-        with open(args.jsonl, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-        print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
+        _write_feature_jsonl(args.jsonl, results)
     print_results(results, top=args.top, errors=args.errors)
     return 0 if status.ok else 1
+
+
+def _write_feature_jsonl(path: str, results: Any) -> None:
+    """``--jsonl``: one JSON line per explained feature (its explanation and scores)."""
+    from interpq.reports.interpretations import feature_records
+
+    lines = feature_records(results)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    print(f"{len(lines)} explained features → {path}", file=sys.stderr)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -216,12 +221,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
         return 0
     if args.jsonl:
-        from interpq.reports.interpretations import feature_records
-
-        lines = feature_records(results)
-        with open(args.jsonl, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-        print(f"{len(lines)} explained features → {args.jsonl}", file=sys.stderr)
+        _write_feature_jsonl(args.jsonl, results)
     print_results(results, top=args.top, errors=args.errors)
     return 0
 

@@ -88,18 +88,7 @@ class Benchmark(JobSpec):
         return range(slice_index, self.requests, self.slices_per_model())
 
     def check(self, ctx: SubmitContext) -> None:
-        provider = ctx.providers.get(self.provider)
-        if provider is None:
-            known = ", ".join(sorted(ctx.providers))
-            raise ValueError(f"provider: unknown provider {self.provider!r} (known: {known})")
-        for i, model in enumerate(self.models):
-            if model not in provider.models:
-                listed = ", ".join(sorted(provider.models)) or "none"
-                raise ValueError(
-                    f"models[{i}]: {model!r} is not listed for provider {self.provider!r} "
-                    f"(listed: {listed}); add it with its prices to your providers file"
-                )
-        provider.api_key()  # MissingApiKey names the variable
+        ctx.check_models(self.provider, {f"models[{i}]": m for i, m in enumerate(self.models)})
 
     def label(self) -> str:
         return f"benchmark {self.provider} {self.endpoint} × {len(self.models)} models"

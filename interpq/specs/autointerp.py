@@ -98,18 +98,7 @@ class _ApiJob(JobSpec):
                 "timeout_s": self.timeout_s, "requests_per_turn": self.requests_per_turn}  # fmt: skip
 
     def _check_models(self, ctx: SubmitContext, fields: dict[str, str]) -> None:
-        provider = ctx.providers.get(self.provider)
-        if provider is None:
-            known = ", ".join(sorted(ctx.providers))
-            raise ValueError(f"provider: unknown provider {self.provider!r} (known: {known})")
-        for field, model in fields.items():
-            if model not in provider.models:
-                listed = ", ".join(sorted(provider.models)) or "none"
-                raise ValueError(
-                    f"{field}: {model!r} is not listed for provider {self.provider!r} "
-                    f"(listed: {listed}); add it with its prices to your providers file"
-                )
-        provider.api_key()  # MissingApiKey names the variable
+        ctx.check_models(self.provider, fields)
 
 
 class Explain(_ApiJob):

@@ -41,6 +41,26 @@ class SubmitContext:
 
     providers: dict[str, Any]
 
+    def check_models(
+        self, provider: str, models: dict[str, str], provider_field: str = "provider"
+    ) -> Any:
+        """The provider, after checking it is configured, lists each model (``{field: model}``)
+        with its prices, and has its API key; ``ValueError('field: ...')`` otherwise
+        (``MissingApiKey`` names the variable). Returns the provider."""
+        found = self.providers.get(provider)
+        if found is None:
+            known = ", ".join(sorted(self.providers))
+            raise ValueError(f"{provider_field}: unknown provider {provider!r} (known: {known})")
+        for field, model in models.items():
+            if model not in found.models:
+                listed = ", ".join(sorted(found.models)) or "none"
+                raise ValueError(
+                    f"{field}: {model!r} is not listed for provider {provider!r} "
+                    f"(listed: {listed}); add it with its prices to your providers file"
+                )
+        found.api_key()  # MissingApiKey names the variable
+        return found
+
 
 class JobSpec(BaseModel):
     """Base of all job specs."""

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from interpq.core.autointerp import RecordSet
 from interpq.errors import PermanentJobError
 from interpq.hf.loading import RANDOM_WEIGHT_MODELS
-from interpq.models import Artifact, Job
+from interpq.models import Job
 from interpq.specs import Ref
 from interpq.store.artifacts import to_local_path
 from interpq.worker.api_calls import CallPolicy
@@ -52,20 +52,7 @@ def job_row(ctx: RunnerContext, ref: Ref) -> Any:
 
 def records_dir(ctx: RunnerContext, records: Ref | str) -> Path:
     """The records directory: a FeatureRecords job's artifact, or the given path."""
-    if not isinstance(records, Ref):
-        return to_local_path(records)
-    with ctx.engine.connect() as conn:
-        uri = conn.execute(
-            select(Artifact.uri)
-            .join(Job, Job.id == Artifact.job_id)
-            .where(
-                Job.batch_id == ctx.batch_id,
-                Job.name == records.job,
-                Artifact.kind == "feature_records",
-            )
-        ).scalar()
-    if uri is None:
-        raise PermanentJobError(f"records: job @{records.job} recorded no feature records")
+    uri = ctx.input_uri(records, "feature_records", "records", "feature records")
     return to_local_path(uri)
 
 

@@ -17,10 +17,10 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, select
 
-from interpq.errors import JobCancelled
-from interpq.models import Job, JobState
+from interpq.errors import JobCancelled, PermanentJobError
+from interpq.models import Artifact, Job, JobState
 from interpq.settings import Settings, get_settings
-from interpq.specs import JobSpec
+from interpq.specs import JobSpec, Ref
 from interpq.store.artifacts import ArtifactStore, store_for
 
 SpecT = TypeVar("SpecT", bound=JobSpec, contravariant=True)
@@ -67,6 +67,33 @@ class RunnerContext:
             state = conn.execute(select(Job.state).where(Job.id == self.job_id)).scalar()
         if state == JobState.CANCELLED:
             raise JobCancelled(f"job {self.job_name} was cancelled")
+
+    def artifacts_of(self, job_name: str, kind: str) -> list[Any]:
+        """``(uri, meta)`` rows of the artifacts of ``kind`` that job ``@job_name`` of this
+        batch recorded (an input of this job: a dataset, an SAE, feature records)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(Artifact.uri, Artifact.meta)
+                    .join(Job, Job.id == Artifact.job_id)
+                    .where(
+                        Job.batch_id == self.batch_id,
+                        Job.name == job_name,
+                        Artifact.kind == kind,
+                    )
+                ).all()
+            )
+
+    def input_uri(self, value: Ref | str, kind: str, field: str, what: str) -> str:
+        """A spec field that names an input by job reference or URI: the URI given, or the
+        referenced job's artifact of ``kind`` (``PermanentJobError`` naming ``field`` when
+        that job recorded no ``what``)."""
+        if not isinstance(value, Ref):
+            return value
+        rows = self.artifacts_of(value.job, kind)
+        if not rows:
+            raise PermanentJobError(f"{field}: job @{value.job} recorded no {what}")
+        return str(rows[0].uri)
 
     @cached_property
     def store(self) -> ArtifactStore:

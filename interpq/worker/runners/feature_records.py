@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from interpq.errors import PermanentJobError
-from interpq.models import Artifact, Job
+from interpq.models import Artifact
 from interpq.models.ops import insert_ignore
 from interpq.specs import Ref
 from interpq.specs.autointerp import FeatureRecords
@@ -34,17 +34,6 @@ KIND = "feature_records"
 FORMAT = "interpq.feature_records.part/1"
 
 
-def _job_artifact(ctx: RunnerContext, job_name: str, kind: str) -> list[Any]:
-    with ctx.engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(Artifact.uri, Artifact.meta)
-                .join(Job, Job.id == Artifact.job_id)
-                .where(Job.batch_id == ctx.batch_id, Job.name == job_name, Artifact.kind == kind)
-            ).all()
-        )
-
-
 def sae_path(ctx: RunnerContext, spec: FeatureRecords) -> Path:
     """The SAE directory: the referenced TrainSAE job's (one of its sweep by ``sae_label``)."""
     if not isinstance(spec.sae, Ref):
@@ -52,7 +41,7 @@ def sae_path(ctx: RunnerContext, spec: FeatureRecords) -> Path:
         if not (path / "cfg.json").is_file():
             raise PermanentJobError(f"sae: no SAE at {path} (no cfg.json)")
         return path
-    rows = _job_artifact(ctx, spec.sae.job, "sae")
+    rows = ctx.artifacts_of(spec.sae.job, "sae")
     labels = {str((r.meta or {}).get("label")): r.uri for r in rows}
     if not labels:
         raise PermanentJobError(f"sae: job @{spec.sae.job} recorded no SAE")
@@ -77,14 +66,8 @@ def dataset_uri(ctx: RunnerContext, spec: FeatureRecords, sae_cfg: dict[str, Any
                 "activations: the SAE does not name the dataset it was trained on; give one"
             )
         return str(uri)
-    if isinstance(spec.activations, Ref):
-        rows = _job_artifact(ctx, spec.activations.job, "activation_dataset")
-        if not rows:
-            raise PermanentJobError(
-                f"activations: job @{spec.activations.job} recorded no activation dataset"
-            )
-        return str(rows[0].uri)
-    return spec.activations
+    return ctx.input_uri(spec.activations, "activation_dataset", "activations",
+                         "activation dataset")  # fmt: skip
 
 
 def _sha(*parts: Any) -> str:

@@ -20,13 +20,13 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from interpq.errors import PermanentJobError
-from interpq.models import Artifact, Job
+from interpq.models import Artifact
 from interpq.models.db import write
 from interpq.models.ops import insert_ignore
-from interpq.specs import Ref, TrainSAE
+from interpq.specs import TrainSAE
 from interpq.store.artifacts import ArtifactStore
 from interpq.worker.context import RunnerContext
 
@@ -38,23 +38,8 @@ N_TOP_EXAMPLES = 5
 
 def dataset_uri(ctx: RunnerContext, spec: TrainSAE) -> str:
     """The manifest URI of the activations: a referenced Extract job's, or the given one."""
-    if not isinstance(spec.activations, Ref):
-        return spec.activations
-    with ctx.engine.connect() as conn:
-        uri = conn.execute(
-            select(Artifact.uri)
-            .join(Job, Job.id == Artifact.job_id)
-            .where(
-                Job.batch_id == ctx.batch_id,
-                Job.name == spec.activations.job,
-                Artifact.kind == "activation_dataset",
-            )
-        ).scalar()
-    if uri is None:
-        raise PermanentJobError(
-            f"activations: job @{spec.activations.job} recorded no activation dataset"
-        )
-    return str(uri)
+    return ctx.input_uri(spec.activations, "activation_dataset", "activations",
+                         "activation dataset")  # fmt: skip
 
 
 EVALUATION = (
