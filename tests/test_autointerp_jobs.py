@@ -187,6 +187,16 @@ def test_records_explanations_and_scores_in_one_batch(stack: Stack) -> None:
                                    for x in lines)  # fmt: skip
     assert lines[0]["explained_by"] == "local/judge"
     assert lines[0]["scores"]["embedding"]["judged_by"] == "local/all-MiniLM-L6-v2"
+    # the HTML report's feature cards: explanation and scores beside the examples
+    from interpq.reports.interpretations import card_extras, explained_features
+
+    sae_dir = str(to_local_path(res["sae"].result["saes"][0]["uri"]))
+    assert set(explained_features(batch.results(), sae_dir)) == set(densest.tolist())
+    extras = card_extras(batch.results())
+    rows = extras[(str(to_local_path(sae_dir).resolve()), int(densest[0]))]
+    assert EXPLANATION in rows["explanation"] and "local/judge" in rows["explanation"]
+    assert "judged by local/judge" in rows["detection balanced_accuracy"]
+    assert "judged by local/all-MiniLM-L6-v2" in rows["embedding auroc"]
     _RECORDS["uri"] = out["uri"]
 
 

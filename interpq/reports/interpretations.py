@@ -4,12 +4,15 @@ For each Score job, per scorer: the best and worst features by its main metric (
 accuracy for detection and fuzzing, AUROC for embedding), with their explanations, the model
 that wrote each and the model that judged; for an Explain job without scores, its densest
 explained features. ``feature_records`` gives one JSON object per explained feature, its
-scores nested by scorer.
+scores nested by scorer. ``card_extras`` gives the rows the HTML report's feature cards show
+beside a feature's examples (its explanation and scores, each with its model), and
+``explained_features`` which of an SAE's features have them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from interpq.reports.tables import table
@@ -86,3 +89,73 @@ def feature_records(results: Sequence[JobResult]) -> list[dict[str, Any]]:
                                               "recall", "f1", "auroc", "n", "n_unparsed")},
             }  # fmt: skip
     return list(out.values())
+
+
+def _sae_of_records(records_uri: str | None) -> str | None:
+    """The SAE directory (a local path) that feature records were made with."""
+    import json
+
+    from interpq.store.artifacts import to_local_path
+
+    if not records_uri:
+        return None
+    try:
+        index = json.loads((to_local_path(records_uri) / "index.json").read_text())
+        return str(to_local_path(index["meta"]["sae"]).resolve())
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def card_extras(results: Sequence[JobResult]) -> dict[tuple[str, int], dict[str, str]]:
+    """Rows for the report's feature cards: (SAE directory as a local path, feature) →
+    label → HTML: the explanation with the model that wrote it, and each score with the
+    model that judged it (a random-weight model's rows say their text is noise)."""
+    import html
+
+    out: dict[tuple[str, int], dict[str, str]] = {}
+    sae_of_job: dict[str, str] = {}
+    for r in results:
+        if r.kind != "explain" or not r.result:
+            continue
+        sae = _sae_of_records(r.result.get("records"))
+        if sae is None:
+            continue
+        sae_of_job[r.job_id] = sae
+        for x in r.explanations():
+            text = x.explanation if x.explanation is not None else f"({x.status})"
+            note = f" <em>{html.escape(x.note)}</em>" if x.note else ""
+            out.setdefault((sae, x.feature), {})["explanation"] = (
+                f"{html.escape(text)} <span class='muted'>— {html.escape(x.provider)}/"
+                f"{html.escape(x.model)}</span>{note}"
+            )
+    for r in results:
+        if r.kind != "score" or not r.result:
+            continue
+        for s in r.scores():
+            sae = sae_of_job.get(s.explain_job_id)
+            if sae is None:
+                continue
+            metric = MAIN[s.scorer]
+            value = getattr(s, metric)
+            shown = "-" if value is None else f"{value:.3f}"
+            out.setdefault((sae, s.feature), {})[f"{s.scorer} {metric}"] = (
+                f"{shown} <span class='muted'>(n={s.n}, judged by {html.escape(s.provider)}/"
+                f"{html.escape(s.judge_model)})</span>"
+            )
+    return out
+
+
+def explained_features(results: Sequence[JobResult], sae_dir: str) -> list[int]:
+    """Features of the SAE at ``sae_dir`` that an Explain job of the batch explained, best
+    scored first where there are scores (so the report's cards show those)."""
+    extras = card_extras(results)
+    target = str(Path(sae_dir).resolve())
+    features = [f for (sae, f) in extras if sae == target]
+
+    def key(f: int) -> tuple[float, int]:
+        rows = extras[(target, f)]
+        scored = [v for k, v in rows.items() if k != "explanation"]
+        first = scored[0].split(" ")[0] if scored else "-"
+        return (-(float(first) if first != "-" else -1.0), f)
+
+    return sorted(features, key=key)
