@@ -197,6 +197,11 @@ def test_records_explanations_and_scores_in_one_batch(stack: Stack) -> None:
     assert EXPLANATION in rows["explanation"] and "local/judge" in rows["explanation"]
     assert "judged by local/judge" in rows["detection balanced_accuracy"]
     assert "judged by local/all-MiniLM-L6-v2" in rows["embedding auroc"]
+    from interpq.reports.html import render_report
+
+    page = render_report(batch)
+    card = page.split(f"data-feature='{int(densest[0])}'", 1)[1].split("</div>", 1)[0]
+    assert EXPLANATION in card and "local/judge" in card and "detection balanced_accuracy" in card
     _RECORDS["uri"] = out["uri"]
 
 

@@ -2,9 +2,9 @@
 highlighted in each.
 
 ``feature_card(card)`` renders one ``FeatureCard`` to HTML. It is the one place a card is
-drawn: later additions (an explanation and its scores, from ``Explain`` / ``Score`` jobs)
-go into ``FeatureCard.extras`` (label → already-escaped HTML, or plain text) and are shown
-under the examples, or extend this function.
+drawn: an explanation and its scores (from ``Explain`` / ``Score`` jobs, each naming its
+model: ``reports.interpretations.card_extras``) go into ``FeatureCard.extras`` (label →
+already-escaped HTML) and are shown under the examples.
 
 Tokens: a top example is stored as (activation, text id, token position). The text is split
 into tokens again with the tokenizer of the dataset's model and its extraction settings
@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -106,15 +107,20 @@ def tokens_of(text: str, model: str, settings: dict[str, Any]) -> list[str] | No
 
 
 def cards_from_top_examples(
-    sae_label: str, top_examples_path: str, model: str, settings: dict[str, Any], n: int = 8
-) -> list[FeatureCard]:
-    """Cards of the ``n`` features with the strongest top activation, from an SAE's
-    top-examples artifact (``interpq.top_examples/1``)."""
+    sae_label: str, top_examples_path: str, model: str, settings: dict[str, Any], n: int = 8,
+    chosen: Sequence[int] | None = None,
+) -> list[FeatureCard]:  # fmt: skip
+    """Cards of ``n`` features from an SAE's top-examples artifact
+    (``interpq.top_examples/1``): the ``chosen`` ones in that order (e.g. the explained
+    features, best scored first), else those with the strongest top activation."""
     data = json.loads(Path(top_examples_path).read_text(encoding="utf-8"))
     features = data["features"]
-    strongest = sorted(
-        (f for f, exs in enumerate(features) if exs), key=lambda f: -features[f][0][0]
-    )[:n]
+    if chosen is not None:
+        strongest = [f for f in chosen if 0 <= f < len(features) and features[f]][:n]
+    else:
+        strongest = sorted(
+            (f for f, exs in enumerate(features) if exs), key=lambda f: -features[f][0][0]
+        )[:n]
     texts = data["texts"]
     split: dict[str, list[str] | None] = {}
     cards = []

@@ -21,6 +21,7 @@ from typing import Any
 
 from interpq.core.uris import local_path
 from interpq.reports.feature_cards import cards_from_top_examples, feature_card
+from interpq.reports.interpretations import card_extras, explained_features
 from interpq.scheduler.batch import Batch, JobResult
 
 CSS = """
@@ -165,6 +166,7 @@ COUNTS = ("n_steps", "n_train_tokens")
 
 def sae_section(results: Sequence[JobResult], n_cards: int = 8) -> str:
     blocks = []
+    extras = card_extras(results)
     for r in results:
         if r.kind != "train_sae" or r.state != "succeeded" or not r.result:
             continue
@@ -192,8 +194,13 @@ def sae_section(results: Sequence[JobResult], n_cards: int = 8) -> str:
                     blocks.append(_img(data, f"{sae.label}: {alt}"))
             tops = m.get("top_examples_uri")
             if tops and model:
+                sae_dir = str(Path(sae.path).resolve())
+                explained = explained_features(results, sae_dir)  # best scored first
                 cards = cards_from_top_examples(sae.label, str(local_path(tops)), model,
-                                                settings, n=n_cards)  # fmt: skip
+                                                settings, n=n_cards,
+                                                chosen=explained or None)  # fmt: skip
+                for card in cards:  # its explanation and scores, each naming its model
+                    card.extras.update(extras.get((sae_dir, card.feature), {}))
                 blocks.append("<h4>Feature cards</h4><div class='cards'>"
                               + "".join(feature_card(c) for c in cards) + "</div>")  # fmt: skip
             blocks.append("</div>")
