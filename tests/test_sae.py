@@ -630,6 +630,40 @@ def test_top_examples_streaming_equals_global_topk():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_evaluate_with_top_examples_equals_the_dense_naive_pass(architecture):
+    """One pass of ``evaluate(top_examples=...)`` (a TopK SAE's latents kept sparse) gives the
+    metrics and fire counts of the dense encode/decode and, per feature, the rows of a global
+    top-n over the dense latents, with each row's metadata."""
+    x, _ = sparse_data(n=1500)
+    sae = train(x, tiny(architecture=architecture, n_steps=10), progress=False).sae
+    ids = torch.arange(1500)
+    batches = [(x[i : i + 256], {"text_id": ids[i : i + 256] // 7, "position": ids[i : i + 256] % 7})
+               for i in range(0, 1500, 256)]  # fmt: skip
+    tracker = sae_api.TopExamples(sae.d_sae, n=4)
+    metrics = evaluate(sae, batches, top_examples=tracker)
+    with torch.no_grad():
+        latents = sae.encode(x)  # [1500, d_sae]
+        x_hat = sae.decode(latents)
+    assert metrics.fvu == pytest.approx(sae_api.fvu(x, x_hat), rel=1e-5)
+    assert metrics.l0 == pytest.approx(sae_api.l0(latents))
+    assert_close(metrics.fire_counts, (latents > 0).sum(0).double())
+    dense = sae_api.TopExamples(sae.d_sae, n=4)
+    for i in range(0, 1500, 100):
+        dense.update(latents[i : i + 100])
+    got, got_dense = tracker.result(), dense.result()
+    assert sum(len(e) for e in got.values()) > sae.d_sae  # most features have examples
+    for f in range(sae.d_sae):
+        col = latents[:, f]
+        want = [r for r in col.topk(4).indices.tolist() if col[r] > 0]
+        assert [e.row for e in got[f]] == want == [e.row for e in got_dense[f]]
+        assert [e.activation for e in got[f]] == pytest.approx(col[want].tolist(), rel=1e-5)
+        assert [e.metadata for e in got[f]] == [
+            {"text_id": r // 7, "position": r % 7} for r in want
+        ]
+
+
+@pytest.mark.timeout(30)
 def test_plots_are_written_as_png(tmp_path):
     x, _ = sparse_data(n=1024)
     result = train(x, tiny(n_steps=20), progress=False)

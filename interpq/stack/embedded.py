@@ -140,6 +140,8 @@ class Stack:
         return self
 
     def child_env(self) -> dict[str, str]:
+        """The environment of a child process: one math thread unless set (a compute worker
+        gets its share of the cores instead, ``compute_threads``)."""
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -240,7 +242,10 @@ class Stack:
             "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
             "--without-mingle", "--without-gossip", "-l", "INFO",
         ]  # fmt: skip
-        return self._spawn(f"worker-{name}", argv)
+        env = self.child_env()
+        if queue == "compute" and "OMP_NUM_THREADS" not in {**os.environ, **self.env}:
+            env["OMP_NUM_THREADS"] = str(compute_threads(self.compute_workers * concurrency))
+        return self._spawn(f"worker-{name}", argv, env)
 
     def _resolve_flower_auth(self) -> None:
         from interpq.settings import env_value
@@ -344,3 +349,10 @@ def _wait_all(procs: list[Proc], timeout_s: float) -> None:
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.popen.wait(max(0.0, deadline - time.monotonic()))
+
+
+def compute_threads(n_processes: int) -> int:
+    """Math threads (``OMP_NUM_THREADS``) of each compute worker process: the machine's cores
+    shared among the ``n_processes`` compute processes, at least one. With one thread, a
+    job's CPU work (a CPU-device SAE, evaluation, plots) runs on one core of many."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_processes))

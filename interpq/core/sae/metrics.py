@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .top_examples import TopExamples, is_topk
+
 FORMULAS: dict[str, str] = {
     "mse": "MSE = (1/(N·d)) Σ_n Σ_j (x_nj − x̂_nj)²",
     "fvu": "FVU = Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄‖²  (x̄ = mean over the evaluation set)",
@@ -125,37 +127,54 @@ class SAEMetrics:
 
 @torch.no_grad()
 def evaluate(
-    sae: Any, data: Iterable[Any] | Tensor | np.ndarray, *, batch_size: int = 4096
+    sae: Any,
+    data: Iterable[Any] | Tensor | np.ndarray,
+    *,
+    batch_size: int = 4096,
+    top_examples: TopExamples | None = None,
 ) -> SAEMetrics:
     """Stream ``data`` through ``sae`` (encode then decode) and compute ``SAEMetrics``.
 
     Sums are kept in float64: Σ‖x − x̂‖², Σx and Σ‖x‖², so that
-    Σ‖x − x̄‖² = Σ‖x‖² − N‖x̄‖² uses the mean of the whole set, not of each batch.
+    Σ‖x − x̄‖² = Σ‖x‖² − N‖x̄‖² uses the mean of the whole set, not of each batch. Everything
+    runs on the SAE's device without a host sync per batch; a TopK SAE's latents stay sparse
+    (its decode is a gather of k decoder rows). ``top_examples``: also merge every batch's
+    latents into this tracker (batches ``(x, metadata)``), so that one pass over the data
+    gives both.
     """
     param = next(sae.parameters())
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     batches: Iterable[Any] = data.split(batch_size) if isinstance(data, Tensor) else data
-    sq_err = sum_x = sum_sq = None
+    zero = torch.zeros((), dtype=torch.float64, device=param.device)
+    sq_err, sum_sq, n_active = zero.clone(), zero.clone(), zero.clone()
+    sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
     n = 0
     fire = torch.zeros(sae.d_sae, dtype=torch.float64, device=param.device)
-    l0_sum = 0.0
     for batch in batches:
-        x = batch[0] if isinstance(batch, tuple | list) else batch
-        x = torch.as_tensor(x).reshape(-1, sae.d_in).to(param.device)
-        latents = sae.encode(x)
-        x_hat = sae.decode(latents)
+        x, meta = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+        x = torch.as_tensor(x).reshape(-1, sae.d_in).to(param.device, non_blocking=True)
+        if is_topk(sae):
+            values, ids = sae.encode_topk(x)  # [batch, k]
+            x_hat = sae.decode_sparse(values, ids)
+            active = values > 0
+            fire.index_add_(0, ids.reshape(-1), active.reshape(-1).double())
+            if top_examples is not None:
+                top_examples.update_sparse(values, ids, meta)
+        else:
+            latents = sae.encode(x)  # [batch, d_sae]
+            x_hat = sae.decode(latents)
+            active = latents > 0
+            fire += active.sum(0).double()
+            if top_examples is not None:
+                top_examples.update(latents, meta)
         x64 = x.double()
-        err = (x64 - x_hat.double()).pow(2).sum()
-        sq_err = err if sq_err is None else sq_err + err
-        sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
-        sq = x64.pow(2).sum()
-        sum_sq = sq if sum_sq is None else sum_sq + sq
-        active = latents > 0
-        fire += active.sum(0).double()
-        l0_sum += float(active.sum())
+        sq_err += (x64 - x_hat.double()).pow(2).sum()
+        sum_x += x64.sum(0)
+        sum_sq += x64.pow(2).sum()
+        n_active += active.sum()
         n += x.shape[0]
-    if n == 0 or sq_err is None or sum_x is None or sum_sq is None:
+    if n == 0:
         raise ValueError("evaluate: the evaluation data has no rows")
     total_var = sum_sq - sum_x.pow(2).sum() / n
     fvu_value = float(sq_err / total_var)
@@ -163,7 +182,7 @@ def evaluate(
         mse=float(sq_err) / (n * sae.d_in),
         fvu=fvu_value,
         explained_variance=1.0 - fvu_value,
-        l0=l0_sum / n,
+        l0=float(n_active) / n,
         dead_fraction=float((fire == 0).double().mean()),
         n_tokens=n,
         fire_counts=fire.cpu(),

@@ -139,8 +139,17 @@ class SparseAutoencoder(nn.Module):
         """(activations [..., k], latent ids [..., k]) of a TopK SAE, without densifying."""
         if self.cfg.architecture != "topk":
             raise ValueError(f"encode_topk needs a topk SAE, this one is {self.cfg.architecture}")
-        vals, idx = self.preacts(x).topk(self.cfg.k, dim=-1, sorted=False)
-        return vals.relu(), idx
+        pre = self.preacts(x)  # [..., d_sae]
+        vals, idx = self._row_topk(pre.reshape(-1, pre.shape[-1]), self.cfg.k)  # [rows, k]
+        shape = (*pre.shape[:-1], self.cfg.k)
+        return vals.relu().reshape(shape), idx.reshape(shape)
+
+    def decode_sparse(self, values: Tensor, ids: Tensor) -> Tensor:
+        """``decode`` of a TopK SAE's ``encode_topk`` output (values, ids [batch, k]) without
+        densifying: a gather-and-sum of k decoder rows per row. [batch, d_in]."""
+        pattern = SparsePattern.from_topk(ids, self.d_sae)
+        acts = values.to(self.W_dec.dtype)
+        return (sparse_decode(acts, pattern, self.W_dec) + self.b_dec) / self.input_scale
 
     def decode(self, latents: Tensor) -> Tensor:
         """Reconstruction (latents·W_dec + b_dec) / s from dense latents: [..., d_in]."""

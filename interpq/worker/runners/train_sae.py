@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SAE_DIR = "sae"
 N_TOP_EXAMPLES = 5
 """Top-activating rows kept per feature (for every feature, in the top-examples artifact)."""
+EVAL_BATCH_ROWS = 4096
+"""Rows per batch of the evaluation and top-examples pass."""
 
 
 def dataset_uri(ctx: RunnerContext, spec: TrainSAE) -> str:
@@ -66,7 +68,7 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
 
 
 def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
-    from interpq.core.sae import evaluate, train_many
+    from interpq.core.sae import train_many
     from interpq.store.datasets import ActivationDataset, DatasetError
     from interpq.worker.sae_downstream import downstream_losses
 
@@ -99,10 +101,12 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     rows: list[dict[str, Any]] = []
     for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
         label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
-        evaluation = evaluate(res.sae, eval_ds.iter_batches(4096))
+        evaluation, tops = _evaluate(res.sae, ds, eval_ds)
         down = downstream[i] if isinstance(downstream, list) else {}
         stored = {**evaluation.as_dict(), **_train_window(res), **down}
-        entry, files = _outputs(ctx, store, label, uri, ds, res, (evaluation, what), stored, texts)
+        entry, files = _outputs(
+            ctx, store, label, uri, ds, res, (evaluation, what), stored, (tops, texts)
+        )
         summary["saes"].append(entry)
         rows += files
     with write(ctx.engine) as conn:
@@ -141,6 +145,21 @@ def _fit_batch_size(spec: TrainSAE, n_train: int, n_held_out: int | None) -> tup
     )
 
 
+def _evaluate(sae: Any, ds: Any, eval_ds: Any) -> tuple[Any, dict[int, list[Any]]]:
+    """The evaluation over ``eval_ds`` and every feature's top examples over ``ds``, on the
+    SAE's device; one pass over the rows when they are the same rows."""
+    from interpq.core.sae import TopExamples, evaluate, top_activating_examples
+
+    if eval_ds is ds:
+        tracker = TopExamples(sae.d_sae, N_TOP_EXAMPLES)
+        evaluation = evaluate(sae, ds.iter_batches(EVAL_BATCH_ROWS, with_metadata=True),
+                              top_examples=tracker)  # fmt: skip
+        return evaluation, tracker.result()
+    evaluation = evaluate(sae, eval_ds.iter_batches(EVAL_BATCH_ROWS))
+    batches = ds.iter_batches(EVAL_BATCH_ROWS, with_metadata=True)
+    return evaluation, top_activating_examples(sae, batches, n=N_TOP_EXAMPLES)
+
+
 def _reporter(ctx: Any, n_saes: int) -> Any:
     """A training callback: progress for Flower (steps done / total), and a stop at the
     next logging window or checkpoint when the job was cancelled (checkpoints are kept: a
@@ -173,20 +192,17 @@ def _train_window(res: Any) -> dict[str, float]:
 
 def _outputs(
     ctx: RunnerContext, store: ArtifactStore, label: str, uri: str, ds: Any, res: Any,
-    evaluated: tuple[Any, str], stored: dict[str, Any], texts: list[str],
+    evaluated: tuple[Any, str], stored: dict[str, Any],
+    examples: tuple[dict[int, list[Any]], list[str]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
-    its artifact rows. ``evaluated`` is the ``evaluate`` result and what it is over; the
+    its artifact rows. ``evaluated`` is the ``evaluate`` result and what it is over,
+    ``examples`` the top examples and the dataset's texts; the
     density histogram is its ``fire_counts`` over its ``n_tokens`` rows, the window its
     stored dead fraction is counted over."""
     evaluation, what = evaluated
-    from interpq.core.sae import (
-        FORMULAS,
-        plot_density_histogram,
-        plot_training_curves,
-        save,
-        top_activating_examples,
-    )
+    tops, texts = examples
+    from interpq.core.sae import FORMULAS, plot_density_histogram, plot_training_curves, save
 
     def artifact(name: str) -> str:  # the store names every file of the job
         return store.uri_for(SAE_DIR, ctx.job_id, name)
@@ -207,9 +223,6 @@ def _outputs(
         title=f"{label}: evaluation over {evaluation.n_tokens} rows"
         + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
     )  # fmt: skip
-    tops = top_activating_examples(
-        res.sae, ds.iter_batches(4096, with_metadata=True), n=N_TOP_EXAMPLES
-    )
     tops_json = artifact(f"{label}-top-examples.json")
     compact = json.dumps(compact_top_examples(tops, texts), separators=(",", ":"))
     store.put_atomic(tops_json, compact.encode())
