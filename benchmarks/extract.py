@@ -41,7 +41,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from interpq.core.corpus import load_texts  # noqa: E402
-from interpq.core.extraction import accepts_position_ids, pad, plan_batches  # noqa: E402
+from interpq.core.extraction import (  # noqa: E402
+    SORT_WINDOW_BATCHES,
+    accepts_position_ids,
+    pad,
+    plan_batches,
+)
 from interpq.specs import Extract  # noqa: E402
 from interpq.store.artifacts import FileStore  # noqa: E402
 from interpq.worker.extraction.local import write_local_shard  # noqa: E402
@@ -63,7 +68,7 @@ def bare_forward(m: Any, texts: list[str], spec: Extract, max_length: int, devic
     with_pos = accepts_position_ids(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.inference_mode():
-        for batch in plan_batches(lengths, spec.batch_size):
+        for batch in plan_batches(lengths, spec.batch_size, window_batches=SORT_WINDOW_BATCHES):
             x, mask, pos = pad([ids[i] for i in batch], pad_id)
             kwargs = {"input_ids": x.to(device), "attention_mask": mask.to(device)}
             if with_pos:

@@ -232,6 +232,54 @@ def _write_dataset(root: Path, rows_per_shard: list[list[int]], d: int, dtype: s
     return manifest_uri, np.concatenate(everything)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_shard_sha256_is_computed_while_writing(tmp_path: Path, dtype: str) -> None:
+    """``write_shard``'s digest (hashed behind the writer while texts arrive out of order) is
+    the file's sha256; the file is the same whether the token columns come from the batches
+    or up front; a failing writer stops its hashing thread."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    per_text = [300, 100, 400, 100, 500, 900, 200, 600]  # ~12 MB: several hashing chunks
+    n = sum(per_text)
+    acts = {"a": rng.standard_normal((n, 1000)).astype(dtype),
+            "b": rng.standard_normal((n, 3)).astype(dtype)}  # fmt: skip
+    pos = np.concatenate([np.arange(k) for k in per_text])
+    tok = rng.integers(0, 50_000, n)
+    starts = np.concatenate([[0], np.cumsum(per_text)])
+
+    def rows(a: np.ndarray, texts: list[int]) -> np.ndarray:
+        return np.concatenate([a[starts[t] : starts[t + 1]] for t in texts])
+
+    pairs = [[5, 0], [1, 7], [2, 4], [6, 3]]  # batches of two texts, scrambled
+    batches = [_Batch(p, [per_text[t] for t in p], {k: rows(a, p) for k, a in acts.items()},
+                      rows(pos, p), rows(tok, p)) for p in pairs]  # fmt: skip
+    kwargs = dict(widths={"a": 1000, "b": 3}, rows_per_text=per_text, dtype=dtype,
+                  metadata={"cache_key": "k"})  # fmt: skip
+    threads = threading.active_count()
+    written = [
+        write_shard(tmp_path / "from-batches.safetensors", batches=batches, **kwargs),
+        write_shard(
+            tmp_path / "up-front.safetensors",
+            batches=batches,
+            **kwargs,
+            columns={"position": pos, "token_id": tok},
+        ),  # fmt: skip
+    ]
+    for w, name in zip(written, ("from-batches", "up-front"), strict=True):
+        assert w.sha256 == sha256_file(tmp_path / f"{name}.safetensors") and w.n_rows == n
+    assert written[0].sha256 == written[1].sha256
+    got = load_file(str(tmp_path / "up-front.safetensors"))
+    assert np.array_equal(got["a"], acts["a"]) and np.array_equal(got["b"], acts["b"])
+    assert np.array_equal(got["position"], pos) and np.array_equal(got["token_id"], tok)
+    assert np.array_equal(got["text_id"], np.repeat(np.arange(8), per_text))
+    short = [*batches[:2], _Batch([2], [1], {k: a[:1] for k, a in acts.items()}, pos[:1], tok[:1])]
+    with pytest.raises(ValueError, match="text 2: 1 rows"):
+        write_shard(tmp_path / "bad.safetensors", batches=short, **kwargs)
+    assert threading.active_count() == threads
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_dataset_round_trip_is_memory_mapped_and_checked(tmp_path: Path, dtype: str) -> None:
     uri, expected = _write_dataset(tmp_path, [[3, 1, 4], [1, 5], [9, 2, 6, 5]], d=8, dtype=dtype)

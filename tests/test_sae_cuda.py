@@ -1,5 +1,6 @@
 """SAE training on CUDA: the CUDA-graph step equals the eager step; the Triton top-k equals
-torch.topk.
+torch.topk; the read-ahead (pinned host buffers, side-stream copies) gives the plain path's
+batches and training.
 
 Skipped without a GPU (CI has none); run on a GPU machine with
 ``pytest tests/test_sae_cuda.py``.
@@ -116,3 +117,58 @@ def test_triton_topk_in_training_matches_torch_topk():
     plain = train(data, SAEConfig(**common, fused_topk=False), progress=False)
     for name, p in plain.sae.state_dict().items():
         torch.testing.assert_close(fused.sae.state_dict()[name], p, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the read-ahead on CUDA
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_prefetched_batches_on_cuda_equal_unprefetched(tmp_path, dtype, shuffle):
+    """Batches read ahead into pinned host buffers and copied on a side stream equal the
+    plain path's, on the device, as float32; the ring's buffers are pinned."""
+    import numpy as np
+    from test_sae_prefetch import _dataset, _numbered
+
+    from interpq.core.sae.data import BatchSource
+
+    x = _numbered(1000, d=8, dtype=np.dtype(dtype))
+    ds = _dataset(tmp_path, x)
+    n_batches = 3 * (len(ds) // 64) + 2  # into the 4th epoch
+
+    def run(prefetch: int) -> tuple[list[torch.Tensor], BatchSource]:
+        source = BatchSource(ds, 64, shuffle=shuffle, seed=7, device="cuda", prefetch=prefetch)
+        return [source.next().clone() for _ in range(n_batches)], source
+
+    plain, plain_source = run(0)
+    fast, fast_source = run(4)
+    prefetcher = fast_source._prefetcher
+    assert prefetcher is not None and prefetcher.slots
+    assert all(slot.is_pinned() for slot in prefetcher.slots)
+    assert prefetcher.slots[0].dtype == getattr(torch, dtype)  # converted on the GPU
+    fast_source.close()
+    plain_source.close()
+    for a, b in zip(fast, plain, strict=True):
+        assert a.is_cuda and a.dtype == torch.float32 and torch.equal(a, b)
+    rows = torch.cat(plain[: len(ds) // 64])[:, 0].long().tolist()
+    assert len(set(rows)) == len(rows)  # no row twice within an epoch
+
+
+@pytest.mark.timeout(120)
+def test_training_from_a_dataset_on_cuda_with_and_without_prefetch(tmp_path):
+    """The same steps on the same batches: prefetching changes the timing, not the result."""
+    from test_sae_prefetch import _dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 32, generator=g).relu().numpy()
+    ds = _dataset(tmp_path, x)
+    cfg = SAEConfig(d_in=32, d_sae=256, k=8, batch_size=256, n_steps=40, lr_warmup_steps=2,
+                    log_every_steps=5, device="cuda", cuda_graph=False, seed=0,
+                    checkpoint_every_steps=None, prefetch_batches=0)  # fmt: skip
+    plain = train(ds, cfg, progress=False)
+    fast = train(ds, cfg.replace(prefetch_batches=4), progress=False)
+    for name, p in plain.sae.state_dict().items():
+        torch.testing.assert_close(fast.sae.state_dict()[name], p, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(fast.curves["fvu"]), torch.tensor(plain.curves["fvu"]),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip

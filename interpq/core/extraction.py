@@ -7,7 +7,8 @@ and yields, per batch, the activations at each ``(hook point, layer)`` reduced t
 - ``"last"``: one row per text, its last real token;
 - ``"mean"``: one row per text, the mean over its real tokens.
 
-Texts are grouped into batches of similar length (fewer pad tokens), padded on the left or
+Texts are grouped into batches of similar length (fewer pad tokens; sorted within windows of
+``SORT_WINDOW_BATCHES`` batches, so a shard's first texts finish first), padded on the left or
 the right with an attention mask and explicit position ids (counted from the model's own
 first position: 0, or ``padding_idx + 1`` for RoBERTa-style encoders), so a text's activations do not
 depend on its batch (padding invariance, up to float rounding). The forward pass stops right
@@ -35,6 +36,8 @@ PaddingSide = Literal["left", "right"]
 Point = tuple[str, int]
 """A hook point and its layer, e.g. ``("resid_pre", 6)``."""
 EXTRACTABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+SORT_WINDOW_BATCHES = 8
+"""``extract`` sorts texts by length within windows of this many batches (``plan_batches``)."""
 
 
 class _StopForward(Exception):
@@ -63,13 +66,23 @@ def rows_per_text(lengths: Sequence[int], reduction: Reduction) -> list[int]:
 
 
 def plan_batches(
-    lengths: Sequence[int], batch_size: int, sort_by_length: bool = True
-) -> list[list[int]]:
-    """Text indices grouped into batches; longest first when sorting (stable for ties)."""
-    order = list(range(len(lengths)))
-    if sort_by_length:
-        order.sort(key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    lengths: Sequence[int], batch_size: int, sort_by_length: bool = True,
+    window_batches: int | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Text indices grouped into batches; longest first when sorting (stable for ties).
+
+    ``window_batches``: sort only within consecutive windows of that many batches' texts
+    (windows in text order), so the texts at the start of a shard are all done early (its
+    writer can hash and flush them while later windows run) at little cost in padding.
+    """
+    window = len(lengths) if window_batches is None else max(1, window_batches) * batch_size
+    batches = []
+    for lo in range(0, len(lengths), max(window, 1)):
+        order = list(range(lo, min(lo + window, len(lengths))))
+        if sort_by_length:
+            order.sort(key=lambda i: -lengths[i])
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches
 
 
 def pad(
@@ -190,7 +203,7 @@ def extract(
     with_positions = accepts_position_ids(model)
     lengths = [len(t) for t in token_ids]
     pending: _InFlight | None = None
-    for batch in plan_batches(lengths, batch_size, sort_by_length):
+    for batch in plan_batches(lengths, batch_size, sort_by_length, SORT_WINDOW_BATCHES):
         ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
         model_positions = positions + layout.position_offset if with_positions else None
         rows_index = _row_index(mask, reduction)  # on the host: no device sync to find rows

@@ -59,6 +59,14 @@ class Stored:
     """False when ``overwrite=False`` and a complete artifact was already there."""
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a ``put_atomic`` writer may return: the sha256 of the bytes it wrote, computed as
+    it wrote them (``interpq.store.hashing``), so that the file is not read again."""
+
+    sha256: str
+
+
 class ArtifactStore(Protocol):
     """The interface every store implements (``FileStore`` today)."""
 
@@ -167,7 +175,8 @@ class FileStore:
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored:
         """Write the artifact: ``write(tmp_path)`` (or the bytes) to a temporary file, fsync,
-        then rename to ``uri``. Returns its sha256 and size.
+        then rename to ``uri``. Returns its sha256 and size: the file read back, unless
+        ``write`` returns a ``Written`` (the digest it computed while writing).
 
         ``overwrite=False``: if a complete file is already there (another writer finished
         first), keep it and return its digest with ``created=False``.
@@ -178,11 +187,13 @@ class FileStore:
         stored: list[tuple[str, int]] = []
 
         def write_and_digest(tmp: Path) -> None:
+            written: object = None
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)
             else:
-                write(tmp)
-            stored.append((sha256_file(tmp), tmp.stat().st_size))
+                written = write(tmp)
+            digest = written.sha256 if isinstance(written, Written) else sha256_file(tmp)
+            stored.append((digest, tmp.stat().st_size))
 
         created = write_atomic(
             final, write_and_digest, tmp_dir=self.root / TMP_DIR, tmp_name=tmp_name,

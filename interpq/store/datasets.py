@@ -39,6 +39,7 @@ from interpq.store.shards import (
     Shard,
     ShardRows,
     StoreDtype,
+    WrittenShard,
     _map,
     read_shard_header,
     shard_writer,
@@ -60,6 +61,7 @@ __all__ = [
     "ShardRows",
     "read_shard_header",
     "shard_writer",
+    "WrittenShard",
     "write_shard",
 ]
 

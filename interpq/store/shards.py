@@ -10,7 +10,8 @@ One shard holds, for ``n_rows`` rows:
   (-1 when a row is a mean over tokens or an API embedding);
 - in the safetensors header metadata: the format, the cache key and the shard's texts (JSON).
 
-``write_shard`` fills a file as batches arrive (the forward passes run as it is written);
+``write_shard`` fills a file as batches arrive (the forward passes run as it is written) and
+hashes it as it goes (``interpq.store.hashing``);
 ``read_shard_header`` checks a file is complete; ``Shard`` memory-maps its tensors. Datasets
 of shards and their manifest are ``datasets.py``'s. This module knows the file format only.
 """
@@ -18,14 +19,19 @@ of shards and their manifest are ``datasets.py``'s. This module knows the file f
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+
+from interpq.store.artifacts import Written
+from interpq.store.hashing import TrailingHasher
 
 StoreDtype = Literal["float32", "float16"]
 """How a shard stores activations."""
@@ -155,6 +161,13 @@ class ShardRows(Protocol):
     token_ids: Any
 
 
+@dataclass(frozen=True)
+class WrittenShard(Written):
+    """What ``write_shard`` wrote: the file's sha256 (computed while writing) and its rows."""
+
+    n_rows: int
+
+
 def write_shard(
     path: str | Path,
     *,
@@ -163,37 +176,96 @@ def write_shard(
     batches: Iterable[ShardRows],
     dtype: StoreDtype,
     metadata: Mapping[str, str],
-) -> int:
-    """Write a shard file from batches that may come in any text order; returns its rows.
+    columns: Mapping[str, Any] | None = None,
+) -> WrittenShard:
+    """Write a shard file from batches that may come in any text order.
 
     Each text's rows land at its place (texts in order, rows in position order), so the
-    file does not depend on how texts were batched.
+    file does not depend on how texts were batched. Rows are written with ``pwrite`` as the
+    batches come; a ``TrailingHasher`` hashes (and starts writing to disk) the prefix of the
+    file that is final, i.e. up to the first text still missing, while later batches are
+    computed, so the sha256 is ready when the last row is. ``columns``: ``position`` and
+    ``token_id`` of every row when the caller knows them up front (then they are written
+    first, the batches' are not read, and the final prefix is not held back by them).
     """
     offsets = np.concatenate([[0], np.cumsum(rows_per_text, dtype=np.int64)])
-    n_rows = int(offsets[-1])
+    n_rows, n_texts = int(offsets[-1]), len(rows_per_text)
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {
         name: (dtype, (n_rows, d)) for name, d in widths.items()
     }
     tensors |= {col: ("int32", (n_rows,)) for col in META_COLUMNS}
-    with shard_writer(path, tensors, {"format": SHARD_FORMAT, **metadata}) as out:
-        out["text_id"][:] = np.repeat(np.arange(len(rows_per_text), dtype=np.int32), rows_per_text)
-        done = np.zeros(len(rows_per_text), dtype=bool)
+    head, spans = _layout(tensors, {"format": SHARD_FORMAT, **metadata})
+    size = max((off + _nbytes(d, s) for d, s, off in spans.values()), default=len(head))
+    meta = {"text_id": np.repeat(np.arange(n_texts, dtype=np.int32), rows_per_text)}
+    known = columns is not None
+    for col in ("position", "token_id"):
+        meta[col] = (np.ascontiguousarray(columns[col], dtype=np.int32) if columns is not None
+                     else np.zeros(n_rows, np.int32))  # fmt: skip
+        if meta[col].shape != (n_rows,):
+            raise ValueError(f"columns[{col!r}]: {meta[col].shape[0]} rows, expected {n_rows}")
+    # in file order: the final prefix ends at a column still kept back, or inside the first
+    # hook tensor at its first text not yet written
+    regions = sorted((off, name) for name, (_, _, off) in spans.items())
+    deferred = () if known else ("position", "token_id")
+
+    def final_prefix(complete: int) -> int:
+        for off, name in regions:
+            if name in deferred:
+                return off
+            if name in widths and complete < n_texts:
+                return off + int(offsets[complete]) * widths[name] * spans[name][0].itemsize
+        return size
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    hasher = None
+    try:
+        os.pwrite(fd, head, 0)
+        os.ftruncate(fd, size)
+        for col, values in meta.items():  # text_id, and the known columns: final now
+            if col == "text_id" or known:
+                _pwrite(fd, values, spans[col][2])
+        hasher = TrailingHasher(fd)
+        done = np.zeros(n_texts, dtype=bool)
+        complete = 0  # texts 0..complete-1 are written
         for batch in batches:
-            acts = {name: _numpy(batch.acts[name]) for name in widths}
-            cols = {"position": _numpy(batch.positions), "token_id": _numpy(batch.token_ids)}
+            acts = {name: np.ascontiguousarray(_numpy(batch.acts[name]), dtype=spans[name][0])
+                    for name in widths}  # fmt: skip
+            cols = {} if known else {"position": _numpy(batch.positions),
+                                     "token_id": _numpy(batch.token_ids)}  # fmt: skip
             src = np.concatenate([[0], np.cumsum(batch.rows_per_text, dtype=np.int64)])
             for j, t in enumerate(batch.text_index):
                 if src[j + 1] - src[j] != offsets[t + 1] - offsets[t]:
                     raise ValueError(f"text {t}: {src[j + 1] - src[j]} rows, expected fewer/more")
-                dst, take = slice(offsets[t], offsets[t + 1]), slice(src[j], src[j + 1])
+                lo, hi = int(src[j]), int(src[j + 1])
                 for name, a in acts.items():
-                    out[name][dst] = a[take]
+                    _pwrite(fd, a[lo:hi], spans[name][2] + int(offsets[t]) * a[0].nbytes)
                 for col, a in cols.items():
-                    out[col][dst] = a[take]
+                    meta[col][offsets[t] : offsets[t + 1]] = a[lo:hi]
                 done[t] = True
+            while complete < n_texts and done[complete]:
+                complete += 1
+            hasher.advance(final_prefix(complete))
         if not done.all():
             raise ValueError(f"no rows for texts {np.flatnonzero(~done)[:5].tolist()} ...")
-    return n_rows
+        if not known:
+            for col in ("position", "token_id"):
+                _pwrite(fd, meta[col], spans[col][2])
+        digest = hasher.finish(size)
+    except BaseException:
+        if hasher is not None:
+            hasher.abandon()
+        raise
+    finally:
+        os.close(fd)
+    return WrittenShard(sha256=digest, n_rows=n_rows)
+
+
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write a C-contiguous array's bytes at ``offset`` (all of them)."""
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _numpy(value: Any) -> np.ndarray:

@@ -9,13 +9,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from interpq.core.extraction import extract, rows_per_text
 from interpq.errors import PermanentJobError, RetryableJobError
 from interpq.specs import Extract
 from interpq.store.artifacts import ArtifactStore, Stored
-from interpq.store.datasets import (
-    write_shard,
-)
+from interpq.store.datasets import WrittenShard, write_shard
 from interpq.worker.context import RunnerContext
 from interpq.worker.extraction.shards import Rows, ShardOutcome, cache_key, hit_or_compute
 from interpq.worker.local_models import LocalModel, local_model, resolve_device
@@ -112,18 +112,31 @@ def write_local_shard(
     per_text = rows_per_text(lengths, spec.tokens)
     n_tokens = sum(lengths)
 
-    def write_file(tmp: Any) -> None:
-        write_shard(
+    def write_file(tmp: Any) -> WrittenShard:
+        return write_shard(
             tmp,
             widths={h["name"]: h["d"] for h in hooks},
             rows_per_text=per_text,
-            batches=named,  # the forward passes run as the file is filled
+            batches=named,  # the forward passes run as the file is filled (and hashed)
             dtype=spec.store_dtype,
             metadata={"cache_key": key, "texts": json.dumps(texts), "n_tokens": str(n_tokens),
                       "hooks": json.dumps(hooks)},
+            columns=_token_columns(token_ids, spec.tokens),
         )  # fmt: skip
 
     return store.put_atomic(uri, write_file, overwrite=False), sum(per_text), n_tokens
+
+
+def _token_columns(token_ids: Sequence[Sequence[int]], tokens: str) -> dict[str, Any]:
+    """``position`` and ``token_id`` of every row, known before the forward passes (as
+    ``extract`` reports them: -1 for a mean over tokens)."""
+    if tokens == "all":
+        return {"position": np.concatenate([np.arange(len(t)) for t in token_ids]),
+                "token_id": np.concatenate([np.asarray(t) for t in token_ids])}  # fmt: skip
+    if tokens == "last":
+        return {"position": np.array([len(t) - 1 for t in token_ids]),
+                "token_id": np.array([t[-1] for t in token_ids])}  # fmt: skip
+    return {"position": np.full(len(token_ids), -1), "token_id": np.full(len(token_ids), -1)}
 
 
 def _point_order(point: tuple[str, int]) -> tuple[int, int]:
