@@ -1,0 +1,100 @@
+"""A queued ``TrainSAE`` job's work against the library's, side by side, on one device.
+
+The job's runner (``interpq.worker.runners.train_sae.run_part``, with a real SQLite database
+and artifact store, no broker) against ``interpq.sae.train_many`` on the same on-disk
+``ActivationDataset``, and against ``train_many`` plus the evaluation and every feature's
+top examples (what the job does after training). Locates what a job costs beyond the
+library call; ``--profile`` adds a cProfile table of the runner.
+
+    python benchmarks/sae_job.py --rows 100000 --d-in 64 --threads 1 --profile
+    python benchmarks/sae_job.py --device cuda --rows 1048576 --d-in 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--d-in", type=int, default=64)
+    p.add_argument("--expansion", type=int, default=32)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from gpu_pipeline import sync, write_dataset
+
+    from interpq.models.db import ensure_schema, get_engine
+    from interpq.sae import TopExamples, evaluate, train_many
+    from interpq.settings import Settings
+    from interpq.specs import TrainSAE
+    from interpq.worker.context import RunnerContext
+    from interpq.worker.runners import train_sae
+
+    tmp = Path(tempfile.mkdtemp(prefix="sae-job-"))
+    ds = write_dataset(tmp / "ds", torch.randn(args.rows, args.d_in), "float16")
+    spec = TrainSAE(name="sae", activations=str(tmp / "ds" / "manifest.json"), k=args.k,
+                    expansion_factor=args.expansion, batch_size=args.batch_size, n_epochs=1,
+                    device=args.device, downstream_texts=0, lr_warmup_steps=10,
+                    autocast_bf16=args.device.startswith("cuda"))  # fmt: skip
+    times = {}
+    t = time.perf_counter()
+    (res,) = train_many(ds, spec.configs(d_in=ds.d), progress=False)
+    sync(args.device)
+    times["library: train_many"] = time.perf_counter() - t
+    tracker = TopExamples(res.sae.d_sae, train_sae.N_TOP_EXAMPLES)
+    evaluate(res.sae, ds.iter_batches(4096, with_metadata=True), top_examples=tracker)
+    tracker.result()
+    sync(args.device)
+    times["library: train_many + evaluate + top examples"] = time.perf_counter() - t
+    settings = Settings(database_url=f"sqlite:///{tmp}/db.sqlite", artifacts_dir=str(tmp / "a"))
+    engine = get_engine(settings.resolved_database_url())
+    ensure_schema(engine)
+    ctx = RunnerContext(engine=engine, job_id="job", batch_id="batch", job_name="sae", part=0,
+                        n_parts=1, worker="bench", settings=settings)  # fmt: skip
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    with prof if args.profile else _nothing():
+        train_sae.run_part(ctx, spec)
+    sync(args.device)
+    times["job: run_part"] = time.perf_counter() - t
+    job = times["job: run_part"]
+    print(f"\n{args.rows:,} rows, d_in {args.d_in}, {args.d_in * args.expansion:,} latents, "
+          f"k {args.k}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}")  # fmt: skip
+    print("| what | s | of the job's time |\n|---|---:|---:|")
+    for name, s in times.items():
+        print(f"| {name} | {s:.2f} | {s / job:.1%} |")
+    if args.profile:
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main()
