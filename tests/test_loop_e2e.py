@@ -117,3 +117,31 @@ def _shards_done(stack: Stack, job_id: str) -> int:
                 .where(Artifact.job_id == job_id, Artifact.kind == "activation_shard")
             ).scalar_one()
         )
+
+
+def test_an_sae_cancelled_mid_training_is_retried_with_other_settings(stack: Stack) -> None:
+    """Its checkpoints were written for k=4: the retry with k=8 sets them aside, starts over."""
+    import time
+    from pathlib import Path
+
+    acts = _extract("acts", 2, 24, 24)  # the first test's shards: found in the cache
+    sae = TrainSAE(name="sae", activations=acts, k=4, expansion_factor=2, n_steps=1_000_000,
+                   batch_size=64, checkpoint_every_steps=20, downstream_texts=0)  # fmt: skip
+    batch = Client(Settings()).submit([acts, sae], name=f"redo-{uuid.uuid4().hex[:6]}")
+    job_id = next(r.job_id for r in batch.results() if r.name == "sae")
+    checkpoint = Path(stack.env["INTERPQ_ARTIFACTS_DIR"], "sae", job_id, "checkpoints",
+                      "checkpoint.pt")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "no checkpoint was written"
+    assert batch.cancel(["sae"], reason="k too small") == ["sae"]
+    assert batch.wait(timeout_s=60).counts == {"succeeded": 1, "cancelled": 1}
+    assert checkpoint.exists()  # kept: a retry without changes would resume from it
+
+    assert batch.retry({"sae": {"k": 8, "n_steps": 40}}) == ["sae"]
+    status = batch.wait(timeout_s=120)
+    (trained,) = [r for r in batch.results() if r.name == "sae"]
+    assert status.counts == {"succeeded": 2}, trained.error
+    assert [s.label for s in trained.saes()] == ["topk-k8-x2"]
+    assert trained.saes()[0].metrics["n_steps"] == 40

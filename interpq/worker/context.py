@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
@@ -53,6 +54,9 @@ class RunnerContext:
     progress: Callable[..., None] = _no_progress
     """``progress(steps_done=.., steps_total=..)``: counts Flower shows while the part runs
     (throttled; never raises; see ``worker.events``)."""
+    run_queued_at: datetime | None = None
+    """When the job's current run was queued (``Batch.retry`` queues it again: a part of an
+    earlier run that is still going then stops, as if cancelled)."""
     _cancel_checked_at: float = 0.0
 
     def check_cancelled(self, force: bool = False) -> None:
@@ -64,9 +68,13 @@ class RunnerContext:
             return
         self._cancel_checked_at = now
         with self.engine.connect() as conn:
-            state = conn.execute(select(Job.state).where(Job.id == self.job_id)).scalar()
-        if state == JobState.CANCELLED:
+            row = conn.execute(
+                select(Job.state, Job.queued_at).where(Job.id == self.job_id)
+            ).first()
+        if row is None or row.state == JobState.CANCELLED:
             raise JobCancelled(f"job {self.job_name} was cancelled")
+        if self.run_queued_at is not None and row.queued_at != self.run_queued_at:
+            raise JobCancelled(f"job {self.job_name} was cancelled and queued again (retried)")
 
     def artifacts_of(self, job_name: str, kind: str) -> list[Any]:
         """``(uri, meta)`` rows of the artifacts of ``kind`` that job ``@job_name`` of this

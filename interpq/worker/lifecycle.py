@@ -69,7 +69,7 @@ _CLAIM_JOB = (
     )
     .returning(
         _jobs.c.kind, _jobs.c.spec, _jobs.c.n_parts, _jobs.c.batch_id, _jobs.c.name,
-        _jobs.c.has_dependents,
+        _jobs.c.has_dependents, _jobs.c.queued_at,
     )
 )  # fmt: skip
 _CLAIM_PART = (
@@ -309,6 +309,7 @@ def _run(
         worker,
         settings=settings,
         progress=progress_sender(task),
+        run_queued_at=row.queued_at,
     )
     try:
         runner = runner_for(row.kind)
@@ -428,12 +429,17 @@ def _requeue_part(
 
 
 def _stop_cancelled_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
-    """A part that stopped because its job was cancelled: the part row says so too."""
+    """A part that stopped because its job was cancelled: the part row says so too (unless
+    a retry has queued the part again meanwhile: then it is the new run's)."""
     if n_parts > 1:
         with write(engine) as conn:
             conn.execute(
                 update(JobPart)
-                .where(JobPart.job_id == job_id, JobPart.part == part)
+                .where(
+                    JobPart.job_id == job_id,
+                    JobPart.part == part,
+                    JobPart.state == JobState.RUNNING,
+                )
                 .values(state=JobState.CANCELLED, finished_at=datetime.now(UTC))
             )
 

@@ -17,6 +17,10 @@ from interpq.core.atomic import write_atomic
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written for other configs (a run started again with changes)."""
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``state`` to ``directory/checkpoint.pt`` atomically; returns the path."""
     path = Path(directory) / CHECKPOINT_NAME

@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from .config import SCHEMA_VERSION, SAEConfig
 from .data import BatchSource
 from .run import SAERun, TrainResult
@@ -252,7 +252,7 @@ def _restore(directory: str | Path, runs: list[SAERun], source: BatchSource) -> 
         )
         if len(saved) != len(runs) or now != then:
             differ = sorted(k for k in now if now.get(k) != then.get(k))
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint in {directory} was written for other configs (differing: "
                 f"{differ or 'number of SAEs'}); use another checkpoint_dir or resume=False"
             )

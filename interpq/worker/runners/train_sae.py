@@ -68,7 +68,6 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
 
 
 def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
-    from interpq.core.sae import train_many
     from interpq.store.datasets import ActivationDataset, DatasetError
     from interpq.worker.sae_downstream import downstream_losses
 
@@ -87,8 +86,7 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         raise PermanentJobError(f"invalid SAE settings: {exc}") from None
     store = ctx.store
     checkpoints = store.uri_for(SAE_DIR, ctx.job_id, "checkpoints")
-    results = train_many(train_ds, configs, checkpoint_dir=store.local_path(checkpoints),
-                         progress=False, callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
+    results = _train(ctx, train_ds, configs, checkpoints)
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
     summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
@@ -113,6 +111,24 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         insert_ignore(conn, Artifact.__table__, rows)
     store.delete(checkpoints)  # every SAE is saved and recorded
     ctx.extra["result"] = summary
+
+
+def _train(ctx: RunnerContext, data: Any, configs: list[Any], checkpoints: str) -> list[Any]:
+    """Train, resuming from the job's checkpoints; checkpoints written for other settings
+    (the job was retried with fixes) are deleted and training starts over."""
+    from interpq.core.sae import train_many
+    from interpq.core.sae.checkpoint import CheckpointMismatch
+
+    def train() -> list[Any]:
+        return train_many(data, configs, checkpoint_dir=ctx.store.local_path(checkpoints),
+                          progress=False, callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
+
+    try:
+        return train()
+    except CheckpointMismatch as exc:
+        log.info("job %s: %s; training from the start", ctx.job_name, exc)
+        ctx.store.delete(checkpoints)
+        return train()
 
 
 MIN_STEPS_PER_PASS = 8
