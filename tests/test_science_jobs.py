@@ -302,7 +302,7 @@ def test_train_sae_on_a_causal_lm_reports_its_downstream_loss(stack: Stack) -> N
     assert curves["step"][-1] == 30 and len(curves["fvu"]) == len(curves["step"])
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(90)
 def test_train_sae_spec_passes_its_training_knobs_to_every_config() -> None:
     spec = TrainSAE(activations="/data/manifest.json", k=[4, 8], lr_decay="cosine",
                     grad_clip_norm=1.5, aux_k_coefficient=0.0, dead_window_tokens=4096,
@@ -317,7 +317,7 @@ def test_train_sae_spec_passes_its_training_knobs_to_every_config() -> None:
             TrainSAE(activations="/data/manifest.json", **{field: value})
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(90)
 def test_patch_spec_checks_positions_metrics_and_memory_budget() -> None:
     ok = Patch(model="m", clean=["a b c"], corrupted=["a d c"], positions="all",
                metrics=["logit_diff"], memory_budget_mb=64)  # fmt: skip
@@ -448,7 +448,7 @@ def test_eval_fraction_holds_out_whole_texts_for_the_evaluation(stack: Stack) ->
     assert cfg["metadata"]["evaluation"] == out["evaluation"]
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(90)
 def test_train_sae_eval_fraction_is_checked() -> None:
     assert TrainSAE(activations="/data/manifest.json").eval_fraction == 0.0
     for value in (-0.1, 1.0):
@@ -456,7 +456,7 @@ def test_train_sae_eval_fraction_is_checked() -> None:
             TrainSAE(activations="/data/manifest.json", eval_fraction=value)
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(90)
 def test_an_unset_sae_setting_means_the_same_in_the_library_and_a_queued_job() -> None:
     import dataclasses
 
