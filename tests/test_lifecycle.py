@@ -179,3 +179,17 @@ def test_attempts_count_the_retries_of_a_part_not_the_parts(env: str) -> None:
         ])  # fmt: skip
     assert [_run(job_id, p, None) for p in range(3)] == ["part-done", "part-done", "succeeded"]
     assert _job(env, job_id)["attempts"] == 1  # three parts, each run once: no retry
+
+
+def test_a_failed_jobs_error_never_shows_a_key_from_the_workers_environment(
+    env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a provider echoes back (a key in an error body, say) is stored and sent to
+    Flower with the key replaced."""
+    from interpq.worker.lifecycle import fail_job
+
+    monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-live-0123456789abcdef")
+    job_id = _noop_job(env, JobState.QUEUED)
+    message = "401 from holysheep: invalid key sk-live-0123456789abcdef\n(check it)"
+    assert fail_job(get_engine(env), job_id, 0, 1, message)
+    assert _job(env, job_id)["error"] == "401 from holysheep: invalid key *** (check it)"
