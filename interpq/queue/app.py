@@ -96,7 +96,11 @@ def make_app(broker_url: str | None = None, settings: Settings | None = None) ->
         worker_send_task_events=True,
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A Redis blip must not kill running work (an hour of SAE training, say): tasks keep
+        # running through a lost broker connection and wait for Redis where they need it
+        # (queue/outage.py). Their acknowledgement may then be lost: the message comes back
+        # after the visibility timeout and finds the part finished (tasks are idempotent).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Cold shutdown (SIGQUIT; SIGTERM too under REMAP_SIGTERM=SIGQUIT, as compose sets):
         # running tasks get this long to finish, then are cancelled, and kombu's Redis QoS
         # puts every unacknowledged message back on its queue as the channel closes.
