@@ -71,12 +71,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     client = Client()
     batches = [client.batch(args.batch)] if args.batch else client.batches(args.limit)
-    rows = []
+    rows, unfinished = [], []
     for b in batches:
         s = b.status()
         rows.append([b.name, b.id, s.n_jobs, *(s.counts.get(k, 0) for k in _STATES)])
+        if not s.finished:
+            unfinished.append(b)
     print(table(("batch", "id", "jobs", *_STATES), rows) if rows else "no batches yet")
-    for b in batches if args.batch or len(batches) <= 3 else batches[:3]:
+    for b in unfinished[:10]:  # only a batch with work left can have work nothing runs
         print_stranded(b.id, b.name)
     providers = provider_activity(client)
     if providers:
