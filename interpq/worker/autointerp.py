@@ -1,5 +1,5 @@
 """What the Explain and Score runners share: finding the records, dealing features to parts,
-turns, and the honest labels of models.
+their call policy, and the honest labels of models.
 
 Runners never import each other; this module is theirs to share. It reads records and jobs
 through the database and the artifact store; the prompts, parsing and metrics are
