@@ -22,6 +22,7 @@ from typing import Any
 from interpq.core.uris import local_path
 from interpq.reports.feature_cards import cards_from_top_examples, feature_card
 from interpq.reports.interpretations import card_extras, explained_features
+from interpq.reports.tables import fmt
 from interpq.scheduler.batch import Batch, JobResult
 
 CSS = """
@@ -45,11 +46,7 @@ def _e(value: Any) -> str:
 
 
 def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return _e(value)
+    return _e(fmt(value, digits))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:

@@ -8,7 +8,8 @@ from typing import Any
 from interpq.scheduler.batch import JobResult
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
+def fmt(value: Any, digits: int = 1) -> str:
+    """A table cell: `-` for None, floats to `digits` places, anything else as text."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -18,7 +19,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A left/right aligned text table (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
         all(_is_num(r[i]) for r in cells[1:]) if len(cells) > 1 else False
