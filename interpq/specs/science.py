@@ -166,7 +166,7 @@ class Patch(JobSpec):
     """Local models: metrics to compute (default all that apply: ``logit_diff``, ``logprob``,
     ``prob``, ``kl`` for causal LMs, ``cosine`` for encoders); ``["logit_diff"]`` alone is
     fastest (two tokens unembedded)."""
-    memory_budget_mb: float = Field(default=1024.0, gt=0)
+    memory_budget_mb: float | None = Field(default=None, gt=0)
     """Local models: activation memory one packed forward pass may use, in MiB (sets how many
     patched runs share a pass)."""
     direction: Literal["denoising", "noising"] = "denoising"

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from interpq.core.layout import Layout
@@ -59,14 +60,18 @@ class Engine:
         layout: Layout,
         readout: Readout,
         component: str,
-        memory_budget_mb: float = 1024.0,
+        memory_budget_mb: float | None = None,
         batch_size: int | None = None,
+        block_call_tokens: float | None = None,
     ) -> None:
         self.layout = layout
         self.readout = readout
         self.component = component
-        self.memory_budget_mb = memory_budget_mb
+        self.memory_budget_mb = memory_budget_mb or default_memory_budget_mb(layout)
         self.batch_size = batch_size
+        self.block_call_tokens = block_call_tokens
+        """What one block call costs the host, in positions through one block (None: from
+        the device, ``_block_call_tokens``); 0 never joins runs of different starts."""
         self.replay = Replay(layout, readout.logits)
         after = ("mlp_out", "attn_out", "head_out") if layout.parallel else ("mlp_out",)
         self._sums_hold: bool | None = None if layout.additive and component in after else False
@@ -119,34 +124,139 @@ class Engine:
 
     @torch.no_grad()
     def run(self, patches: Sequence[Patch], base: Trace, source: Trace) -> dict[str, torch.Tensor]:
-        """Metrics of every patched run: ``{metric: [len(patches), n_prompts]}``."""
+        """Metrics of every patched run: ``{metric: [len(patches), n_prompts]}``.
+
+        Which runs differ from the base run, and where each starts, is worked out for all
+        patches at once on the device; the host reads that back once and plans the packed
+        passes (no per-patch or per-row synchronisation)."""
         assert base.metrics is not None and source.metrics is not None
         n, T = base.ids.shape
-        device = base.ids.device
-        results = {m: torch.empty(len(patches), n, device=device) for m in base.metrics}
-        groups: dict[int, list[tuple[int, int, int]]] = {}  # start pos -> (patch, prompt, layer)
-        for k, patch in enumerate(patches):
-            pos_mask = _positions_mask(patch, T, device)
-            differs = pos_mask & self._differs(base, source, patch)  # [n, T]
-            todo = differs.any(-1)
-            for name in results:
-                results[name][k] = torch.where(todo, torch.nan, base.metrics[name])
-            whole = self._whole_resid_differs(base, source, patch)
-            if whole is not None:  # patched residual == source residual: source metrics
-                same = ~(whole & ~pos_mask).any(-1) & todo
-                for name in results:
-                    results[name][k][same] = source.metrics[name][same]
-                todo &= ~same
-            starts = differs.float().argmax(-1) if self.replay.suffix else torch.zeros_like(todo)
-            start_layer = self._start_layer(patch)
-            for j in torch.nonzero(todo).flatten().tolist():
-                groups.setdefault(int(starts[j]), []).append((k, j, start_layer))
-        for start, rows in sorted(groups.items()):
-            rows.sort(key=lambda r: r[2])
-            size = self._rows_per_pass(T - start)
-            for a in range(0, len(rows), size):
-                self._run_chunk(rows[a : a + size], start, patches, base, source, results)
+        table = _PatchTable.build(patches, T, base.ids.device)
+        results = {m: torch.empty(len(patches), n, device=base.ids.device) for m in base.metrics}
+        starts = torch.empty(len(patches), n, dtype=torch.long, device=base.ids.device)
+        per_patch = n * T * (self.layout.n_heads if self.component == "head_out" else 1)
+        for a, b in _slabs(len(patches), per_patch):
+            self._plan(table, a, b, base, source, results, starts)
+        plan = starts.cpu().numpy()  # the one host read: -1 = no run needed, else its start
+        k, j = np.nonzero(plan >= 0)
+        start, layer = plan[k, j], table.layers[k] + self._offset
+        for s, rows in self._passes(start, layer, T):
+            order = np.lexsort((j[rows], k[rows], layer[rows]))  # runs join in layer order
+            kk, jj, ll = k[rows][order], j[rows][order], layer[rows][order]
+            size = self._rows_per_pass(T - s)
+            for a in range(0, len(kk), size):
+                c = slice(a, a + size)
+                self._run_chunk(kk[c], jj[c], ll[c], s, table, base, source, results)
         return results
+
+    def _passes(self, start: np.ndarray, layer: np.ndarray, T: int) -> list[tuple[int, np.ndarray]]:
+        """Which runs share a packed pass, and the position it starts at.
+
+        Runs that start at the same position always share passes. Runs of several adjacent
+        start positions may share one too, started at the earliest: the positions a run
+        recomputes before its own start hold the base run's values (nothing before its first
+        differing patched position can change), so the result is the same; the pass costs
+        more arithmetic and fewer block calls. Which groups to join is chosen by dynamic
+        programming over the sorted start positions, minimising
+        ``block calls × _block_call_tokens() + token-layers computed``."""
+        if len(start) == 0:
+            return []
+        L = self.layout.n_layers
+        firsts = np.unique(start)
+        group = np.searchsorted(firsts, start)
+        rows = np.bincount(group, minlength=len(firsts))
+        work = np.bincount(group, weights=L - layer, minlength=len(firsts))  # layers per run
+        low = np.full(len(firsts), L)
+        np.minimum.at(low, group, layer)
+        call = self.block_call_tokens
+        if call is None:
+            call = self._block_call_tokens()
+        G = len(firsts)
+        best = np.full(G + 1, np.inf)
+        best[0] = 0.0
+        cut = np.zeros(G + 1, dtype=np.int64)
+        for b in range(1, G + 1):  # best[b]: groups 0..b-1 planned; the last pass a..b-1
+            n_rows, w, lo = 0, 0.0, L
+            for a in range(b - 1, -1, -1):
+                n_rows += int(rows[a])
+                w += float(work[a])
+                lo = min(lo, int(low[a]))
+                suffix = T - int(firsts[a])
+                chunks = -(-n_rows // self._rows_per_pass(suffix))
+                cost = best[a] + chunks * max(1, L - lo) * call + suffix * w
+                if cost < best[b]:
+                    best[b], cut[b] = cost, a
+        spans = []
+        b = G
+        while b > 0:
+            spans.append((int(cut[b]), b))
+            b = int(cut[b])
+        return [
+            (int(firsts[a]), np.flatnonzero((group >= a) & (group < b))) for a, b in spans[::-1]
+        ]
+
+    def _block_call_tokens(self) -> float:
+        """The cost of one block call on the host (launching its kernels, ~0.4 ms on a GPU,
+        ~0.2 ms on a CPU) in units of one position through one block, from the device's
+        rough arithmetic rate: where the host is the bottleneck (a GPU, a small model) more
+        padding is worth fewer calls."""
+        lay = self.layout
+        param = next(lay.model.parameters())
+        per_token = 24.0 * lay.d_model**2  # FLOPs: q, k, v, out (4 d^2) + MLP (8 d^2), x2
+        if param.device.type == "cuda":
+            fast = param.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+            return 4e-4 * (250e12 if fast else 40e12) / per_token
+        return 2e-4 * 2e10 * torch.get_num_threads() / per_token
+
+    def _plan(
+        self,
+        table: _PatchTable,
+        a: int,
+        b: int,
+        base: Trace,
+        source: Trace,
+        results: dict[str, torch.Tensor],
+        starts: torch.Tensor,
+    ) -> None:
+        """For patches a..b: base metrics where the patch changes nothing, source metrics where
+        it makes the whole residual stream the source's, NaN where a run is needed (``starts``:
+        its first differing patched position, -1 where none is needed)."""
+        assert base.metrics is not None and source.metrics is not None
+        layers = table.layers[a:b]
+        uniq = np.unique(layers)
+        where = torch.from_numpy(np.searchsorted(uniq, layers)).to(base.ids.device)
+        changed = torch.stack([self._changed(base, source, int(i)) for i in uniq])[where]
+        if self.component == "head_out":  # [P, n, T, H] -> the patch's head
+            if table.per_head:
+                index = table.heads[a:b, None, None, None].expand(*changed.shape[:-1], 1)
+                changed = changed.gather(-1, index).squeeze(-1)
+            else:
+                changed = changed.any(-1)
+        pos = table.pos[a:b, None, :]
+        differs = pos & changed  # [P, n, T]
+        todo = differs.any(-1)
+        for name, out in results.items():
+            out[a:b] = torch.where(todo, torch.nan, base.metrics[name][None])
+        if self.component in ("resid_pre", "resid_post"):
+            # patched residual == source residual at every position: the source's metrics
+            same = ~(changed & ~pos).any(-1) & todo
+            for name, out in results.items():
+                out[a:b] = torch.where(same, source.metrics[name][None], out[a:b])
+            todo &= ~same
+        if self.replay.suffix:
+            first = differs.to(torch.uint8).argmax(-1)
+        else:
+            first = torch.zeros_like(todo, dtype=torch.long)
+        starts[a:b] = torch.where(todo, first, -1)
+
+    def _changed(self, base: Trace, source: Trace, layer: int) -> torch.Tensor:
+        """Where the component's source and base values differ at ``layer``: ``[n, T]``, or
+        ``[n, T, heads]`` for ``head_out``."""
+        a, b = self._site(base, layer), self._site(source, layer)
+        ne = a != b
+        if self.component == "head_out":
+            return ne.unflatten(-1, (self.layout.n_heads, self.layout.d_head)).any(-1)
+        return ne.any(-1)
 
     @property
     def _offset(self) -> int:
@@ -172,22 +282,6 @@ class Engine:
             return trace.resid[layer + 1]
         return trace.sites[self.component, layer]
 
-    def _channels(self, patch: Patch) -> slice:
-        if patch.head is None:
-            return slice(None)
-        d = self.layout.d_head
-        return slice(patch.head * d, (patch.head + 1) * d)
-
-    def _differs(self, base: Trace, source: Trace, patch: Patch) -> torch.Tensor:
-        ch = self._channels(patch)
-        a, b = self._site(base, patch.layer)[..., ch], self._site(source, patch.layer)[..., ch]
-        return (a != b).any(-1)
-
-    def _whole_resid_differs(self, base: Trace, source: Trace, patch: Patch) -> torch.Tensor | None:
-        if self.component not in ("resid_pre", "resid_post"):
-            return None
-        return (self._site(base, patch.layer) != self._site(source, patch.layer)).any(-1)
-
     def _rows_per_pass(self, suffix_len: int) -> int:
         if self.batch_size:
             return self.batch_size
@@ -204,37 +298,40 @@ class Engine:
 
     def _run_chunk(
         self,
-        rows: list[tuple[int, int, int]],
+        k: np.ndarray,
+        j: np.ndarray,
+        layer: np.ndarray,
         start: int,
-        patches: Sequence[Patch],
+        table: _PatchTable,
         base: Trace,
         source: Trace,
         results: dict[str, torch.Tensor],
     ) -> None:
+        """One packed pass: runs (patch ``k``, prompt ``j``) joining at ``layer`` (sorted), all
+        starting at position ``start``."""
         lay = self.layout
         device = base.ids.device
-        T = base.ids.shape[1]
-        k_idx = torch.tensor([r[0] for r in rows], device=device)
-        prompt = torch.tensor([r[1] for r in rows], device=device)
-        layer0 = torch.tensor([r[2] for r in rows], device=device)
-        pos_masks = torch.stack([_positions_mask(patches[k], T, device) for k, _, _ in rows])
-        pos_masks = pos_masks[:, start:]  # [rows, suffix]
+        idx = torch.from_numpy(np.stack([k, j])).to(device)
+        k_idx, prompt = idx[0], idx[1]
+        one_prompt = bool((j == j[0]).all())
+        pos_masks = table.pos[k_idx, start:]  # [rows, suffix]
+        heads = table.heads[k_idx] if table.per_head else None
         h: torch.Tensor | None = None
-        for i in range(int(layer0[0]), lay.n_layers + 1):
+        for i in range(int(layer[0]), lay.n_layers + 1):
             a = 0 if h is None else h.shape[0]
-            b = int((layer0 <= i).sum())
+            b = int(np.searchsorted(layer, i, side="right"))
             if b > a:
                 new = self._init_rows(
-                    i, prompt[a:b], k_idx[a:b], pos_masks[a:b], start, patches, base, source
+                    i, prompt[a:b], heads, a, b, pos_masks[a:b], start, base, source
                 )
                 h = new if h is None else torch.cat([h, new])
             if i == lay.n_layers or h is None:
                 break
-            edits = self._edits(i, a, b, prompt, k_idx, pos_masks, start, patches, source)
+            edits = self._edits(i, a, b, prompt, heads, pos_masks, start, source)
             active = prompt[: h.shape[0]]
             with lay.replace(edits), self.replay.last_position_only(i, h.shape[1]):
-                h = self.replay.block(i, h, active, start, prefix=base)
-        assert h is not None and h.shape[0] == len(rows)
+                h = self.replay.block(i, h, active, start, prefix=base, one_prompt=one_prompt)
+        assert h is not None and h.shape[0] == len(k)
         self.replay.n_forward_passes += 1
         values = self.readout(h, prompt)
         final_src = source.resid[-1][prompt, start:]
@@ -253,14 +350,16 @@ class Engine:
         self,
         layer: int,
         prompt: torch.Tensor,
-        k_idx: torch.Tensor,
+        heads: torch.Tensor | None,
+        a: int,
+        b: int,
         pos_masks: torch.Tensor,
         start: int,
-        patches: Sequence[Patch],
         base: Trace,
         source: Trace,
     ) -> torch.Tensor:
-        """Residual streams of runs joining at ``layer`` (the patch applied for resid/additive)."""
+        """Residual streams of runs a..b joining at ``layer`` (the patch applied for
+        resid/additive)."""
         h = base.resid[layer][prompt, start:]
         c = self.component
         if c in ("resid_pre", "resid_post"):
@@ -273,9 +372,9 @@ class Engine:
         if c != "head_out":
             return h + torch.where(pos_masks[..., None], src - old, torch.zeros_like(h))
         # a head's difference, through the output projection (linear: its bias cancels)
-        heads = torch.tensor([patches[int(k)].head for k in k_idx], device=h.device)
+        assert heads is not None
         channel = torch.arange(src.shape[-1], device=h.device) // self.layout.d_head  # [D]
-        mask = pos_masks[..., None] & (channel[None, None, :] == heads[:, None, None])
+        mask = pos_masks[..., None] & (channel[None, None, :] == heads[a:b, None, None])
         change = torch.where(mask, src - old, torch.zeros_like(src))
         proj = self.layout.out_projs[layer - 1]
         return h + (proj(change) - proj(torch.zeros_like(change[:1, :1])))
@@ -286,10 +385,9 @@ class Engine:
         a: int,
         b: int,
         prompt: torch.Tensor,
-        k_idx: torch.Tensor,
+        heads: torch.Tensor | None,
         pos_masks: torch.Tensor,
         start: int,
-        patches: Sequence[Patch],
         source: Trace,
     ) -> dict[tuple[str, int], Any]:
         """In-block edits for runs that joined at ``layer`` (rows a..b) and patch inside it."""
@@ -299,10 +397,10 @@ class Engine:
         src = source.sites[c, layer][prompt[a:b], start:]  # [k, suffix, D]
         mask = pos_masks[a:b, :, None].expand_as(src)
         if c == "head_out":
-            heads = torch.tensor([patches[int(k)].head for k in k_idx[a:b]], device=src.device)
+            assert heads is not None
             H, dh = self.layout.n_heads, self.layout.d_head
             src = src.unflatten(-1, (H, dh))
-            onehot = torch.nn.functional.one_hot(heads, H).bool()[:, None, :, None]
+            onehot = torch.nn.functional.one_hot(heads[a:b], H).bool()[:, None, :, None]
             mask = pos_masks[a:b, :, None, None] & onehot
 
         def edit(x: torch.Tensor) -> torch.Tensor:
@@ -313,13 +411,47 @@ class Engine:
         return {(c, layer): edit}
 
 
-def _positions_mask(patch: Patch, T: int, device: torch.device) -> torch.Tensor:
-    mask = torch.zeros(T, dtype=torch.bool, device=device)
-    if patch.positions is None:
-        mask[:] = True
-    else:
-        mask[list(patch.positions)] = True
-    return mask
+@dataclass(frozen=True)
+class _PatchTable:
+    """The patches of one ``Engine.run`` as arrays: positions and heads on the device, layers
+    on the host (they plan the passes)."""
+
+    pos: torch.Tensor  # [P, T] bool
+    heads: torch.Tensor  # [P] long, -1: no head
+    layers: np.ndarray  # [P]
+    per_head: bool
+
+    @staticmethod
+    def build(patches: Sequence[Patch], T: int, device: torch.device) -> _PatchTable:
+        pos = np.zeros((len(patches), T), dtype=bool)
+        for i, p in enumerate(patches):
+            pos[i, slice(None) if p.positions is None else list(p.positions)] = True
+        heads = np.array([-1 if p.head is None else p.head for p in patches], dtype=np.int64)
+        per_head = bool((heads >= 0).any())
+        if per_head and not (heads >= 0).all():
+            raise ValueError("a run patches heads of every patch or of none")
+        return _PatchTable(
+            pos=torch.from_numpy(pos).to(device),
+            heads=torch.from_numpy(heads).to(device),
+            layers=np.array([p.layer for p in patches], dtype=np.int64),
+            per_head=per_head,
+        )
+
+
+def default_memory_budget_mb(layout: Layout) -> float:
+    """Activation memory a packed pass may use when none is given: 1 GiB on a CPU; on a GPU a
+    quarter of its free memory, between 1 and 8 GiB (bigger passes, fewer kernel launches)."""
+    device = next(layout.model.parameters()).device
+    if device.type != "cuda":
+        return 1024.0
+    free, _total = torch.cuda.mem_get_info(device)
+    return float(min(8192.0, max(1024.0, free / 4 / 2**20)))
+
+
+def _slabs(n_patches: int, per_patch: int, budget: int = 1 << 26) -> list[tuple[int, int]]:
+    """Ranges of patches whose [patches, prompts, positions(, heads)] masks fit ``budget``."""
+    step = max(1, budget // max(1, per_patch))
+    return [(a, min(a + step, n_patches)) for a in range(0, n_patches, step)]
 
 
 def _site_points(component: str) -> tuple[str, ...]:

@@ -86,6 +86,7 @@ class Replay:
         self._kwargs: list[dict[str, Any]] | None = None
         self._cache_arg: str | None = None
         self._n = self._T = 0
+        self._causal_masks: dict[int, torch.Tensor] = {}  # suffix start -> attention mask
 
     @torch.no_grad()
     def trace(self, ids: torch.Tensor, points: Sequence[str] = ()) -> Trace:
@@ -162,6 +163,7 @@ class Replay:
     def _bind(self, calls: list[tuple[tuple, dict]], n: int, T: int) -> None:
         """Turn the captured block calls into keyword arguments (without the hidden states)."""
         self._n, self._T = n, T
+        self._causal_masks = {}
         self._kwargs = []
         for blk, (args, kwargs) in zip(self.layout.blocks, calls, strict=True):
             sig = inspect.signature(blk.forward)
@@ -217,14 +219,19 @@ class Replay:
         prompt: torch.Tensor,
         start: int,
         prefix: Trace | None = None,
+        one_prompt: bool | None = None,
     ) -> torch.Tensor:
         """Block ``i`` on rows ``h`` ``[rows, pos - start, d]`` of prompts ``prompt``; the
-        positions before ``start`` are read from ``prefix``'s keys and values."""
+        positions before ``start`` are read from ``prefix``'s keys and values. ``one_prompt``:
+        whether all rows are runs of one prompt, when the caller knows (else it is read from
+        the device)."""
         kv = None
         if start:
             assert prefix is not None and prefix.kv is not None, "suffix runs need a prefix"
             k, v = prefix.kv[i]
-            if bool((prompt == prompt[0]).all()):  # one prompt: broadcast, do not copy
+            if one_prompt is None:
+                one_prompt = bool((prompt == prompt[0]).all())
+            if one_prompt:  # one prompt: broadcast, do not copy
                 j, rows = int(prompt[0]), len(prompt)
                 kv = (
                     k[j : j + 1, :, :start].expand(rows, -1, -1, -1),
@@ -250,9 +257,13 @@ class Replay:
             if value is None:
                 if start == 0:
                     return None
-                T = self._T
-                q = torch.arange(start, T, device=prompt.device)[:, None]
-                return (torch.arange(T, device=prompt.device)[None, :] <= q)[None, None]
+                mask = self._causal_masks.get(start)
+                if mask is None or mask.device != prompt.device:
+                    T = self._T
+                    q = torch.arange(start, T, device=prompt.device)[:, None]
+                    mask = (torch.arange(T, device=prompt.device)[None, :] <= q)[None, None]
+                    self._causal_masks[start] = mask
+                return mask
             return self._rows(value, prompt)[..., start:, :]
         if name == "position_embeddings" and isinstance(value, tuple):
             return tuple(self._rows(t, prompt)[..., start:, :] for t in value)

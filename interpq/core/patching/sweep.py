@@ -50,7 +50,7 @@ def patch(
     mode: Literal["exact", "attribution", "reference"] = "exact",
     metrics: Sequence[str] | None = None,
     batch_size: int | None = None,
-    memory_budget_mb: float = 1024.0,
+    memory_budget_mb: float | None = None,
     verify_top_k: int = 0,
     add_special_tokens: bool = True,
 ) -> PatchGrid:
@@ -80,7 +80,8 @@ def patch(
             (``logit_diff`` alone unembeds two tokens only).
         batch_size: Patched runs (one patch of one prompt) per forward pass; default from
             ``memory_budget_mb``.
-        memory_budget_mb: Activation memory a packed forward pass may use.
+        memory_budget_mb: Activation memory a packed forward pass may use (default: 1 GiB on
+            a CPU, a quarter of the free memory on a GPU, at most 8 GiB).
         verify_top_k: In attribution mode, re-check the k cells with the largest estimated
             effect by exact patching and report the correlation.
         add_special_tokens: Passed to the tokenizer for string prompts.
