@@ -69,6 +69,13 @@ def main() -> None:
     settings = Settings(database_url=f"sqlite:///{tmp}/db.sqlite", artifacts_dir=str(tmp / "a"))
     engine = get_engine(settings.resolved_database_url())
     ensure_schema(engine)
+    from interpq.models.tables import Batch, Job, JobState
+
+    with engine.begin() as conn:  # the rows a queued job has (cancel checks read them)
+        conn.execute(Batch.__table__.insert().values(id="batch", name="bench", n_jobs=1))
+        conn.execute(Job.__table__.insert().values(
+            id="job", batch_id="batch", name="sae", kind="train_sae", queue="compute",
+            state=JobState.RUNNING, spec=spec.model_dump(mode="json")))  # fmt: skip
     ctx = RunnerContext(engine=engine, job_id="job", batch_id="batch", job_name="sae", part=0,
                         n_parts=1, worker="bench", settings=settings)  # fmt: skip
     prof = cProfile.Profile()
