@@ -74,10 +74,14 @@ class Engine:
         """What one block call costs the host, in positions through one block (None: from
         the device, ``_block_call_tokens``); 0 never joins runs of different starts."""
         self.replay = Replay(layout, readout.logits)
-        after = ("mlp_out", "attn_out", "head_out") if layout.parallel else ("mlp_out",)
+        after = ("mlp_out", "attn_out", "head_out")
+        if not layout.parallel and not layout.has_resid_mid:
+            after = ("mlp_out",)
         self._sums_hold: bool | None = None if layout.additive and component in after else False
         """Whether a run can start one layer after its patch (the block outputs add up as
-        ``_additive`` checks); None until checked on the first trace."""
+        ``_additive`` checks; for ``attn_out`` and ``head_out`` in sequential blocks, the
+        patch's own layer is then the MLP half alone); None until checked on the first
+        trace."""
 
     @property
     def n_forward_passes(self) -> int:
@@ -90,6 +94,8 @@ class Engine:
         if self._sums_hold is not False:
             lay = self.layout
             parts = ("attn_out", "mlp_out") if lay.parallel else ("resid_mid", "mlp_out")
+            if not lay.parallel and self.component in ("attn_out", "head_out"):
+                parts = (*parts, "attn_out")
             points = tuple(dict.fromkeys((*points, *parts)))
         trace = self.replay.trace(ids, points)
         if self._sums_hold is None:
@@ -101,25 +107,45 @@ class Engine:
         """Whether the traced run is reproduced, at every layer and up to float rounding, by
         the sums a run started one layer after its patch relies on: ``resid_post = resid_mid +
         mlp_out`` (parallel blocks: ``resid_post = resid_pre + attn_out + mlp_out``, and for
-        heads ``attn_out = out_proj(heads)``). A hook site that is not exactly what the block
-        adds to its residual (a norm after ``out_proj`` in a parallel block) breaks them."""
+        heads ``attn_out = out_proj(heads)``); for ``attn_out`` and ``head_out`` in sequential
+        blocks also ``resid_mid = resid_pre + attn_out`` and ``mlp_out = mlp(norm(resid_mid))``
+        (``_mlp_half``). A hook site that is not exactly what the block adds to its residual (a
+        norm after ``out_proj`` or after the MLP) breaks them."""
         lay = self.layout
         try:
             for i in range(lay.n_layers):
                 mlp_out, after = trace.sites["mlp_out", i], trace.resid[i + 1]
+                attn = trace.sites.get(("attn_out", i))
                 if not lay.parallel:
-                    if not _close(trace.sites["resid_mid", i] + mlp_out, after):
+                    mid = trace.sites["resid_mid", i]
+                    if not _close(mid + mlp_out, after):
                         return False
-                    continue
-                attn = trace.sites["attn_out", i]
-                if not _close(trace.resid[i] + attn + mlp_out, after):
-                    return False
+                    if self.component not in ("attn_out", "head_out"):
+                        continue
+                    assert attn is not None
+                    if not _close(trace.resid[i] + attn, mid):
+                        return False
+                    if not _close(self._mlp_half(i, mid), mlp_out):
+                        return False
+                else:
+                    assert attn is not None
+                    if not _close(trace.resid[i] + attn + mlp_out, after):
+                        return False
                 heads = trace.sites.get(("head_out", i))
                 if heads is not None and not _close(lay.out_projs[i](heads), attn):
                     return False
         except (KeyError, TypeError, RuntimeError, AttributeError, ValueError):
             return False
         return True
+
+    def _mlp_half(self, layer: int, mid: torch.Tensor) -> torch.Tensor:
+        """What the MLP of a sequential block adds to ``resid_mid``: ``mlp(norm(resid_mid))``
+        (the MLP alone where it has no norm in front). ``_additive`` checks it on the trace."""
+        lay = self.layout
+        assert lay.pre_mlp_norms is not None
+        norm, mlp = lay.pre_mlp_norms[layer], lay.mlps[layer]
+        out = mlp(mid if norm is mlp else norm(mid))
+        return out[0] if isinstance(out, tuple) else out
 
     # ---- patched runs ---------------------------------------------------------------------
 
@@ -375,14 +401,19 @@ class Engine:
         src = source.sites[c, layer - 1][prompt, start:]
         old = base.sites[c, layer - 1][prompt, start:]
         if c != "head_out":
-            return h + torch.where(pos_masks[..., None], src - old, torch.zeros_like(h))
-        # a head's difference, through the output projection (linear: its bias cancels)
-        assert heads is not None
-        channel = torch.arange(src.shape[-1], device=h.device) // self.layout.d_head  # [D]
-        mask = pos_masks[..., None] & (channel[None, None, :] == heads[a:b, None, None])
-        change = torch.where(mask, src - old, torch.zeros_like(src))
-        proj = self.layout.out_projs[layer - 1]
-        return h + (proj(change) - proj(torch.zeros_like(change[:1, :1])))
+            delta = torch.where(pos_masks[..., None], src - old, torch.zeros_like(h))
+        else:  # a head's difference, through the output projection (linear: its bias cancels)
+            assert heads is not None
+            channel = torch.arange(src.shape[-1], device=h.device) // self.layout.d_head  # [D]
+            mask = pos_masks[..., None] & (channel[None, None, :] == heads[a:b, None, None])
+            change = torch.where(mask, src - old, torch.zeros_like(src))
+            proj = self.layout.out_projs[layer - 1]
+            delta = proj(change) - proj(torch.zeros_like(change[:1, :1]))
+        if c == "mlp_out" or self.layout.parallel:
+            return h + delta
+        # attention patched in a sequential block: its layer's MLP half, from resid_mid
+        mid = base.sites["resid_mid", layer - 1][prompt, start:] + delta
+        return mid + self._mlp_half(layer - 1, mid)
 
     def _edits(
         self,
