@@ -104,6 +104,66 @@ def test_residual_stream_equals_output_hidden_states(models: dict, name: str) ->
                 torch.testing.assert_close(layout.final_norm(post), hidden[n][0], rtol=0, atol=1e-5)
 
 
+def test_forward_passes_read_ahead_in_a_thread_give_the_same_batches(models: dict) -> None:
+    """The forward passes run ahead of the consumer in a thread (``read_ahead``): the batches
+    equal those of the caller's thread; an error inside a forward pass reaches the consumer;
+    a consumer that stops early stops the thread."""
+    import threading
+
+    lm = models["gpt2"]
+    layout = locate(lm.model)
+    ids = lm.tokenizer(TEXTS * 3)["input_ids"]
+    points = [("resid_pre", 1), ("mlp_out", 0)]
+    here = list(extract(lm.model, layout, ids, points, batch_size=2, read_ahead=0))
+    ahead = list(extract(lm.model, layout, ids, points, batch_size=2, read_ahead=2))
+    assert len(here) == len(ahead) > 3
+    for a, b in zip(here, ahead, strict=True):
+        assert a.text_index == b.text_index and a.rows_per_text == b.rows_per_text
+        for p in points:
+            assert torch.equal(a.acts[p], b.acts[p])
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.token_ids, b.token_ids)
+
+    calls = []
+
+    def fail_third(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost in forward pass 3")
+
+    handle = layout.blocks[0].register_forward_pre_hook(fail_third)
+    try:
+        got = []
+        with pytest.raises(RuntimeError, match="device lost in forward pass 3"):
+            for b in extract(lm.model, layout, ids, points, batch_size=2, read_ahead=2):
+                got.append(b)
+        assert len(got) < 3  # the batches before the failing pass, no more
+    finally:
+        handle.remove()
+
+    batches = extract(lm.model, layout, ids, points, batch_size=1, read_ahead=1)
+    next(batches)
+    batches.close()  # the consumer stops after one batch
+    assert not [t for t in threading.enumerate() if t.name == "interpq-extract"]
+
+
+def test_float16_rows_beyond_its_range_fail_naming_the_hook_point() -> None:
+    """Activations over 65504 would be stored as infinities in float16: extraction fails,
+    naming the hook point, after the last batch; float32 stores them."""
+    from interpq.core.extraction import StoreRangeError
+
+    lm = tiny_gpt2(seed=0, n_layer=2, d_model=64, n_head=4)
+    layout = locate(lm.model)
+    ids = lm.tokenizer(TEXTS)["input_ids"]
+    with torch.no_grad():
+        lm.model.transformer.wte.weight.mul_(1e8)  # embeddings far beyond float16's range
+    points = [("resid_pre", 0)]
+    with pytest.raises(StoreRangeError, match=r"resid_pre\.0 reach \|x\| = .*float16"):
+        list(extract(lm.model, layout, ids, points, out_dtype=torch.float16))
+    rows = list(extract(lm.model, layout, ids, points, out_dtype=torch.float32))
+    assert all(torch.isfinite(b.acts[points[0]]).all() for b in rows)
+    assert max(float(b.acts[points[0]].abs().max()) for b in rows) > 65504
+
+
 def test_forward_stops_after_the_last_requested_block(models: dict) -> None:
     lm = models["gpt2"]
     layout = locate(lm.model)

@@ -21,7 +21,10 @@ points are located by ``interpq.core.layout``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,6 +41,13 @@ Point = tuple[str, int]
 EXTRACTABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SORT_WINDOW_BATCHES = 8
 """``extract`` sorts texts by length within windows of this many batches (``plan_batches``)."""
+
+
+_FLOAT16_MAX = 65504.0
+
+
+class StoreRangeError(ValueError):
+    """Activations do not fit the dtype they are to be stored in."""
 
 
 class _StopForward(Exception):
@@ -189,31 +199,45 @@ def extract(
     padding_side: PaddingSide = "right",
     out_dtype: torch.dtype | None = None,
     sort_by_length: bool = True,
+    read_ahead: int = 4,
 ) -> Iterator[ExtractedBatch]:
     """Activations of every text at ``points``, one ``ExtractedBatch`` per forward pass.
 
     ``token_ids``: one list of ids per text (non-empty; truncate beforehand). The model's
     device is used for the forward pass; rows come back on the CPU as ``out_dtype``
-    (default: the model's dtype).
+    (default: the model's dtype). The forward passes run ahead of the caller in a thread, up
+    to ``read_ahead`` batches (0: in the caller's thread), so that what the caller does with
+    a batch (writing it to disk) overlaps the next forward passes.
     """
     if any(len(t) == 0 for t in token_ids):
         empty = next(i for i, t in enumerate(token_ids) if len(t) == 0)
         raise ValueError(f"text {empty} has no tokens")
     device = next(model.parameters()).device
+    forwards = _forwards(model, layout, token_ids, points, reduction, batch_size, pad_id,
+                         padding_side, out_dtype, sort_by_length, device)  # fmt: skip
+    return _read_ahead(forwards, read_ahead, device) if read_ahead > 0 else forwards
+
+
+def _forwards(model: nn.Module, layout: Layout, token_ids: Sequence[Sequence[int]],
+              points: Sequence[Point], reduction: Reduction, batch_size: int, pad_id: int,
+              padding_side: PaddingSide, out_dtype: torch.dtype | None, sort_by_length: bool,
+              device: torch.device) -> Iterator[ExtractedBatch]:  # fmt: skip
     with_positions = accepts_position_ids(model)
     lengths = [len(t) for t in token_ids]
     pending: _InFlight | None = None
+    cuda = device.type == "cuda"
+    peaks: dict[Point, Tensor] = {}  # largest |x| per hook point, when stored as float16
     for batch in plan_batches(lengths, batch_size, sort_by_length, SORT_WINDOW_BATCHES):
         ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
         model_positions = positions + layout.position_offset if with_positions else None
         rows_index = _row_index(mask, reduction)  # on the host: no device sync to find rows
-        dev = [t.to(device, non_blocking=True) if t is not None else None
-               for t in (ids, mask, model_positions)]  # fmt: skip
+        dev = [(t.pin_memory() if cuda else t).to(device, non_blocking=True)
+               if t is not None else None for t in (ids, mask, model_positions)]  # fmt: skip
         acts = forward_capture(model, layout, points, dev[0], dev[1], dev[2])
         # The forward is queued on the device; hand out the previous batch while it runs.
         if pending is not None:
             yield pending.result()
-        rows = {p: _reduce_on_device(a, dev[1], rows_index, reduction, out_dtype)
+        rows = {p: _reduce_on_device(a, dev[1], rows_index, reduction, out_dtype, peaks, p)
                 for p, a in acts.items()}  # fmt: skip
         pos_rows, tok_rows = _meta_rows(positions, ids, mask, reduction, len(batch))
         pending = _InFlight(
@@ -222,6 +246,58 @@ def extract(
         )  # fmt: skip
     if pending is not None:
         yield pending.result()
+    for p, peak in peaks.items():  # one read per hook point, at the end
+        if float(peak) > _FLOAT16_MAX:
+            raise StoreRangeError(
+                f"activations at {p[0]}.{p[1]} reach |x| = {float(peak):.4g}, beyond float16's "
+                f"range ({_FLOAT16_MAX:g}): store them as float32"
+            )
+
+
+_DONE = object()
+
+
+def _read_ahead(
+    batches: Iterator[ExtractedBatch], depth: int, device: torch.device
+) -> Iterator[ExtractedBatch]:
+    """``batches`` produced by a thread, at most ``depth`` ahead of the consumer. Errors
+    reach the consumer; a consumer that stops early stops the thread."""
+    out: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            where = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with where:
+                for b in batches:
+                    while not stop.is_set():
+                        try:
+                            out.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            out.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
+            out.put(exc)
+
+    thread = threading.Thread(target=produce, name="interpq-extract", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a blocked put return
+            with contextlib.suppress(queue.Empty):
+                out.get(timeout=0.05)
+        thread.join()
 
 
 class _InFlight:
@@ -267,13 +343,21 @@ def _row_index(mask: Tensor, reduction: Reduction) -> Tensor | None:
 
 
 def _reduce_on_device(act: Tensor, mask: Tensor, index: Tensor | None, reduction: Reduction,
-                      out_dtype: torch.dtype | None) -> Tensor:  # fmt: skip
-    """``reduce_tokens`` without a host sync: rows picked by an index computed on the host."""
+                      out_dtype: torch.dtype | None,
+                      peaks: dict[Point, Tensor] | None = None,
+                      point: Point | None = None) -> Tensor:  # fmt: skip
+    """``reduce_tokens`` without a host sync: rows picked by an index computed on the host.
+    Converting to float16 from a wider dtype, the largest |x| is kept (on the device) in
+    ``peaks``: values beyond float16's range would be stored as infinities."""
     if index is None:
         rows = reduce_tokens(act, mask, reduction)
     else:
         flat = act.reshape(-1, act.shape[-1])  # [batch * pos, d]
         rows = flat.index_select(0, index.to(act.device, non_blocking=True))
+    if peaks is not None and out_dtype == torch.float16 and rows.dtype != torch.float16:
+        key = point if point is not None else ("", -1)
+        peak = rows.detach().abs().amax().float() if rows.numel() else rows.new_zeros(()).float()
+        peaks[key] = torch.maximum(peaks[key], peak) if key in peaks else peak
     return rows.to(dtype=out_dtype or act.dtype)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from interpq.core.extraction import extract, rows_per_text
+from interpq.core.extraction import StoreRangeError, extract, rows_per_text
 from interpq.errors import PermanentJobError, RetryableJobError
 from interpq.specs import Extract
 from interpq.store.artifacts import ArtifactStore, Stored
@@ -56,6 +56,8 @@ def run_local(
             stored, n_rows, n_tokens = write_local_shard(
                 m, spec, texts, points, store, uri, max_length=max_length, key=key
             )
+        except StoreRangeError as exc:
+            raise PermanentJobError(f"store_dtype: {exc} (store_dtype='float32')") from exc
         except ValueError as exc:  # a text without tokens
             raise PermanentJobError(f"texts: shard {ctx.part}: {exc}") from exc
         except torch.OutOfMemoryError as exc:  # transient (other jobs share the device)
