@@ -92,7 +92,9 @@ def main() -> None:
     for name, s in times.items():
         print(f"| {name} | {s:.2f} | {s / job:.1%} |")
     if args.profile:
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+        stats = pstats.Stats(prof).sort_stats("cumulative")
+        stats.print_stats(18)
+        stats.print_callees("_outputs")
 
 
 class _nothing:

@@ -489,11 +489,13 @@ def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManage
 
 def default_memory_budget_mb(layout: Layout) -> float:
     """Activation memory a packed pass may use when none is given: 1 GiB on a CPU; on a GPU a
-    quarter of its free memory, between 1 and 8 GiB (bigger passes, fewer kernel launches)."""
+    quarter of its free memory (PyTorch's cached blocks count as free), between 1 and 8 GiB
+    (bigger passes, fewer kernel launches)."""
     device = next(layout.model.parameters()).device
     if device.type != "cuda":
         return 1024.0
     free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached
     return float(min(8192.0, max(1024.0, free / 4 / 2**20)))
 
 
