@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Connection
@@ -97,16 +98,22 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     if fitted:
         summary["batch_size_fitted"] = fitted
     rows: list[dict[str, Any]] = []
-    for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
-        label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
-        evaluation, tops = _evaluate(res.sae, ds, eval_ds)
-        down = downstream[i] if isinstance(downstream, list) else {}
-        stored = {**evaluation.as_dict(), **_train_window(res), **down}
-        entry, files = _outputs(
-            ctx, store, label, uri, ds, res, (evaluation, what), stored, (tops, texts)
-        )
-        summary["saes"].append(entry)
-        rows += files
+    # Files that need no evaluation are written by a thread while the SAE is evaluated
+    # (the evaluation waits on the device; the files on the disk and matplotlib).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpq-sae-files") as files:
+        for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
+            label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
+            curves = files.submit(_curves, store, ctx.job_id, label, res)
+            evaluation, tops = _evaluate(res.sae, ds, eval_ds)
+            down = downstream[i] if isinstance(downstream, list) else {}
+            stored = {**evaluation.as_dict(), **_train_window(res), **down}
+            entry, made = _outputs(
+                ctx, store, label, uri, ds, res, (evaluation, what), stored, (tops, texts),
+                files,
+            )  # fmt: skip
+            curves.result()  # the curves are written (or their error is raised here)
+            summary["saes"].append(entry)
+            rows += made
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
     store.delete(checkpoints)  # every SAE is saved and recorded
@@ -210,15 +217,17 @@ def _outputs(
     ctx: RunnerContext, store: ArtifactStore, label: str, uri: str, ds: Any, res: Any,
     evaluated: tuple[Any, str], stored: dict[str, Any],
     examples: tuple[dict[int, list[Any]], list[str]],
+    files: ThreadPoolExecutor,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
-    """Save one SAE (weights, cfg.json, curves, plots, top examples); its result entry and
-    its artifact rows. ``evaluated`` is the ``evaluate`` result and what it is over,
-    ``examples`` the top examples and the dataset's texts; the
+    """Save one SAE (weights, cfg.json, density plot, top examples; ``_curves`` writes its
+    curves); its result entry and its artifact rows. ``evaluated`` is the ``evaluate`` result
+    and what it is over, ``examples`` the top examples and the dataset's texts; the
     density histogram is its ``fire_counts`` over its ``n_tokens`` rows, the window its
-    stored dead fraction is counted over."""
+    stored dead fraction is counted over. The weights and the plot are written by ``files``
+    while the top examples are put together here."""
     evaluation, what = evaluated
     tops, texts = examples
-    from interpq.core.sae import FORMULAS, plot_density_histogram, plot_training_curves, save
+    from interpq.core.sae import FORMULAS, plot_density_histogram, save
 
     def artifact(name: str) -> str:  # the store names every file of the job
         return store.uri_for(SAE_DIR, ctx.job_id, name)
@@ -226,22 +235,23 @@ def _outputs(
     meta = {"model_name": ds.manifest.model, "hook_name": ds.hook, "dataset": uri,
             "evaluation": what}  # fmt: skip
     out = artifact(label)
-    store.put_tree(out, lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta))
-    curves_json = artifact(f"{label}-curves.json")
-    store.put_atomic(curves_json, json.dumps({"label": label, **res.curves}).encode())
-    curves, density = artifact(f"{label}-curves.png"), artifact(f"{label}-density.png")
-    plot_training_curves(  # plots are written atomically (interpq.core.atomic)
-        res.curves, store.local_path(curves), title=label,
-        dead_window_tokens=res.config.dead_window_tokens,
-    )  # fmt: skip
-    plot_density_histogram(
-        evaluation.fire_counts, evaluation.n_tokens, store.local_path(density),
-        title=f"{label}: evaluation over {evaluation.n_tokens} rows"
-        + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
-    )  # fmt: skip
+    density = artifact(f"{label}-density.png")
+
+    def weights_and_plot() -> None:
+        store.put_tree(out, lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta))
+        plot_density_histogram(  # plots are written atomically (interpq.core.atomic)
+            evaluation.fire_counts, evaluation.n_tokens, store.local_path(density),
+            title=f"{label}: evaluation over {evaluation.n_tokens} rows"
+            + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
+        )  # fmt: skip
+
+    written = files.submit(weights_and_plot)
     tops_json = artifact(f"{label}-top-examples.json")
     compact = json.dumps(compact_top_examples(tops, texts), separators=(",", ":"))
     store.put_atomic(tops_json, compact.encode())
+    written.result()
+    curves_json = artifact(f"{label}-curves.json")
+    curves = artifact(f"{label}-curves.png")
     readable = {
         str(f): [
             {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
@@ -268,6 +278,19 @@ def _outputs(
         )
     ]  # fmt: skip
     return entry, rows
+
+
+def _curves(store: ArtifactStore, job_id: str, label: str, res: Any) -> str:
+    """One SAE's training curves (JSON and plot; they need no evaluation); the JSON's URI."""
+    from interpq.core.sae import plot_training_curves
+
+    curves_json = store.uri_for(SAE_DIR, job_id, f"{label}-curves.json")
+    store.put_atomic(curves_json, json.dumps({"label": label, **res.curves}).encode())
+    plot_training_curves(  # written atomically (interpq.core.atomic)
+        res.curves, store.local_path(store.uri_for(SAE_DIR, job_id, f"{label}-curves.png")),
+        title=label, dead_window_tokens=res.config.dead_window_tokens,
+    )  # fmt: skip
+    return curves_json
 
 
 def compact_top_examples(tops: dict[int, list[Any]], texts: list[str]) -> dict[str, Any]:
