@@ -203,20 +203,21 @@ class Engine:
         if call is None:
             call = self._block_call_tokens()
         G = len(firsts)
+        suffix = T - firsts.astype(np.float64)  # a pass started at group a's position
+        size = np.array([self._rows_per_pass(int(T - f)) for f in firsts], dtype=np.float64)
+        cum_rows = np.r_[0, np.cumsum(rows)].astype(np.float64)
+        cum_work = np.r_[0.0, np.cumsum(work)]
         best = np.full(G + 1, np.inf)
         best[0] = 0.0
         cut = np.zeros(G + 1, dtype=np.int64)
         for b in range(1, G + 1):  # best[b]: groups 0..b-1 planned; the last pass a..b-1
-            n_rows, w, lo = 0, 0.0, L
-            for a in range(b - 1, -1, -1):
-                n_rows += int(rows[a])
-                w += float(work[a])
-                lo = min(lo, int(low[a]))
-                suffix = T - int(firsts[a])
-                chunks = -(-n_rows // self._rows_per_pass(suffix))
-                cost = best[a] + chunks * max(1, L - lo) * call + suffix * w
-                if cost < best[b]:
-                    best[b], cut[b] = cost, a
+            n_rows = cum_rows[b] - cum_rows[:b]  # for every a < b
+            w = cum_work[b] - cum_work[:b]
+            lo = np.minimum.accumulate(low[:b][::-1])[::-1]  # earliest layer in a..b-1
+            chunks = np.ceil(n_rows / size[:b])
+            cost = best[:b] + chunks * np.maximum(1, L - lo) * call + suffix[:b] * w
+            cut[b] = int(np.argmin(cost))
+            best[b] = cost[cut[b]]
         spans = []
         b = G
         while b > 0:
