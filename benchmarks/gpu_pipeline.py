@@ -72,43 +72,17 @@ def card(device: str) -> str:
 
 def write_dataset(root: Path, x: torch.Tensor, dtype: str, rows_per_shard: int = 65536,
                   rows_per_text: int = 128) -> Any:  # fmt: skip
-    """An ActivationDataset holding the rows of ``x`` in ``dtype`` (synthetic texts)."""
-    from interpq.datasets import (
-        META_COLUMNS,
-        ActivationDataset,
-        HookInfo,
-        Manifest,
-        ShardInfo,
-        shard_writer,
-    )
+    """An ActivationDataset holding the rows of ``x`` in ``dtype`` (synthetic texts), its
+    files read once (page cache warm, as for a job after its Extract)."""
+    from interpq.datasets import write_array_dataset
 
-    root.mkdir(parents=True, exist_ok=True)
-    n, d = x.shape
-    shards = []
-    host = x.to(torch.float32).cpu().numpy().astype(dtype)
-    for s, lo in enumerate(range(0, n, rows_per_shard)):
-        hi = min(n, lo + rows_per_shard)
-        path = root / f"s{s}.safetensors"
-        n_texts = -(-(hi - lo) // rows_per_text)
-        tensors = {"h": (dtype, (hi - lo, d))} | {c: ("int32", (hi - lo,)) for c in META_COLUMNS}
-        with shard_writer(path, tensors, {"texts": json.dumps(["t"] * n_texts)}) as out:
-            out["h"][:] = host[lo:hi]
-            out["text_id"][:] = np.arange(hi - lo) // rows_per_text
-            out["position"][:] = np.arange(hi - lo) % rows_per_text
-            out["token_id"][:] = 0
-        shards.append(ShardInfo(uri=path.name, sha256="", size_bytes=path.stat().st_size,
-                                n_rows=hi - lo, n_texts=n_texts, text_offset=lo // rows_per_text,
-                                n_tokens=hi - lo, cache_key=f"k{s}"))  # fmt: skip
-    manifest = Manifest(model="synthetic", source="local", weights="sha256:0", dtype=dtype,
-                        hooks=[HookInfo(name="h", d=d)], tokens="all",
-                        n_texts=sum(s.n_texts for s in shards), n_rows=n,
-                        shards=shards)  # fmt: skip
-    (root / "manifest.json").write_bytes(manifest.to_json())
-    for f in root.glob("*.safetensors"):  # page cache warm, as for a job after its Extract
+    ds = write_array_dataset(root, x, dtype=dtype, rows_per_shard=rows_per_shard,
+                             rows_per_text=rows_per_text, model="synthetic")  # fmt: skip
+    for f in root.glob("*.safetensors"):
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    return ActivationDataset.open(root / "manifest.json")
+    return ds
 
 
 # ----------------------------------------------------------------------------------- SAE

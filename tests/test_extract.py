@@ -540,3 +540,26 @@ def test_extract_spec_parts_queues_and_refusals(tmp_path: Path) -> None:
         Extract(model="local:nope", texts=["a"]).check(ctx)
     with pytest.raises(ValueError, match="model: unknown provider 'nowhere'"):
         Extract(model="nowhere:m", texts=["a"]).check(ctx)
+
+
+def test_rows_held_in_memory_written_as_a_dataset(tmp_path: Path) -> None:
+    """``write_array_dataset``: an array's rows come back in order, grouped into texts,
+    in whole-text shards, in float16 when asked; a wrong shape is refused."""
+    from interpq.datasets import write_array_dataset
+
+    x = np.arange(100 * 3, dtype=np.float32).reshape(100, 3)
+    ds = write_array_dataset(tmp_path / "a", torch.from_numpy(x), rows_per_text=16, n_shards=3)
+    assert (ds.n_rows, ds.n_texts, ds.d) == (100, 7, 3)
+    assert all(s.n_rows % 16 == 0 for s in ds.manifest.shards[:-1])
+    rows, meta = next(ds.iter_batches(100, with_metadata=True))
+    np.testing.assert_array_equal(rows, x)
+    assert meta["text_id"].tolist() == [i // 16 for i in range(100)]
+    assert ds.texts()[6] == "text 6"
+    half = write_array_dataset(tmp_path / "b", x, dtype="float16", rows_per_shard=40,
+                               rows_per_text=10, texts=[f"t{i}" for i in range(10)])  # fmt: skip
+    assert half.manifest.dtype == "float16" and [s.n_rows for s in half.manifest.shards] == [
+        40
+    ] * 2 + [20]
+    assert next(half.iter_batches(100))[:, 0].tolist() == x[:, 0].tolist()  # exact below 2048
+    with pytest.raises(ValueError, match=r"\[n_rows, d\]"):
+        write_array_dataset(tmp_path / "c", x[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -323,41 +322,9 @@ def _stream(x, chunk=100):
 
 def _activation_dataset(root: Path, x: torch.Tensor, rows_per_text: int = 16, n_shards: int = 2):
     """A real ActivationDataset (safetensors shards + manifest) holding the rows of ``x``."""
-    from interpq.datasets import (
-        META_COLUMNS,
-        ActivationDataset,
-        HookInfo,
-        Manifest,
-        ShardInfo,
-        shard_writer,
-    )
+    from interpq.datasets import write_array_dataset
 
-    root.mkdir(parents=True, exist_ok=True)
-    n, d = x.shape
-    bounds = np.linspace(0, n // rows_per_text, n_shards + 1).astype(int) * rows_per_text
-    bounds[-1] = n
-    shards = []
-    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        lo, hi = int(lo), int(hi)
-        path = root / f"s{s}.safetensors"
-        n_texts = -(-(hi - lo) // rows_per_text)
-        tensors = {"h": ("float32", (hi - lo, d))} | {
-            c: ("int32", (hi - lo,)) for c in META_COLUMNS
-        }
-        meta = {"texts": json.dumps([f"text {lo // rows_per_text + t}" for t in range(n_texts)])}
-        with shard_writer(path, tensors, meta) as out:
-            out["h"][:] = x[lo:hi].numpy()
-            out["text_id"][:] = np.arange(hi - lo) // rows_per_text
-            out["position"][:] = np.arange(hi - lo) % rows_per_text
-            out["token_id"][:] = 0
-        shards.append(ShardInfo(uri=path.name, sha256="", size_bytes=path.stat().st_size,
-                                n_rows=hi - lo, n_texts=n_texts, text_offset=lo // rows_per_text,
-                                n_tokens=hi - lo, cache_key=f"k{s}"))  # fmt: skip
-    manifest = Manifest(model="m", source="local", weights="sha256:0", hooks=[HookInfo(name="h", d=d)],
-                        dtype="float32", tokens="all", n_texts=-(-n // rows_per_text), n_rows=n,
-                        shards=shards)  # fmt: skip
-    (root / "manifest.json").write_bytes(manifest.to_json())
-    return ActivationDataset.open(root / "manifest.json")
+    return write_array_dataset(root, x, rows_per_text=rows_per_text, n_shards=n_shards, model="m")
 
 
 @pytest.mark.timeout(30)

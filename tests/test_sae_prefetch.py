@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +16,9 @@ from interpq.sae import SAEConfig, train
 
 def _dataset(root: Path, x: np.ndarray, rows_per_text: int = 16, n_shards: int = 3):
     """A real ActivationDataset of ``x`` (float32 or float16) in ``n_shards`` shards."""
-    from interpq.datasets import (
-        META_COLUMNS,
-        ActivationDataset,
-        HookInfo,
-        Manifest,
-        ShardInfo,
-        shard_writer,
-    )
+    from interpq.datasets import write_array_dataset
 
-    root.mkdir(parents=True, exist_ok=True)
-    n, d = x.shape
-    dtype = str(x.dtype)
-    bounds = np.linspace(0, n // rows_per_text, n_shards + 1).astype(int) * rows_per_text
-    bounds[-1] = n
-    shards = []
-    for s, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
-        path = root / f"s{s}.safetensors"
-        n_texts = -(-(hi - lo) // rows_per_text)
-        tensors = {"h": (dtype, (hi - lo, d))} | {c: ("int32", (hi - lo,)) for c in META_COLUMNS}
-        meta = {"texts": json.dumps([f"t{lo // rows_per_text + t}" for t in range(n_texts)])}
-        with shard_writer(path, tensors, meta) as out:
-            out["h"][:] = x[lo:hi]
-            out["text_id"][:] = np.arange(hi - lo) // rows_per_text
-            out["position"][:] = np.arange(hi - lo) % rows_per_text
-            out["token_id"][:] = 0
-        shards.append(ShardInfo(uri=path.name, sha256="", size_bytes=path.stat().st_size,
-                                n_rows=hi - lo, n_texts=n_texts, text_offset=lo // rows_per_text,
-                                n_tokens=hi - lo, cache_key=f"k{s}"))  # fmt: skip
-    manifest = Manifest(model="m", source="local", weights="sha256:0", dtype=dtype,
-                        hooks=[HookInfo(name="h", d=d)], tokens="all",
-                        n_texts=-(-n // rows_per_text), n_rows=n, shards=shards)  # fmt: skip
-    (root / "manifest.json").write_bytes(manifest.to_json())
-    return ActivationDataset.open(root / "manifest.json")
+    return write_array_dataset(root, x, rows_per_text=rows_per_text, n_shards=n_shards, model="m")
 
 
 def _numbered(n: int, d: int = 4, dtype=np.float32) -> np.ndarray:

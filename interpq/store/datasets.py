@@ -63,6 +63,7 @@ __all__ = [
     "shard_writer",
     "WrittenShard",
     "write_shard",
+    "write_array_dataset",
 ]
 
 MANIFEST_FORMAT: Literal["interpq.activations/1"] = "interpq.activations/1"
@@ -413,3 +414,6 @@ def _cut(chunks: Iterator[np.ndarray | slice], batch_size: int) -> Iterator[np.n
             pending = pending[batch_size:]
     if pending.size:
         yield pending
+
+
+from interpq.store.array_dataset import write_array_dataset  # noqa: E402  (uses the above)
