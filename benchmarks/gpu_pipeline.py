@@ -13,7 +13,8 @@ Sections (``--sections``, all by default), each printing a table and adding to `
 - ``patch``: ``interpq.patching.patch`` (exact) vs the textbook method (one forward of all
   prompts per patch, the clean activation written in by a hook) for resid_pre, attn_out,
   mlp_out (every layer × position) and the per-head sweep (every layer × head, all positions)
-  on a GPT-2-small-shaped model, 64×20 (best of ``--repeats``) and 256×32 (one run), fp32 and
+  on a GPT-2-small-shaped model, 64×20 and 256×32 (interpq best of ``--repeats``, its first
+  run and the allocator's retries and peak beside; the textbook once at 256×32), fp32 and
   bf16; the textbook method is timed on its first ``--book-cells`` patches and scaled (each
   patch is one forward of the same shape); max |diff| against ``mode="reference"`` (64×20).
 - ``profile``: ``torch.profiler`` tables of two sweeps at 64×20 (where the time goes).
@@ -398,18 +399,29 @@ def patch_section(args: argparse.Namespace) -> None:
                     textbook(model, c[:2], k[:2], a[:2], w[:2], sweep, max_cells=2)
                 n_cells = config.n_layer * (config.n_head if sweep == "heads" else T)
                 book_cells = min(n_cells, args.book_cells)
-                t_ours, t_book = 1e9, 1e9
+                t_ours, t_book, t_first = 1e9, 1e9, 0.0
                 grid = book = None
-                for _ in range(args.repeats if first else 1):
+                cuda = device.startswith("cuda")
+                retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                for r in range(args.repeats):  # the textbook once at the larger shape
                     sync(device)
                     t0 = time.perf_counter()
                     grid = ours()
                     sync(device)
                     t_ours = min(t_ours, time.perf_counter() - t0)
+                    t_first = t_first or t_ours
+                    if r and not first:
+                        continue
                     t0 = time.perf_counter()
                     book = textbook(model, c, k, a, w, sweep, max_cells=book_cells)
                     sync(device)
                     t_book = min(t_book, (time.perf_counter() - t0) * n_cells / book_cells)
+                # allocator retries (cached blocks freed to satisfy an allocation) and peak
+                retries = (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
+                           if cuda else 0)  # fmt: skip
+                peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
                 assert grid is not None and book is not None
                 values = np.asarray(grid.values["logit_diff"], dtype=np.float64)
                 if positions == "all":
@@ -422,24 +434,28 @@ def patch_section(args: argparse.Namespace) -> None:
                     ref = ref[:, 0] if positions == "all" else ref
                     diff_ref = float(np.abs(values - ref).max())
                 table.append((dtype, f"{n}x{T}", sweep, t_book, t_ours, diff_ref, diff_book,
-                              grid.n_forward_passes))  # fmt: skip
+                              grid.n_forward_passes, t_first, retries, peak_gib))  # fmt: skip
                 print(f"patch {dtype} {n}x{T} {sweep}: textbook {t_book * 1e3:.0f} ms, "
-                      f"interpq {t_ours * 1e3:.0f} ms ({t_book / t_ours:.1f}x), "
-                      f"|diff| ref {diff_ref:.1e} book {diff_book:.1e}", flush=True)  # fmt: skip
-    print(f"\n### Patching, GPT-2-small shape (random weights), {card(device)}: best of "
-          f"{args.repeats} at {shapes[0][0]}x{shapes[0][1]}, one run at the larger shape; the "
+                      f"interpq {t_ours * 1e3:.0f} ms ({t_book / t_ours:.1f}x; first run "
+                      f"{t_first * 1e3:.0f} ms), |diff| ref {diff_ref:.1e} book {diff_book:.1e}, "
+                      f"alloc retries {retries}, peak {peak_gib:.1f} GiB", flush=True)  # fmt: skip
+    print(f"\n### Patching, GPT-2-small shape (random weights), {card(device)}: interpq "
+          f"best of {args.repeats}; the textbook best of {args.repeats} at {shapes[0][0]}x"
+          f"{shapes[0][1]}, one run at the larger shape; the "
           f"textbook method timed on its first {args.book_cells} patches (one same-shape "
           f"forward each) and scaled to all; diff vs textbook over those patches")  # fmt: skip
     print(
         "| dtype | prompts×tokens | sweep | textbook ms | interpq ms | speed-up | "
-        "max abs diff vs reference | vs textbook | interpq passes |"
+        "max abs diff vs reference | vs textbook | interpq passes | interpq first run ms |"
+        " alloc retries | peak GiB |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for dt, shape, sweep, tb, to, dr, db, npass in table:
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dt, shape, sweep, tb, to, dr, db, npass, tf, retries, peak in table:
         print(f"| {dt} | {shape} | {sweep} | {tb * 1e3:.1f} | {to * 1e3:.1f} | {tb / to:.1f}× | "
-              f"{dr:.1e} | {db:.1e} | {npass} |")  # fmt: skip
+              f"{dr:.1e} | {db:.1e} | {npass} | {tf * 1e3:.1f} | {retries} | {peak:.1f} |")  # fmt: skip
     RESULTS["patch"] = [dict(zip(("dtype", "shape", "sweep", "textbook_s", "interpq_s",
-                                  "diff_reference", "diff_textbook", "passes"), r, strict=True))
+                                  "diff_reference", "diff_textbook", "passes", "interpq_first_s",
+                                  "alloc_retries", "peak_gib"), r, strict=True))
                         for r in table]  # fmt: skip
 
 
