@@ -73,3 +73,24 @@ def test_patching_on_cuda_equals_the_reference_and_bf16_stays_close(gpt2, compon
     gpt2.float()
     scale = np.abs(naive).max()
     assert np.abs(half - naive).max() < 0.05 * scale
+
+
+def test_sae_evaluation_reading_ahead_on_cuda_equals_the_tensor_path(tmp_path) -> None:
+    """``evaluate`` reads (and pins) a dataset's next batches in a thread: its metrics and
+    top examples equal those of the same rows given as one tensor on the device."""
+    from interpq.datasets import write_array_dataset
+    from interpq.sae import SAEConfig, TopExamples, evaluate, train
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 32, generator=g)
+    sae = train(x, SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=512, n_steps=20,
+                             device="cuda"), progress=False).sae  # fmt: skip
+    ds = write_array_dataset(tmp_path / "ds", x, rows_per_text=16, n_shards=3)
+    tracker = TopExamples(sae.d_sae, 3)
+    streamed = evaluate(sae, ds.iter_batches(500, with_metadata=True), top_examples=tracker)
+    whole = evaluate(sae, x.cuda())
+    assert streamed.n_tokens == whole.n_tokens == 4096
+    assert abs(streamed.fvu - whole.fvu) < 1e-5 and abs(streamed.l0 - whole.l0) < 1e-6
+    assert torch.equal(streamed.fire_counts, whole.fire_counts)
+    tops = tracker.result()
+    assert sum(len(v) for v in tops.values()) > 0

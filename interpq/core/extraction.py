@@ -21,10 +21,7 @@ points are located by ``interpq.core.layout``.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from interpq.core.layout import Layout
+from interpq.core.readahead import read_ahead as _ahead
 
 Reduction = Literal["all", "last", "mean"]
 PaddingSide = Literal["left", "right"]
@@ -215,7 +213,9 @@ def extract(
     device = next(model.parameters()).device
     forwards = _forwards(model, layout, token_ids, points, reduction, batch_size, pad_id,
                          padding_side, out_dtype, sort_by_length, device)  # fmt: skip
-    return _read_ahead(forwards, read_ahead, device) if read_ahead > 0 else forwards
+    if read_ahead <= 0:
+        return forwards
+    return _ahead(forwards, read_ahead, device=device, name="interpq-extract")
 
 
 def _forwards(model: nn.Module, layout: Layout, token_ids: Sequence[Sequence[int]],
@@ -252,52 +252,6 @@ def _forwards(model: nn.Module, layout: Layout, token_ids: Sequence[Sequence[int
                 f"activations at {p[0]}.{p[1]} reach |x| = {float(peak):.4g}, beyond float16's "
                 f"range ({_FLOAT16_MAX:g}): store them as float32"
             )
-
-
-_DONE = object()
-
-
-def _read_ahead(
-    batches: Iterator[ExtractedBatch], depth: int, device: torch.device
-) -> Iterator[ExtractedBatch]:
-    """``batches`` produced by a thread, at most ``depth`` ahead of the consumer. Errors
-    reach the consumer; a consumer that stops early stops the thread."""
-    out: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            where = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-            with where:
-                for b in batches:
-                    while not stop.is_set():
-                        try:
-                            out.put(b, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            out.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
-            out.put(exc)
-
-    thread = threading.Thread(target=produce, name="interpq-extract", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # let a blocked put return
-            with contextlib.suppress(queue.Empty):
-                out.get(timeout=0.05)
-        thread.join()
 
 
 class _InFlight:
