@@ -6,7 +6,7 @@ rows) overlaps what the consumer does with this one (writing a shard, a GPU step
 raised by the producer reach the consumer where it reads the next item; a consumer that stops
 early (``close()``, an exception, garbage collection) stops the thread. ``prepare`` runs on
 each item in the thread (e.g. copying rows into pinned memory). On a GPU the thread works
-with ``device`` current.
+with ``device`` current; it keeps the caller's grad and inference modes (they are per thread).
 
 It imports torch only.
 """
@@ -36,11 +36,16 @@ def read_ahead(
     """``items``, produced by a thread at most ``depth`` ahead of the consumer."""
     out: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def produce() -> None:
         try:
             cuda = device is not None and device.type == "cuda"
-            with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            with (
+                torch.cuda.device(device) if cuda else contextlib.nullcontext(),
+                torch.inference_mode(inference),  # the caller's autograd modes (per thread)
+                torch.set_grad_enabled(grad),
+            ):
                 for item in items:
                     if prepare is not None:
                         item = prepare(item)
