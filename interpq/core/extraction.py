@@ -226,7 +226,7 @@ def _forwards(model: nn.Module, layout: Layout, token_ids: Sequence[Sequence[int
     lengths = [len(t) for t in token_ids]
     pending: _InFlight | None = None
     cuda = device.type == "cuda"
-    peaks: dict[Point, Tensor] = {}  # largest |x| per hook point, when stored as float16
+    peaks: dict[Point, Tensor] = {}  # largest |x| per hook point stored as float16 (inf beyond)
     for batch in plan_batches(lengths, batch_size, sort_by_length, SORT_WINDOW_BATCHES):
         ids, mask, positions = pad([token_ids[i] for i in batch], pad_id, padding_side)
         model_positions = positions + layout.position_offset if with_positions else None
@@ -237,8 +237,13 @@ def _forwards(model: nn.Module, layout: Layout, token_ids: Sequence[Sequence[int
         # The forward is queued on the device; hand out the previous batch while it runs.
         if pending is not None:
             yield pending.result()
-        rows = {p: _reduce_on_device(a, dev[1], rows_index, reduction, out_dtype, peaks, p)
-                for p, a in acts.items()}  # fmt: skip
+        rows = {}
+        for p, a in acts.items():
+            r = _reduce_on_device(a, dev[1], rows_index, reduction)
+            if out_dtype == torch.float16 and r.dtype != torch.float16 and r.numel():
+                peak = r.abs().amax().float()  # stays on the device: read once at the end
+                peaks[p] = torch.maximum(peaks[p], peak) if p in peaks else peak
+            rows[p] = r.to(dtype=out_dtype or a.dtype)
         pos_rows, tok_rows = _meta_rows(positions, ids, mask, reduction, len(batch))
         pending = _InFlight(
             batch, rows_per_text([lengths[i] for i in batch], reduction), rows, pos_rows,
@@ -296,23 +301,13 @@ def _row_index(mask: Tensor, reduction: Reduction) -> Tensor | None:
     return None
 
 
-def _reduce_on_device(act: Tensor, mask: Tensor, index: Tensor | None, reduction: Reduction,
-                      out_dtype: torch.dtype | None,
-                      peaks: dict[Point, Tensor] | None = None,
-                      point: Point | None = None) -> Tensor:  # fmt: skip
-    """``reduce_tokens`` without a host sync: rows picked by an index computed on the host.
-    Converting to float16 from a wider dtype, the largest |x| is kept (on the device) in
-    ``peaks``: values beyond float16's range would be stored as infinities."""
+def _reduce_on_device(act: Tensor, mask: Tensor, index: Tensor | None,
+                      reduction: Reduction) -> Tensor:  # fmt: skip
+    """``reduce_tokens`` without a host sync: rows picked by an index computed on the host."""
     if index is None:
-        rows = reduce_tokens(act, mask, reduction)
-    else:
-        flat = act.reshape(-1, act.shape[-1])  # [batch * pos, d]
-        rows = flat.index_select(0, index.to(act.device, non_blocking=True))
-    if peaks is not None and out_dtype == torch.float16 and rows.dtype != torch.float16:
-        key = point if point is not None else ("", -1)
-        peak = rows.detach().abs().amax().float() if rows.numel() else rows.new_zeros(()).float()
-        peaks[key] = torch.maximum(peaks[key], peak) if key in peaks else peak
-    return rows.to(dtype=out_dtype or act.dtype)
+        return reduce_tokens(act, mask, reduction)
+    flat = act.reshape(-1, act.shape[-1])  # [batch * pos, d]
+    return flat.index_select(0, index.to(act.device, non_blocking=True))
 
 
 def _meta_rows(positions: Tensor, ids: Tensor, mask: Tensor, reduction: Reduction,

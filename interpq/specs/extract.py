@@ -15,6 +15,11 @@ ExtractHook = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_o
 _API_MODEL = re.compile(r"^[A-Za-z0-9_-]{2,}:[^/\\]")
 
 
+def _is_api_model(model: str) -> bool:
+    """``provider:model`` (an embeddings API), not a local model name or path."""
+    return bool(_API_MODEL.match(model))
+
+
 class Extract(JobSpec):
     """Activations of a local model at chosen hook points, or embeddings from an API, over many
     texts, stored as an activation dataset (shard files + a manifest) in the artifact store.
@@ -94,10 +99,10 @@ class Extract(JobSpec):
         if len(set(layers)) != len(layers):
             raise ValueError("layers must not repeat")
         model = info.data.get("model", "")
-        if _API_MODEL.match(model) and layers:
+        if _is_api_model(model) and layers:
             raise ValueError(f"{model!r} is an API model: it gives one embedding per text; "
                              "leave layers empty")  # fmt: skip
-        if model and not _API_MODEL.match(model) and not layers:
+        if model and not _is_api_model(model) and not layers:
             raise ValueError("give at least one layer to read, e.g. layers=[6]")
         return layers
 
@@ -113,13 +118,13 @@ class Extract(JobSpec):
     def _store_dtype(cls, value: Any, info: Any) -> Any:
         if value is not None:
             return value
-        return "float32" if _API_MODEL.match(str(info.data.get("model", ""))) else "float16"
+        return "float32" if _is_api_model(str(info.data.get("model", ""))) else "float16"
 
     @field_validator("api_batch_size")
     @classmethod
     def _api_batches_fit_shards(cls, size: int, info: Any) -> int:
         shard_size = info.data.get("shard_size")
-        if _API_MODEL.match(info.data.get("model", "")) and shard_size and shard_size % size:
+        if _is_api_model(info.data.get("model", "")) and shard_size and shard_size % size:
             raise ValueError(
                 f"shard_size ({shard_size}) must be a multiple of api_batch_size ({size}) "
                 "for API extraction"
@@ -129,7 +134,7 @@ class Extract(JobSpec):
     @property
     def is_api(self) -> bool:
         """True for ``provider:model`` (embeddings API), False for a local model."""
-        return bool(_API_MODEL.match(self.model))
+        return _is_api_model(self.model)
 
     def provider_model(self) -> tuple[str, str]:
         """``(provider, model)`` of an API extraction."""

@@ -354,8 +354,9 @@ class Engine:
             b = int(np.searchsorted(layer, i, side="right"))
             if b > a:
                 new = self._init_rows(
-                    i, prompt[a:b], heads, a, b, pos_masks[a:b], start, base, source
-                )
+                    i, prompt[a:b], None if heads is None else heads[a:b], pos_masks[a:b],
+                    start, base, source,
+                )  # fmt: skip
                 h = new if h is None else torch.cat([h, new])
             if i == lay.n_layers or h is None:
                 break
@@ -383,14 +384,12 @@ class Engine:
         layer: int,
         prompt: torch.Tensor,
         heads: torch.Tensor | None,
-        a: int,
-        b: int,
         pos_masks: torch.Tensor,
         start: int,
         base: Trace,
         source: Trace,
     ) -> torch.Tensor:
-        """Residual streams of runs a..b joining at ``layer`` (the patch applied for
+        """Residual streams of runs joining at ``layer`` (the patch applied for
         resid/additive)."""
         h = base.resid[layer][prompt, start:]
         c = self.component
@@ -406,7 +405,7 @@ class Engine:
         else:  # a head's difference, through the output projection (linear: its bias cancels)
             assert heads is not None
             channel = torch.arange(src.shape[-1], device=h.device) // self.layout.d_head  # [D]
-            mask = pos_masks[..., None] & (channel[None, None, :] == heads[a:b, None, None])
+            mask = pos_masks[..., None] & (channel[None, None, :] == heads[:, None, None])
             change = torch.where(mask, src - old, torch.zeros_like(src))
             proj = self.layout.out_projs[layer - 1]
             delta = proj(change) - proj(torch.zeros_like(change[:1, :1]))
