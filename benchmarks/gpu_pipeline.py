@@ -574,8 +574,8 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
         print(log)
     full_log = (workdir / "logs" / "worker-compute-1.log").read_text() if workdir.exists() else ""
     for line in full_log.splitlines():  # where a part's time goes, as the worker logged it
-        if " part " in line and (" in " in line or "trained" in line):
-            print("worker:", line[-160:])
+        if (" part " in line and " in " in line) or "train_sae " in line or "received" in line:
+            print("worker:", line[-200:])
     m = local_model(gpt, device, "float32")
     lib: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

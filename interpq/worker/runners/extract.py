@@ -42,11 +42,13 @@ def run_part(ctx: RunnerContext, spec: Extract) -> None:
     t0 = time.perf_counter()
     _report_shards(ctx)
     texts, offset = _shard_texts(ctx, spec)
+    t_texts = time.perf_counter()
     store = ctx.store
     swept = store.sweep_temporaries()
     if swept:
         log.info("removed %d temporary files left by dead writers", swept)
     out = run_api(ctx, spec, store, texts) if spec.is_api else run_local(ctx, spec, store, texts)
+    t_shard = time.perf_counter()
     meta = {
         **out.meta,
         "part": ctx.part,
@@ -72,10 +74,13 @@ def run_part(ctx: RunnerContext, spec: Extract) -> None:
         ).scalar_one()
         if first["part"] != ctx.part:  # the same texts twice in one job: the same file
             insert_ignore(conn, ARTIFACTS, [{**row, "uri": f"{row['uri']}#part={ctx.part}"}])
+    t1 = time.perf_counter()
     log.info(
-        "extract %s part %d/%d: %d texts, %d rows, %s in %.3f s",
+        "extract %s part %d/%d: %d texts, %d rows, %s in %.3f s (texts %.3f, shard %.3f, "
+        "record %.3f)",
         ctx.job_name, ctx.part + 1, ctx.n_parts, len(texts), out.n_rows,
-        "cache hit" if out.cache_hit else "computed", time.perf_counter() - t0,
+        "cache hit" if out.cache_hit else "computed", t1 - t0, t_texts - t0, t_shard - t_texts,
+        t1 - t_shard,
     )  # fmt: skip
 
 

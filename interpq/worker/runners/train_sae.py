@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -87,7 +88,9 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         raise PermanentJobError(f"invalid SAE settings: {exc}") from None
     store = ctx.store
     checkpoints = store.uri_for(SAE_DIR, ctx.job_id, "checkpoints")
+    t0 = time.perf_counter()
     results = _train(ctx, train_ds, configs, checkpoints)
+    t_train, t_eval = time.perf_counter(), 0.0
     downstream = downstream_losses(ds, [r.sae for r in results], spec)
     texts = ds.texts()
     summary: dict[str, Any] = {"dataset": uri, "hook": ds.hook, "n_rows": ds.n_rows,
@@ -104,7 +107,9 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
             label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
             curves = files.submit(_curves, store, ctx.job_id, label, res)
+            t = time.perf_counter()
             evaluation, tops = _evaluate(res.sae, ds, eval_ds)
+            t_eval += time.perf_counter() - t
             down = downstream[i] if isinstance(downstream, list) else {}
             stored = {**evaluation.as_dict(), **_train_window(res), **down}
             entry, made = _outputs(
@@ -118,6 +123,10 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
         insert_ignore(conn, Artifact.__table__, rows)
     store.delete(checkpoints)  # every SAE is saved and recorded
     ctx.extra["result"] = summary
+    t1 = time.perf_counter()
+    log.info("train_sae %s: %d SAE(s) trained in %.3f s, evaluated in %.3f s, outputs and "
+             "downstream %.3f s", ctx.job_name, len(configs), t_train - t0, t_eval,
+             t1 - t_train - t_eval)  # fmt: skip
 
 
 def _train(ctx: RunnerContext, data: Any, configs: list[Any], checkpoints: str) -> list[Any]:
