@@ -200,7 +200,7 @@ def test_sae_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path: Path)
             ckpt_root = Path(st.env["INTERPQ_ARTIFACTS_DIR"]) / "sae"
             deadline = time.monotonic() + 120
             # the complete file only: Path.glob("*") also matches the dotted temporary file that
-            # save_checkpoint writes before renaming it into place
+            # the checkpoint writer writes before renaming it into place
             pattern = "*/checkpoints/checkpoint.pt"
             while time.monotonic() < deadline and not list(ckpt_root.glob(pattern)):
                 time.sleep(0.1)

@@ -14,6 +14,7 @@ summed on the device and copied to the host every ``log_every_steps`` steps only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMismatch, CheckpointWriter, load_checkpoint
 from .config import SCHEMA_VERSION, SAEConfig
 from .data import BatchSource
 from .run import SAERun, TrainResult
@@ -73,7 +74,8 @@ def train(
     """Train one SAE on ``data`` (tensor, ndarray, iterable of batches, or dataset).
 
     With ``checkpoint_dir``, a checkpoint is written atomically every
-    ``config.checkpoint_every_steps`` steps and, when ``resume`` is true, training
+    ``config.checkpoint_every_steps`` steps (by a thread, from a host copy of the state, while
+    training goes on; its ``"checkpoint"`` event comes once the file is complete) and, when ``resume`` is true, training
     continues from the last one found there: the final weights equal an uninterrupted
     run's (pass the same data again; iterators are re-created and skipped ahead).
     """
@@ -147,23 +149,43 @@ def _train(
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step")
     batch_size = first.batch_size
     log_every = logging_interval(first.log_every_steps, total_steps)
-    for step in range(start, total_steps):
-        x = source.next()
-        for run in runs:
-            run.step(x, step)
-        done = step + 1
-        n_tokens = done * batch_size
-        if done % log_every == 0 or done == total_steps:
-            for i, run in enumerate(runs):
-                metrics = run.log(done, n_tokens)
-                _emit(callbacks, TrainEvent("log", done, n_tokens, i, metrics, None, total_steps))
-            bar.set_postfix(fvu=f"{runs[0].curves['fvu'][-1]:.4f}", l0=runs[0].curves["l0"][-1])
-        every = first.checkpoint_every_steps
-        if checkpoint_dir is not None and every and done % every == 0 and done < total_steps:
-            path = save_checkpoint(_state(runs, source, done), checkpoint_dir)
+    every = first.checkpoint_every_steps
+    # checkpoints are written by a thread while training goes on; a "checkpoint" event is
+    # emitted at the first step boundary after its file is complete (or at the end)
+    writer = CheckpointWriter(checkpoint_dir) if checkpoint_dir is not None else None
+
+    def saved(steps: list[int]) -> None:
+        for done_at in steps:
             for i in range(len(runs)):
-                _emit(callbacks, TrainEvent("checkpoint", done, n_tokens, i, {}, path, total_steps))
-        bar.update(1)
+                _emit(callbacks, TrainEvent("checkpoint", done_at, done_at * batch_size, i,
+                                            {}, writer.path, total_steps))  # fmt: skip
+
+    try:
+        for step in range(start, total_steps):
+            x = source.next()
+            for run in runs:
+                run.step(x, step)
+            done = step + 1
+            n_tokens = done * batch_size
+            if done % log_every == 0 or done == total_steps:
+                for i, run in enumerate(runs):
+                    metrics = run.log(done, n_tokens)
+                    _emit(callbacks,
+                          TrainEvent("log", done, n_tokens, i, metrics, None, total_steps))  # fmt: skip
+                bar.set_postfix(fvu=f"{runs[0].curves['fvu'][-1]:.4f}",
+                                l0=runs[0].curves["l0"][-1])  # fmt: skip
+            if writer is not None:
+                if every and done % every == 0 and done < total_steps:
+                    saved(writer.submit(_state(runs, source, done), done))
+                else:
+                    saved(writer.completed())
+            bar.update(1)
+        if writer is not None:
+            saved(writer.wait())
+    finally:
+        if writer is not None:
+            with contextlib.suppress(Exception):  # the loop's own error is the one to raise
+                writer.wait()  # a checkpoint being written is completed, never left torn
     bar.close()
     duration_s = time.perf_counter() - t0
 
