@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -219,6 +220,8 @@ def extract_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     texts = word_texts(args.extract_texts, 160)
     rows = []
     for name, path in models.items():
+        if args.extract_models and not any(w in name for w in args.extract_models.split(",")):
+            continue
         for store_dtype in ("float16", "float32"):
             m = local_model(path, device, "float32")
             # the bare forward runs the body only (no LM head), as far as extraction goes
@@ -516,9 +519,17 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     """Two batches on one embedded stack: round 1 meets a cold worker (CUDA context, model
     load, kernel compilation, once per worker process), round 2 a warm one, on new texts and
     prompts. The library calls are warmed on round 1's data, then timed on round 2's."""
+    from interpq.core.patching import plot_heatmap
     from interpq.datasets import ActivationDataset
     from interpq.patching import patch
-    from interpq.sae import TopExamples, evaluate, train_many
+    from interpq.sae import (
+        TopExamples,
+        evaluate,
+        plot_density_histogram,
+        plot_training_curves,
+        save,
+        train_many,
+    )
     from interpq.scheduler import Client
     from interpq.settings import Settings
     from interpq.specs import Extract, Patch, TrainSAE
@@ -526,6 +537,7 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     from interpq.store.artifacts import FileStore
     from interpq.worker.extraction.local import write_local_shard
     from interpq.worker.local_models import local_model
+    from interpq.worker.runners.train_sae import compact_top_examples
 
     device = args.device
     gpt = models["gpt2-small-random"]
@@ -600,33 +612,56 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
             sync(device)
             train_s = time.perf_counter() - t
             tracker = TopExamples(trained[0].sae.d_sae, 5)  # what the job does besides
-            evaluate(trained[0].sae, ds.iter_batches(4096, with_metadata=True),
-                     top_examples=tracker)  # fmt: skip
+            evaluation = evaluate(trained[0].sae, ds.iter_batches(4096, with_metadata=True),
+                                  top_examples=tracker)  # fmt: skip
             tracker.result()
             sync(device)
             sae_s = time.perf_counter() - t
+            # and the files the job writes: weights + cfg.json, curves (JSON, PNG), density
+            # PNG, every feature's top examples (JSON), one after another as a script would
+            out = Path(tmp) / f"sae-{r}"
+            save(trained[0].sae, out / "sae", metrics=evaluation.as_dict())
+            (out / "curves.json").write_text(json.dumps(trained[0].curves))
+            plot_training_curves(trained[0].curves, out / "curves.png", title="sae",
+                                 dead_window_tokens=trained[0].config.dead_window_tokens)  # fmt: skip
+            plot_density_histogram(evaluation.fire_counts, evaluation.n_tokens,
+                                   out / "density.png")  # fmt: skip
+            compact = compact_top_examples(tracker, ds.texts())
+            (out / "top.json").write_text(json.dumps(compact, separators=(",", ":")))
+            sae_files_s = time.perf_counter() - t
             del trained, tracker
             t = time.perf_counter()
-            patch(m.loaded.model, tok, clean, corrupted, answers="the", wrong_answers="of",
-                  component="resid_pre")  # fmt: skip
+            grid = patch(m.loaded.model, tok, clean, corrupted, answers="the",
+                         wrong_answers="of", component="resid_pre")  # fmt: skip
             sync(device)
             patch_s = time.perf_counter() - t
+            (out / "grid.json").write_text(grid.to_json())  # the files the job writes
+            (out / "rows.jsonl").write_text("".join(json.dumps(x) + "\n" for x in grid.to_rows()))
+            plot_heatmap(grid, out / "heatmap.png", metric=grid.primary, title="patch")
+            patch_files_s = time.perf_counter() - t
             if timed:
-                lib = {"acts": acts_s, "sae": sae_s, "sae_train_only": train_s, "patch": patch_s}
+                lib = {"acts": acts_s, "sae": sae_s, "sae_train_only": train_s, "patch": patch_s,
+                       "sae_files": sae_files_s, "patch_files": patch_files_s}  # fmt: skip
                 n_rows = ds.n_rows
     print(f"\n### Through the queue, {card(device)}: Extract ({n_rows:,} tokens) → TrainSAE → "
           f"Patch; round 1 on a cold worker (batch wall {jobs[0]['wall']:.1f} s), round 2 on "
           f"a warm one (new texts and prompts, batch wall {jobs[1]['wall']:.1f} s); library "
           f"calls on round 2's data after a warm-up on round 1's")  # fmt: skip
     print("| job | round 1 (cold worker) s | round 2 (warm worker) s | library call s | "
-          "library / warm job |\n|---|---:|---:|---:|---:|")  # fmt: skip
+          "library / warm job | library call + the job's files s | library + files / warm "
+          "job |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     for name in ("acts", "sae", "patch"):
         d1 = jobs[0]["results"][name].duration_s or float("nan")
         d2 = jobs[1]["results"][name].duration_s or float("nan")
-        print(f"| {name} | {d1:.2f} | {d2:.2f} | {lib[name]:.2f} | {lib[name] / d2:.1%} |")
-    d2 = jobs[1]["results"]["sae"].duration_s or float("nan")
-    print(f"| sae, train_many alone | | {d2:.2f} | {lib['sae_train_only']:.2f} | "
-          f"{lib['sae_train_only'] / d2:.1%} |")  # fmt: skip
+        files = lib.get(f"{name}_files", lib[name])  # extraction: the shards are the files
+        print(f"| {name} | {d1:.2f} | {d2:.2f} | {lib[name]:.2f} | {lib[name] / d2:.1%} | "
+              f"{files:.2f} | {files / d2:.1%} |")  # fmt: skip
+    trained = [float(x) for x in re.findall(r"trained in ([0-9.]+) s", full_log)]
+    if len(trained) >= 2:  # the warm job's training phase, as its worker logged it
+        print(f"| sae: training alone (train_many; the job's training phase) | | "
+              f"{trained[1]:.2f} | {lib['sae_train_only']:.2f} | "
+              f"{lib['sae_train_only'] / trained[1]:.1%} | | |")  # fmt: skip
+        lib["job_train_phase"] = trained[1]
     RESULTS["queue"] = {
         "n_tokens": n_rows,
         "rounds": [
@@ -652,6 +687,9 @@ def main() -> None:
     p.add_argument("--sae-pool", type=int, default=64, help="distinct batches in the dataset")
     p.add_argument("--extract-texts", type=int, default=4096)
     p.add_argument("--extract-batch", type=int, default=64)
+    p.add_argument("--extract-models", default="",
+                   help="comma-separated parts of model names to measure (gpt2, minilm); all "
+                   "by default")  # fmt: skip
     p.add_argument("--queue-texts", type=int, default=8192)
     p.add_argument("--queue-shard", type=int, default=2048)
     p.add_argument("--queue-timeout-s", type=float, default=400)

@@ -51,14 +51,23 @@ def save(
     """Write ``sae`` to the directory ``path`` (created); returns it.
 
     ``metrics`` are stored with their formulas; ``metadata`` (e.g. ``model_name``,
-    ``hook_name``, ``dataset``) goes into SAELens' ``metadata`` block.
+    ``hook_name``, ``dataset``) goes into SAELens' ``metadata`` block. The same as
+    ``save_weights`` then ``save_config`` (a caller that knows the metrics only later, e.g.
+    after an evaluation, may write the weights first).
     """
+    path = save_weights(sae, path)
+    save_config(sae, path, metrics=metrics, metadata=metadata)
+    return path
+
+
+def save_weights(sae: SparseAutoencoder, path: str | Path) -> Path:
+    """Write ``sae``'s weights (``sae_weights.safetensors``, input scale folded in) into the
+    directory ``path`` (created); returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if float(sae.input_scale) != 1.0:
         sae = copy.deepcopy(sae)
         sae.fold_input_scale()
-    cfg = sae.cfg
     tensors = {
         "W_enc": sae.W_enc.detach().T.contiguous().cpu(),
         "b_enc": sae.b_enc.detach().contiguous().cpu(),
@@ -69,7 +78,21 @@ def save(
     if threshold is not None:
         tensors["threshold"] = threshold.detach().contiguous().cpu()
     write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    return path
 
+
+def save_config(
+    sae: SparseAutoencoder,
+    path: str | Path,
+    *,
+    metrics: dict[str, float] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``cfg.json`` (SAELens' fields, our config, ``metrics`` with their formulas) into
+    the directory ``path`` (created); returns it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = sae.cfg
     doc: dict[str, Any] = {
         "architecture": _TO_SAELENS[cfg.architecture],
         "d_in": cfg.d_in,

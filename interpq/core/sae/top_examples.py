@@ -2,10 +2,14 @@
 
 ``TopExamples`` keeps, per latent, the ``n`` largest positive activations seen so far, the
 global row numbers they came from and those rows' metadata (text id, token position, ...),
-as [d_sae, n] tensors on the device of the first batch. A batch is merged sparsely: only its
-(row, latent) pairs that beat their latent's current ``n``-th value are candidates, and the
-latents they touch are re-ranked with two stable sorts, so a batch costs O(nnz + touched · n),
-not O(batch · d_sae), and nothing leaves the device until ``result``. Memory is
+as [d_sae, n] tensors on the device of the first batch. A batch is merged sparsely, as its
+nnz (row, latent, value) entries, with fixed shapes and no host synchronisation (the CPU never
+waits for the GPU; ``update`` does, once, to find a dense batch's nonzeros): the entries get
+int64 keys (latent, then value descending) and one stable sort of those nnz keys; a binary
+search of each into the n · d_sae table keys (already in that order) and a per-latent running
+count give every batch and table entry its rank in its latent's merged list, and each latent's
+first ``n`` are scattered into fresh tables. A batch costs O(nnz · log(n · d_sae) + n · d_sae),
+not O(batch · d_sae), and nothing leaves the device until ``result`` or ``tables``. Memory is
 O(d_sae · n) whatever the dataset size. Ties go to the row seen first. This module knows
 nothing about tokenizers or texts: metadata are whatever per-row numbers the caller passes.
 """
@@ -43,6 +47,8 @@ class TopExamples:
         self.values: Tensor | None = None  # [d_sae, n], 0 where no example yet
         self.rows: Tensor | None = None  # [d_sae, n] int64, -1 where no example yet
         self.metadata: dict[str, Tensor] = {}  # name → [d_sae, n]
+        self._slot_key: Tensor  # [d_sae · n], set with the tables
+        self._slot_room: Tensor
 
     def update(self, latents: Tensor, metadata: Mapping[str, Sequence[Any]] | None = None) -> None:
         """Merge one batch: ``latents`` [batch, d_sae], ``metadata`` name → [batch] numbers."""
@@ -55,53 +61,79 @@ class TopExamples:
     ) -> None:
         """Merge one batch given as ``values`` and latent ``ids`` [batch, k] (zeros ignored)."""
         batch, k = values.shape
-        row = torch.arange(batch, device=values.device).repeat_interleave(k)  # [batch · k]
+        row = torch.arange(batch, device=values.device).unsqueeze(1).expand(batch, k)
+        row = row.reshape(-1)  # [batch · k]
         self._merge(row, ids.reshape(-1), values.detach().reshape(-1), batch, metadata)
 
     def _merge(
         self, row: Tensor, latent: Tensor, value: Tensor, batch: int,
         metadata: Mapping[str, Sequence[Any]] | None,
     ) -> None:  # fmt: skip
+        """Merge candidates (``row`` in the batch, ``latent``, ``value``) [m] into the tables
+        with fixed shapes only: no host synchronisation whatever the values."""
         device = value.device
+        d_sae, n = self.d_sae, self.n
         if self.values is None or self.rows is None:
-            self.values = torch.zeros(self.d_sae, self.n, device=device)
-            self.rows = torch.full((self.d_sae, self.n), -1, dtype=torch.int64, device=device)
+            self.values = torch.zeros(d_sae, n, device=device)
+            self.rows = torch.full((d_sae, n), -1, dtype=torch.int64, device=device)
+            slot = torch.arange(d_sae * n, device=device)  # the tables' flat slots
+            self._slot_key = (slot // n) << 32  # each slot's latent, as a key's high half
+            self._slot_room = n - slot % n  # how far each slot's entry can move down
         start = self.n_rows_seen
         self.n_rows_seen += batch
-        meta = {k: torch.as_tensor(v).to(device) for k, v in (metadata or {}).items()}
+        meta = {k: _on(v, device) for k, v in (metadata or {}).items()}
         for k, v in meta.items():
             if k not in self.metadata:
-                self.metadata[k] = torch.zeros(self.d_sae, self.n, dtype=v.dtype, device=device)
-        value = value.float()
-        beats = value > self.values[latent, -1]  # > 0 and > the latent's n-th best so far
-        row, latent, value = row[beats], latent[beats], value[beats]  # [m]
-        if latent.numel() == 0:
-            return
-        touched = torch.zeros(self.d_sae, dtype=torch.bool, device=device)
-        touched[latent] = True
-        ids = touched.nonzero().squeeze(1)  # [t] latents to re-rank
-        slot = torch.empty(self.d_sae, dtype=torch.int64, device=device)
-        slot[ids] = torch.arange(ids.numel(), device=device)
-        n = self.n
-        # candidates: each touched latent's n current entries first (so they win ties), then
-        # the batch's
-        group = torch.cat([torch.arange(ids.numel(), device=device).repeat_interleave(n),
-                           slot[latent]])  # fmt: skip
-        cand_value = torch.cat([self.values[ids].reshape(-1), value])
-        cand_row = torch.cat([self.rows[ids].reshape(-1), row + start])
-        order = torch.sort(cand_value, descending=True, stable=True).indices
-        order = order[torch.sort(group[order], stable=True).indices]  # by group, value desc
-        # every group holds at least its n current entries: the first n of each are the new top
-        counts = torch.bincount(group, minlength=ids.numel())
-        first = torch.cumsum(counts, 0) - counts
-        pick = (first.unsqueeze(1) + torch.arange(n, device=device)).reshape(-1)  # [t · n]
-        chosen = order[pick]
-        self.values[ids] = cand_value[chosen].reshape(-1, n)
-        self.rows[ids] = cand_row[chosen].reshape(-1, n)
+                self.metadata[k] = torch.zeros(d_sae, n, dtype=v.dtype, device=device)
+        size = d_sae * n
+        # One int64 key per entry: latent, then largest value first. The table's keys (each row
+        # sorted, largest first) are already in ascending order.
+        table_key = self._slot_key | _desc(self.values.reshape(-1))  # [d_sae · n]
+        key = latent.to(torch.int64) << 32 | _desc(value.float())  # [m]
+        key, order = torch.sort(key, stable=True)
+        latent = key >> 32  # sorted by latent, then value descending, then batch order
+        # Merge each latent's sorted batch entries into its sorted table row. A batch entry goes
+        # after its latent's earlier batch entries and its table entries of a value >= its own
+        # (the table wins ties; a value <= 0 or NaN has the key of a table zero, so it never
+        # enters); a table entry goes after the batch entries of a strictly larger value. Each
+        # latent has its n table entries among the candidates, so its slots 0..n-1 are all
+        # filled; anything ranked n or later goes to a trash slot.
+        i = torch.arange(key.numel(), device=device)
+        new_latent = torch.ones_like(key, dtype=torch.bool)
+        new_latent[1:] = latent[1:] != latent[:-1]
+        earlier = i - torch.where(new_latent, i, 0).cummax(0).values  # batch entries before
+        table_before = torch.searchsorted(table_key, key, right=True) - latent * n
+        rank = earlier + table_before
+        dest = torch.where(rank < n, latent * n + rank, size)
+        dest = torch.empty_like(dest).scatter_(0, order, dest)  # back in the batch's order
+        # the table entries that a batch entry beats (from ``table_before`` on) move down by one
+        shift = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        shift.index_add_(0, torch.where(table_before < n, latent * n + table_before, size),
+                         torch.ones_like(key))  # fmt: skip
+        shift = shift[:size].view(d_sae, n).cumsum(1).view(-1)
+        slot = torch.arange(size, device=device)
+        table_dest = torch.where(shift < self._slot_room, slot + shift, size)
+
+        def merged(table: Tensor, new: Tensor) -> Tensor:
+            out = torch.empty(size + 1, dtype=table.dtype, device=device)
+            out.scatter_(0, table_dest, table.reshape(-1))
+            out.scatter_(0, dest, new.to(table.dtype))
+            return out[:size].view(d_sae, n)
+
+        self.values = merged(self.values, value)
+        self.rows = merged(self.rows, row + start)
         for k, table in self.metadata.items():
             new = meta[k][row] if k in meta else torch.zeros_like(row, dtype=table.dtype)
-            merged = torch.cat([table[ids].reshape(-1), new.to(table.dtype)])
-            table[ids] = merged[chosen].reshape(-1, n)
+            self.metadata[k] = merged(table, new)
+
+    def tables(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(values, rows, metadata)`` as CPU [d_sae, n] tensors, largest first (0 / -1 / 0 where
+        a latent has fewer than ``n`` examples), ``metadata`` a dict name → [d_sae, n]."""
+        if self.values is None or self.rows is None:
+            values = torch.zeros(self.d_sae, self.n)
+            return values, torch.full((self.d_sae, self.n), -1, dtype=torch.int64), {}
+        meta = {k: v.cpu() for k, v in self.metadata.items()}
+        return self.values.cpu(), self.rows.cpu(), meta
 
     def result(self, features: Iterable[int] | None = None) -> dict[int, list[Example]]:
         """Feature id → its examples, largest first (positive activations only)."""
@@ -120,6 +152,21 @@ class TopExamples:
         return out
 
 
+def _desc(value: Tensor) -> Tensor:
+    """The low half of int64 sort keys: a 31-bit number that grows as the float32 ``value``
+    falls (a value <= 0 or NaN counts as 0, the largest)."""
+    value = torch.where(value > 0, value, 0.0)
+    return (0x7FFFFFFF - value.view(torch.int32)).to(torch.int64)  # a float >= 0's bits grow
+
+
+def _on(values: Any, device: torch.device) -> Tensor:
+    """Per-row metadata (tensor, array or list) on ``device``, copied without blocking."""
+    t = torch.as_tensor(values)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()  # a copy from pageable memory can wait for the GPU
+    return t.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def top_activating_examples(
     sae: Any,
@@ -127,15 +174,17 @@ def top_activating_examples(
     *,
     n: int = 10,
     features: Iterable[int] | None = None,
+    tracker: TopExamples | None = None,
 ) -> dict[int, list[Example]]:
     """Per feature, the ``n`` rows of ``batches`` on which it activates most, computed on the
     SAE's device (a TopK SAE's latents are never densified).
 
     Each batch is ``x`` [batch, d_in] or ``(x, metadata)`` with ``metadata`` a mapping of
-    per-row numbers, e.g. ``{"text_id": [...], "position": [...]}``.
+    per-row numbers, e.g. ``{"text_id": [...], "position": [...]}``. ``tracker``: merge into
+    this ``TopExamples`` (its own ``n``; read it with ``tables``) instead of a new one.
     """
     device = next(sae.parameters()).device
-    tracker = TopExamples(sae.d_sae, n)
+    tracker = TopExamples(sae.d_sae, n) if tracker is None else tracker
     for batch in batches:
         x, meta = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
         x = torch.as_tensor(x).reshape(-1, sae.d_in).to(device, non_blocking=True)

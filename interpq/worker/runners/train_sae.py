@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection
 
 from interpq.errors import PermanentJobError
@@ -70,6 +73,7 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
 
 
 def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
+    from interpq.core.sae.io import save_weights
     from interpq.store.datasets import ActivationDataset, DatasetError
     from interpq.worker.sae_downstream import downstream_losses
 
@@ -101,11 +105,13 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     if fitted:
         summary["batch_size_fitted"] = fitted
     rows: list[dict[str, Any]] = []
-    # Files that need no evaluation are written by a thread while the SAE is evaluated
-    # (the evaluation waits on the device; the files on the disk and matplotlib).
+    # Files that need no evaluation (the weights, the curves) are written by a thread while
+    # the SAE is evaluated (the evaluation waits on the device; the files on the disk and
+    # matplotlib); the weights go into the checkpoints folder, then into the SAE's folder.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpq-sae-files") as files:
         for i, (cfg, res) in enumerate(zip(configs, results, strict=True)):
             label = f"{cfg.architecture}-k{cfg.k}-x{(cfg.d_sae or 0) // cfg.d_in}"
+            weights = files.submit(save_weights, res.sae, store.local_path(checkpoints) / label)
             curves = files.submit(_curves, store, ctx.job_id, label, res)
             t = time.perf_counter()
             evaluation, tops = _evaluate(res.sae, ds, eval_ds)
@@ -114,7 +120,7 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
             stored = {**evaluation.as_dict(), **_train_window(res), **down}
             entry, made = _outputs(
                 ctx, store, label, uri, ds, res, (evaluation, what), stored, (tops, texts),
-                files,
+                (files, weights),
             )  # fmt: skip
             curves.result()  # the curves are written (or their error is raised here)
             summary["saes"].append(entry)
@@ -177,19 +183,21 @@ def _fit_batch_size(spec: TrainSAE, n_train: int, n_held_out: int | None) -> tup
     )
 
 
-def _evaluate(sae: Any, ds: Any, eval_ds: Any) -> tuple[Any, dict[int, list[Any]]]:
-    """The evaluation over ``eval_ds`` and every feature's top examples over ``ds``, on the
-    SAE's device; one pass over the rows when they are the same rows."""
+def _evaluate(sae: Any, ds: Any, eval_ds: Any) -> tuple[Any, Any]:
+    """The evaluation over ``eval_ds`` and every feature's top examples over ``ds`` (a
+    ``TopExamples``), on the SAE's device; one pass over the rows when they are the same
+    rows."""
     from interpq.core.sae import TopExamples, evaluate, top_activating_examples
 
+    tracker = TopExamples(sae.d_sae, N_TOP_EXAMPLES)
     if eval_ds is ds:
-        tracker = TopExamples(sae.d_sae, N_TOP_EXAMPLES)
         evaluation = evaluate(sae, ds.iter_batches(EVAL_BATCH_ROWS, with_metadata=True),
                               top_examples=tracker)  # fmt: skip
-        return evaluation, tracker.result()
+        return evaluation, tracker
     evaluation = evaluate(sae, eval_ds.iter_batches(EVAL_BATCH_ROWS))
     batches = ds.iter_batches(EVAL_BATCH_ROWS, with_metadata=True)
-    return evaluation, top_activating_examples(sae, batches, n=N_TOP_EXAMPLES)
+    top_activating_examples(sae, batches, n=N_TOP_EXAMPLES, tracker=tracker)
+    return evaluation, tracker
 
 
 def _reporter(ctx: Any, n_saes: int) -> Any:
@@ -224,19 +232,21 @@ def _train_window(res: Any) -> dict[str, float]:
 
 def _outputs(
     ctx: RunnerContext, store: ArtifactStore, label: str, uri: str, ds: Any, res: Any,
-    evaluated: tuple[Any, str], stored: dict[str, Any],
-    examples: tuple[dict[int, list[Any]], list[str]],
-    files: ThreadPoolExecutor,
+    evaluated: tuple[Any, str], stored: dict[str, Any], examples: tuple[Any, list[str]],
+    written: tuple[ThreadPoolExecutor, Future[Path]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, density plot, top examples; ``_curves`` writes its
     curves); its result entry and its artifact rows. ``evaluated`` is the ``evaluate`` result
-    and what it is over, ``examples`` the top examples and the dataset's texts; the
+    and what it is over, ``examples`` the ``TopExamples`` tracker and the dataset's texts; the
     density histogram is its ``fire_counts`` over its ``n_tokens`` rows, the window its
-    stored dead fraction is counted over. The weights and the plot are written by ``files``
-    while the top examples are put together here."""
+    stored dead fraction is counted over. ``written``: the files thread, and the folder it
+    wrote the weights into; the folder is made with cfg.json and the plot is drawn by that
+    thread while the top examples are put together here."""
     evaluation, what = evaluated
-    tops, texts = examples
-    from interpq.core.sae import FORMULAS, plot_density_histogram, save
+    tracker, texts = examples
+    files, weights = written
+    from interpq.core.sae import FORMULAS, plot_density_histogram
+    from interpq.core.sae.io import WEIGHTS_NAME, save_config
 
     def artifact(name: str) -> str:  # the store names every file of the job
         return store.uri_for(SAE_DIR, ctx.job_id, name)
@@ -246,28 +256,31 @@ def _outputs(
     out = artifact(label)
     density = artifact(f"{label}-density.png")
 
-    def weights_and_plot() -> None:
-        store.put_tree(out, lambda tmp: save(res.sae, tmp, metrics=stored, metadata=meta))
+    def folder_and_plot() -> None:
+        def fill(tmp: Path) -> None:
+            os.replace(weights.result() / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+            save_config(res.sae, tmp, metrics=stored, metadata=meta)
+
+        store.put_tree(out, fill)
         plot_density_histogram(  # plots are written atomically (interpq.core.atomic)
             evaluation.fire_counts, evaluation.n_tokens, store.local_path(density),
             title=f"{label}: evaluation over {evaluation.n_tokens} rows"
             + (" (the training rows)" if what == EVALUATION else " of held-out texts"),
         )  # fmt: skip
 
-    written = files.submit(weights_and_plot)
+    saved = files.submit(folder_and_plot)
     tops_json = artifact(f"{label}-top-examples.json")
-    compact = json.dumps(compact_top_examples(tops, texts), separators=(",", ":"))
-    store.put_atomic(tops_json, compact.encode())
-    written.result()
+    compact = compact_top_examples(tracker, texts)
+    store.put_atomic(tops_json, json.dumps(compact, separators=(",", ":")).encode())
+    saved.result()
     curves_json = artifact(f"{label}-curves.json")
     curves = artifact(f"{label}-curves.png")
     readable = {
         str(f): [
-            {"activation": ex.activation, "text": texts[int(ex.metadata["text_id"])],
-             "position": int(ex.metadata["position"])}
-            for ex in exs[:2]
+            {"activation": activation, "text": texts[text_id], "position": position}
+            for activation, text_id, position in exs[:2]
         ]
-        for f, exs in list((f, e) for f, e in tops.items() if e)[:4]
+        for f, exs in list((f, e) for f, e in enumerate(compact["features"]) if e)[:4]
     }  # fmt: skip
     entry = {
         "label": label,
@@ -302,14 +315,17 @@ def _curves(store: ArtifactStore, job_id: str, label: str, res: Any) -> str:
     return curves_json
 
 
-def compact_top_examples(tops: dict[int, list[Any]], texts: list[str]) -> dict[str, Any]:
-    """Every feature's top examples as ``[activation, text_id, position]`` triples, with each
-    referenced text listed once under its id."""
+def compact_top_examples(tracker: Any, texts: list[str]) -> dict[str, Any]:
+    """Every feature's top examples (a ``TopExamples`` tracker's tables) as
+    ``[activation, text_id, position]`` triples, largest first, activations rounded to 6
+    decimals, with each referenced text listed once under its id."""
+    values, _rows, meta = tracker.tables()
+    rounded = np.round(values.double().numpy(), 6).tolist()
+    text_ids, positions = meta["text_id"].tolist(), meta["position"].tolist()
     features = [
-        [[round(ex.activation, 6), int(ex.metadata["text_id"]), int(ex.metadata["position"])]
-         for ex in tops.get(f, [])]
-        for f in range(max(tops, default=-1) + 1)
-    ]  # fmt: skip
+        [[v, t, p] for v, t, p in zip(vs, ts, ps, strict=True) if v > 0]
+        for vs, ts, ps in zip(rounded, text_ids, positions, strict=True)
+    ]
     used = sorted({row[1] for exs in features for row in exs})
     return {
         "format": "interpq.top_examples/1",
