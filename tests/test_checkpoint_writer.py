@@ -53,3 +53,34 @@ def test_host_copy_rebuilds_containers_and_copies_tensors():
     t.zero_()
     assert torch.equal(copied["a"][0], torch.ones(3)) and copied["a"][1][1] == 2
     assert isinstance(copied["a"][1], tuple) and copied["b"] == "x"
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_that_left_its_last_checkpoint_being_written_resumes_exactly(tmp_path, device):
+    from interpq.core.sae.checkpoint import wait_for_writes
+    from interpq.sae import SAEConfig, train, train_many
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=g).relu()
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=128, n_steps=30, lr_warmup_steps=2,
+                    log_every_steps=5, checkpoint_every_steps=25, device=device,
+                    prefetch_batches=0)  # fmt: skip
+    full = train(x, cfg, progress=False)
+    events: list[tuple[str, int]] = []
+    train_many(x, [cfg], checkpoint_dir=tmp_path, progress=False,
+               callbacks=[lambda e: events.append((e.kind, e.step))],
+               wait_for_last_checkpoint=False)  # fmt: skip
+    wait_for_writes(tmp_path)
+    wait_for_writes(tmp_path)  # nothing pending any more: returns at once
+    assert load_checkpoint(tmp_path)["step"] == 25
+    assert [s for kind, s in events if kind == "checkpoint"] in ([], [25])
+    # resumed from step 25, the run ends where the uninterrupted one did
+    resumed = train(x, cfg, checkpoint_dir=tmp_path, progress=False)
+    for name, p in full.sae.state_dict().items():
+        torch.testing.assert_close(resumed.sae.state_dict()[name], p, rtol=0, atol=1e-6,
+                                   msg=name)  # fmt: skip

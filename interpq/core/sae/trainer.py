@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointMismatch, CheckpointWriter, load_checkpoint
+from .checkpoint import CheckpointMismatch, CheckpointWriter, load_checkpoint, wait_for_writes
 from .config import SCHEMA_VERSION, SAEConfig
 from .data import BatchSource
 from .run import SAERun, TrainResult
@@ -97,11 +97,16 @@ def train_many(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    wait_for_last_checkpoint: bool = True,
 ) -> list[TrainResult]:
     """Train several SAEs (a sweep over k, width, ...) on one pass over the same batches.
 
     The configs must agree on what shapes the data stream: d_in, batch_size, n_steps /
     n_epochs, shuffle and device; the data order follows ``configs[0].seed``.
+    ``wait_for_last_checkpoint=False``: return while the last checkpoint may still be being
+    written (its ``"checkpoint"`` event is then not emitted); call
+    ``interpq.core.sae.checkpoint.wait_for_writes(checkpoint_dir)`` before reading, moving or
+    deleting the directory. A job's runner does, so that the write overlaps its evaluation.
     """
     if not configs:
         raise ValueError("train_many needs at least one SAEConfig")
@@ -120,7 +125,8 @@ def train_many(
         block_rows=first.shuffle_block_rows,
     )
     try:
-        return _train(source, configs, device, callbacks, checkpoint_dir, resume, progress)
+        return _train(source, configs, device, callbacks, checkpoint_dir, resume, progress,
+                      wait_for_last_checkpoint)  # fmt: skip
     finally:
         source.close()  # the read-ahead threads
 
@@ -133,11 +139,14 @@ def _train(
     checkpoint_dir: str | Path | None,
     resume: bool,
     progress: bool,
+    wait_for_last_checkpoint: bool = True,
 ) -> list[TrainResult]:
     first = configs[0]
     total_steps = _total_steps(first, source)
     runs = [SAERun(cfg, device, total_steps) for cfg in configs]
     start = 0
+    if checkpoint_dir is not None:
+        wait_for_writes(checkpoint_dir)  # one an earlier run left being written
     if checkpoint_dir is not None and resume:
         start = _restore(checkpoint_dir, runs, source)
     if start == 0:
@@ -181,7 +190,12 @@ def _train(
                     saved(writer.completed())
             bar.update(1)
         if writer is not None:
-            saved(writer.wait())
+            if wait_for_last_checkpoint:
+                saved(writer.wait())
+            else:
+                saved(writer.completed())
+                writer.leave_pending()  # the caller calls wait_for_writes(checkpoint_dir)
+                writer = None
     finally:
         if writer is not None:
             with contextlib.suppress(Exception):  # the loop's own error is the one to raise

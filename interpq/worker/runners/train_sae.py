@@ -73,6 +73,7 @@ def _split(ds: Any, spec: TrainSAE) -> tuple[Any, Any, str]:
 
 
 def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
+    from interpq.core.sae.checkpoint import wait_for_writes
     from interpq.core.sae.io import save_weights
     from interpq.store.datasets import ActivationDataset, DatasetError
     from interpq.worker.sae_downstream import downstream_losses
@@ -127,6 +128,7 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
             rows += made
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
+    wait_for_writes(store.local_path(checkpoints))  # the last one, written meanwhile
     store.delete(checkpoints)  # every SAE is saved and recorded
     ctx.extra["result"] = summary
     t1 = time.perf_counter()
@@ -142,8 +144,11 @@ def _train(ctx: RunnerContext, data: Any, configs: list[Any], checkpoints: str) 
     from interpq.core.sae.checkpoint import CheckpointMismatch
 
     def train() -> list[Any]:
+        # the last checkpoint may still be written while the SAE is evaluated; run_part waits
+        # for it (wait_for_writes) before deleting the checkpoints
         return train_many(data, configs, checkpoint_dir=ctx.store.local_path(checkpoints),
-                          progress=False, callbacks=[_reporter(ctx, len(configs))])  # fmt: skip
+                          progress=False, callbacks=[_reporter(ctx, len(configs))],
+                          wait_for_last_checkpoint=False)  # fmt: skip
 
     try:
         return train()
