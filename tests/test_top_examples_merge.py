@@ -161,5 +161,7 @@ def test_sparse_merge_on_cuda_never_waits_for_the_gpu() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     values, rows, meta = tracker.tables()
-    assert (values > 0).all() and (rows >= 0).all()
-    assert torch.equal(meta["text_id"], rows // 5)
+    filled = values > 0  # 768 positive entries over 512 latents: some have fewer than 5
+    assert filled.any() and torch.equal(rows >= 0, filled)
+    assert torch.equal(meta["text_id"][filled], rows[filled] // 5)
+    assert torch.equal(meta["position"][filled], rows[filled] % 5)
