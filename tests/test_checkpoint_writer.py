@@ -55,8 +55,11 @@ def test_host_copy_rebuilds_containers_and_copies_tensors():
     assert isinstance(copied["a"][1], tuple) and copied["b"] == "x"
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))]  # fmt: skip
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA),
+           # graphed steps: failed on an H100 (1.4e-4) before the run kept its own device lr
+           # tensor on resume; the fix is not yet run on a GPU
+           pytest.param("cuda-graph", marks=CUDA)]  # fmt: skip
 
 
 @pytest.mark.timeout(60)
@@ -67,12 +70,9 @@ def test_a_run_that_left_its_last_checkpoint_being_written_resumes_exactly(tmp_p
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 16, generator=g).relu()
-    # cuda_graph off: a run resumed with CUDA-graphed steps ends within ~1.4e-4 of an
-    # uninterrupted one, with this writer and with a synchronous save alike (H100,
-    # 2026-12-06; not yet explained); with eager steps the two agree to float noise
     cfg = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=128, n_steps=30, lr_warmup_steps=2,
-                    log_every_steps=5, checkpoint_every_steps=25, device=device,
-                    prefetch_batches=0, cuda_graph=False)  # fmt: skip
+                    log_every_steps=5, checkpoint_every_steps=25, device=device[:4],
+                    prefetch_batches=0, cuda_graph=device == "cuda-graph")  # fmt: skip
     full = train(x, cfg, progress=False)
     events: list[tuple[str, int]] = []
     train_many(x, [cfg], checkpoint_dir=tmp_path, progress=False,

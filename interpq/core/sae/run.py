@@ -220,7 +220,13 @@ class SAERun:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
+        # the schedule sets the lr before every step: keep this run's own lr holders (a
+        # device tensor that a graphed step reads), not the checkpoint's (loaded to the CPU,
+        # where a CUDA graph would bake the lr of its capture into every replay)
+        lrs = [group["lr"] for group in self.opt.param_groups]
         self.opt.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.opt.param_groups, lrs, strict=True):
+            group["lr"] = lr
         if self.graph is not None:
             self.graph.reset()
         for name in ("tokens_since_fired", "fire_total", "candidates", "acc"):

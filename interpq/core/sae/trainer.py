@@ -78,8 +78,9 @@ def train(
     training goes on; its ``"checkpoint"`` event comes once the file is complete) and, when ``resume`` is true, training
     continues from the last one found there: the final weights equal an uninterrupted
     run's (pass the same data again; iterators are re-created and skipped ahead). On a GPU
-    with ``cuda_graph`` (the default there) they agree within ~1e-4 instead: measured on an
-    H100, cause not yet found; with ``cuda_graph=False`` to float noise.
+    with ``cuda_graph`` (the default there) an H100 measured 1.4e-4 apart before a resumed
+    run kept its own device tensor for the learning rate (the checkpoint's, loaded to the
+    CPU, was baked into the CUDA graph); the fix is not yet measured on a GPU.
     """
     return train_many(
         data,
