@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interpq.core.readahead import read_ahead
-
-from .top_examples import TopExamples, is_topk
+from .top_examples import TopExamples, is_topk, read_batches_ahead
 
 FORMULAS: dict[str, str] = {
     "mse": "MSE = (1/(N·d)) Σ_n Σ_j (x_nj − x̂_nj)²",
@@ -149,9 +147,7 @@ def evaluate(
         data = torch.from_numpy(data)
     batches: Iterable[Any] = data.split(batch_size) if isinstance(data, Tensor) else data
     if not isinstance(data, Tensor):  # read (and pin) the next batches while this one runs
-        cuda = param.device.type == "cuda"
-        batches = read_ahead(batches, 3, device=param.device, name="interpq-evaluate",
-                             prepare=lambda b: _host_batch(b, cuda))  # fmt: skip
+        batches = read_batches_ahead(batches, param.device)
     zero = torch.zeros((), dtype=torch.float64, device=param.device)
     sq_err, sum_sq, n_active = zero.clone(), zero.clone(), zero.clone()
     sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
@@ -193,15 +189,6 @@ def evaluate(
         n_tokens=n,
         fire_counts=fire.cpu(),
     )
-
-
-def _host_batch(batch: Any, pin: bool) -> Any:
-    """A batch's rows as a tensor, in pinned memory for a non-blocking copy to a GPU."""
-    x, meta = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
-    x = torch.as_tensor(x)
-    if pin and x.device.type == "cpu":
-        x = x.pin_memory()
-    return (x, meta) if isinstance(batch, tuple | list) else x
 
 
 @dataclass

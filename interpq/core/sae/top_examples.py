@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interpq.core.readahead import read_ahead
+
 
 @dataclass
 class Example:
@@ -174,22 +176,46 @@ def top_activating_examples(
     *,
     n: int = 10,
     features: Iterable[int] | None = None,
-    tracker: TopExamples | None = None,
 ) -> dict[int, list[Example]]:
     """Per feature, the ``n`` rows of ``batches`` on which it activates most, computed on the
     SAE's device (a TopK SAE's latents are never densified).
 
     Each batch is ``x`` [batch, d_in] or ``(x, metadata)`` with ``metadata`` a mapping of
-    per-row numbers, e.g. ``{"text_id": [...], "position": [...]}``. ``tracker``: merge into
-    this ``TopExamples`` (its own ``n``; read it with ``tables``) instead of a new one.
+    per-row numbers, e.g. ``{"text_id": [...], "position": [...]}``.
     """
+    return track_batches(TopExamples(sae.d_sae, n), sae, batches).result(features)
+
+
+@torch.no_grad()
+def track_batches(tracker: TopExamples, sae: Any, batches: Iterable[Any]) -> TopExamples:
+    """Merge every batch of ``batches`` (as ``top_activating_examples`` takes them) into
+    ``tracker``, the next batches read (and pinned, for a GPU) in a thread meanwhile; returns
+    ``tracker`` (read it with ``result`` or, without a Python object per example, ``tables``)."""
     device = next(sae.parameters()).device
-    tracker = TopExamples(sae.d_sae, n) if tracker is None else tracker
-    for batch in batches:
+    for batch in read_batches_ahead(batches, device):
         x, meta = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
         x = torch.as_tensor(x).reshape(-1, sae.d_in).to(device, non_blocking=True)
         track(tracker, sae, x, meta)
-    return tracker.result(features)
+    return tracker
+
+
+def read_batches_ahead(batches: Iterable[Any], device: torch.device) -> Iterable[Any]:
+    """``batches`` (``x`` or ``(x, metadata)``) read in a thread up to 3 ahead of the caller,
+    ``x`` as a tensor pinned for a non-blocking copy to a GPU; a tensor is split as it is."""
+    if isinstance(batches, Tensor):
+        return batches
+    cuda = device.type == "cuda"
+    return read_ahead(batches, 3, device=device, name="interpq-sae-batches",
+                      prepare=lambda b: _host_batch(b, cuda))  # fmt: skip
+
+
+def _host_batch(batch: Any, pin: bool) -> Any:
+    """A batch's rows as a tensor, in pinned memory for a non-blocking copy to a GPU."""
+    x, meta = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+    x = torch.as_tensor(x)
+    if pin and x.device.type == "cpu":
+        x = x.pin_memory()
+    return (x, meta) if isinstance(batch, tuple | list) else x
 
 
 def track(tracker: TopExamples, sae: Any, x: Tensor, meta: Any) -> None:

@@ -192,7 +192,8 @@ def _evaluate(sae: Any, ds: Any, eval_ds: Any) -> tuple[Any, Any]:
     """The evaluation over ``eval_ds`` and every feature's top examples over ``ds`` (a
     ``TopExamples``), on the SAE's device; one pass over the rows when they are the same
     rows."""
-    from interpq.core.sae import TopExamples, evaluate, top_activating_examples
+    from interpq.core.sae import TopExamples, evaluate
+    from interpq.core.sae.top_examples import track_batches
 
     tracker = TopExamples(sae.d_sae, N_TOP_EXAMPLES)
     if eval_ds is ds:
@@ -201,8 +202,7 @@ def _evaluate(sae: Any, ds: Any, eval_ds: Any) -> tuple[Any, Any]:
         return evaluation, tracker
     evaluation = evaluate(sae, eval_ds.iter_batches(EVAL_BATCH_ROWS))
     batches = ds.iter_batches(EVAL_BATCH_ROWS, with_metadata=True)
-    top_activating_examples(sae, batches, n=N_TOP_EXAMPLES, tracker=tracker)
-    return evaluation, tracker
+    return evaluation, track_batches(tracker, sae, batches)
 
 
 def _reporter(ctx: Any, n_saes: int) -> Any:
