@@ -58,19 +58,20 @@ def snapshot(value: Any) -> Any:
     return value
 
 
-def host_copy(value: Any, stream: Any = None) -> Any:
+def host_copy(value: Any, stream: Any = None, *, copy_cpu: bool = True) -> Any:
     """``value`` with its tensors copied to host memory (a CUDA tensor's copy on ``stream``,
-    if given, so that it runs beside the work of the current stream)."""
+    if given, so that it runs beside the work of the current stream). ``copy_cpu=False``:
+    tensors already in host memory are kept as they are (a snapshot's own clones)."""
     if isinstance(value, torch.Tensor):
         if value.is_cuda and stream is not None:
             value.record_stream(stream)
             with torch.cuda.stream(stream):
                 return value.to("cpu")
-        return value.to("cpu", copy=True)
+        return value.to("cpu", copy=copy_cpu)
     if isinstance(value, Mapping):
-        return {k: host_copy(v, stream) for k, v in value.items()}
+        return {k: host_copy(v, stream, copy_cpu=copy_cpu) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(host_copy(v, stream) for v in value)
+        return type(value)(host_copy(v, stream, copy_cpu=copy_cpu) for v in value)
     return value
 
 
@@ -167,6 +168,6 @@ class CheckpointWriter:
         try:
             if ready is not None:
                 self._stream.wait_event(ready)
-            save_checkpoint(host_copy(snap, self._stream), self.directory)
+            save_checkpoint(host_copy(snap, self._stream, copy_cpu=False), self.directory)
         except BaseException as exc:  # raised on the training thread by wait()
             self._error = exc
