@@ -15,7 +15,7 @@ a checkpoint is written its clone holds that much device memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,44 +45,44 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """``value`` (nested dicts, lists and tuples of tensors and plain values) with ``fn``
+    applied to each tensor, the containers rebuilt and other values kept."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_tensors(fn, v) for v in value)
+    return value
+
+
 def snapshot(value: Any) -> Any:
     """A copy of ``value`` (nested dicts, lists and tuples of tensors and plain values) that
     training can no longer change: tensors cloned where they are (on a GPU at its memory's
     bandwidth, queued on the current stream), containers rebuilt."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(snapshot(v) for v in value)
-    return value
+    return _map_tensors(lambda t: t.detach().clone(), value)
 
 
 def host_copy(value: Any, stream: Any = None, *, copy_cpu: bool = True) -> Any:
     """``value`` with its tensors copied to host memory (a CUDA tensor's copy on ``stream``,
     if given, so that it runs beside the work of the current stream). ``copy_cpu=False``:
     tensors already in host memory are kept as they are (a snapshot's own clones)."""
-    if isinstance(value, torch.Tensor):
-        if value.is_cuda and stream is not None:
-            value.record_stream(stream)
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        if t.is_cuda and stream is not None:
+            t.record_stream(stream)
             with torch.cuda.stream(stream):
-                return value.to("cpu")
-        return value.to("cpu", copy=copy_cpu)
-    if isinstance(value, Mapping):
-        return {k: host_copy(v, stream, copy_cpu=copy_cpu) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(host_copy(v, stream, copy_cpu=copy_cpu) for v in value)
-    return value
+                return t.to("cpu")
+        return t.to("cpu", copy=copy_cpu)
+
+    return _map_tensors(to_host, value)
 
 
 def _has_cuda(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_cuda
-    if isinstance(value, Mapping):
-        return any(_has_cuda(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_cuda(v) for v in value)
-    return False
+    found: list[bool] = []
+    _map_tensors(lambda t: found.append(t.is_cuda), value)
+    return any(found)
 
 
 _pending: dict[Path, CheckpointWriter] = {}

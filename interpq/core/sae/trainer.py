@@ -74,10 +74,11 @@ def train(
     """Train one SAE on ``data`` (tensor, ndarray, iterable of batches, or dataset).
 
     With ``checkpoint_dir``, a checkpoint is written atomically every
-    ``config.checkpoint_every_steps`` steps (by a thread, from a host copy of the state, while
-    training goes on; its ``"checkpoint"`` event comes once the file is complete) and, when ``resume`` is true, training
-    continues from the last one found there: the final weights equal an uninterrupted
-    run's (pass the same data again; iterators are re-created and skipped ahead). On a GPU
+    ``config.checkpoint_every_steps`` steps (from a copy of the state made on its device, by
+    a thread while training goes on; its ``"checkpoint"`` event comes once the file is
+    complete) and, when ``resume`` is true, training continues from the last one found
+    there: the final weights equal an uninterrupted run's (pass the same data again;
+    iterators are re-created and skipped ahead). On a GPU
     with ``cuda_graph`` (the default there) an H100 measured 1.4e-4 apart before a resumed
     run kept its own device tensor for the learning rate (the checkpoint's, loaded to the
     CPU, was baked into the CUDA graph); the fix is not yet measured on a GPU.
