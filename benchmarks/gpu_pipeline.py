@@ -515,10 +515,41 @@ def profile_patch(args: argparse.Namespace, model: Any, shape: tuple[int, int]) 
 # ------------------------------------------------------------------------------- queue
 
 
+class _Body(torch.nn.Module):
+    """A model's body run for a bare forward, stopped at block ``upto``'s input if given (as
+    extraction stops after its deepest hook point)."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, body: Any, upto: int | None) -> None:
+        super().__init__()
+        self.body, self.handle = body, None
+        if upto is not None:
+
+            def stop(*_: Any) -> None:
+                raise _Body._Stop
+
+            self.handle = body.h[upto].register_forward_pre_hook(stop)
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None) -> Any:
+        try:
+            return self.body(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids)  # fmt: skip
+        except _Body._Stop:
+            return None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     """Two batches on one embedded stack: round 1 meets a cold worker (CUDA context, model
     load, kernel compilation, once per worker process), round 2 a warm one, on new texts and
     prompts. The library calls are warmed on round 1's data, then timed on round 2's."""
+    import extract as extract_bench
+
     from interpq.core.patching import plot_heatmap
     from interpq.datasets import ActivationDataset
     from interpq.patching import patch
@@ -555,13 +586,18 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
                        else 4, batch_size=4096 if not args.quick else 256, n_epochs=1,
                        device=device, autocast_bf16=device.startswith("cuda"),
                        downstream_texts=0, lr_warmup_steps=10)  # fmt: skip
-        prompts = word_texts(64, 20, seed=20 + r)
-        clean = [tok.decode(tok(p, add_special_tokens=False)["input_ids"][:20]) for p in prompts]
-        corrupted = [" ".join(("city" if i == 5 else w) for i, w in enumerate(c.split()))
-                     for c in clean]  # fmt: skip
-        pat = Patch(name="patch", model=gpt, clean=clean, corrupted=corrupted, answers="the",
-                    wrong_answers="of", component="resid_pre", device=device)  # fmt: skip
-        return texts, acts, sae, pat, (clean, corrupted)
+        pats, pairs = [], []
+        for shape in args.queue_patch.split(","):
+            n, T = (int(v) for v in shape.split("x"))
+            prompts = word_texts(n, T, seed=20 + r)
+            clean = [tok.decode(tok(p, add_special_tokens=False)["input_ids"][:T]) for p in prompts]
+            corrupted = [" ".join(("city" if i == 5 else w) for i, w in enumerate(c.split()))
+                         for c in clean]  # fmt: skip
+            pats.append(Patch(name=f"patch-{shape}", model=gpt, clean=clean, corrupted=corrupted,
+                              answers="the", wrong_answers="of", component="resid_pre",
+                              device=device))  # fmt: skip
+            pairs.append((clean, corrupted))
+        return texts, acts, sae, pats, pairs
 
     rounds = [round_jobs(r) for r in (1, 2)]
     stack = Stack(workdir, api_workers=0, compute_workers=1, flower=False, provider=False)
@@ -569,9 +605,9 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     with stack:
         env = {k[len("INTERPQ_") :].lower(): v for k, v in stack.env.items()}
         client = Client(Settings(**env))
-        for r, (_texts, acts, sae, pat, _) in enumerate(rounds, 1):
+        for r, (_texts, acts, sae, pats, _) in enumerate(rounds, 1):
             t0 = time.perf_counter()
-            batch = client.submit([acts, sae, pat], name=f"gpu-pipeline-{r}")
+            batch = client.submit([acts, sae, *pats], name=f"gpu-pipeline-{r}")
             batch.wait(timeout_s=args.queue_timeout_s)
             wall = time.perf_counter() - t0
             results = {x.name: x for x in batch.results()}
@@ -592,7 +628,7 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     lib: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store = FileStore(tmp)
-        for r, (texts, acts, sae, _pat, (clean, corrupted)) in enumerate(rounds, 1):
+        for r, (texts, acts, sae, pats, pairs) in enumerate(rounds, 1):
             timed = r == 2  # round 1 warms the library path (kernels, graphs, allocator)
             res = jobs[r - 1]["results"]
             ds_uri = next(a.uri for a in res["acts"].artifacts if a.kind == "activation_dataset")
@@ -607,6 +643,17 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
                                   max_length=128)  # fmt: skip
             sync(device)
             acts_s = time.perf_counter() - t
+            # the bare forward the issue measures extraction against (same model, batch size,
+            # dtype, tokenization), over the whole body and up to the hook (extraction stops
+            # its forward after the deepest hook point: block 6's input here)
+            bare = {}
+            for upto in (None, acts.layers[0]):
+                body = _Body(m.loaded.model.base_model, upto)
+                held = SimpleNamespace(loaded=SimpleNamespace(tokenizer=tok, model=body))
+                t = time.perf_counter()
+                extract_bench.bare_forward(held, texts, spec, 128, device)
+                bare["to_hook" if upto is not None else "whole"] = time.perf_counter() - t
+                body.remove()
             t = time.perf_counter()
             trained = train_many(ds, sae.configs(d_in=ds.d), progress=False)
             sync(device)
@@ -630,18 +677,22 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
             (out / "top.json").write_text(json.dumps(compact, separators=(",", ":")))
             sae_files_s = time.perf_counter() - t
             del trained, tracker
-            t = time.perf_counter()
-            grid = patch(m.loaded.model, tok, clean, corrupted, answers="the",
-                         wrong_answers="of", component="resid_pre")  # fmt: skip
-            sync(device)
-            patch_s = time.perf_counter() - t
-            (out / "grid.json").write_text(grid.to_json())  # the files the job writes
-            (out / "rows.jsonl").write_text("".join(json.dumps(x) + "\n" for x in grid.to_rows()))
-            plot_heatmap(grid, out / "heatmap.png", metric=grid.primary, title="patch")
-            patch_files_s = time.perf_counter() - t
+            patch_s: dict[str, float] = {}
+            for pat, (clean, corrupted) in zip(pats, pairs, strict=True):
+                t = time.perf_counter()
+                grid = patch(m.loaded.model, tok, clean, corrupted, answers="the",
+                             wrong_answers="of", component="resid_pre")  # fmt: skip
+                sync(device)
+                patch_s[pat.name] = time.perf_counter() - t
+                (out / "grid.json").write_text(grid.to_json())  # the files the job writes
+                (out / "rows.jsonl").write_text("".join(json.dumps(x) + "\n"
+                                                        for x in grid.to_rows()))  # fmt: skip
+                plot_heatmap(grid, out / "heatmap.png", metric=grid.primary, title="patch")
+                patch_s[f"{pat.name}_files"] = time.perf_counter() - t
             if timed:
-                lib = {"acts": acts_s, "sae": sae_s, "sae_train_only": train_s, "patch": patch_s,
-                       "sae_files": sae_files_s, "patch_files": patch_files_s}  # fmt: skip
+                lib = {"acts": acts_s, "acts_bare_whole": bare["whole"],
+                       "acts_bare_to_hook": bare["to_hook"], "sae": sae_s,
+                       "sae_train_only": train_s, "sae_files": sae_files_s, **patch_s}  # fmt: skip
                 n_rows = ds.n_rows
     print(f"\n### Through the queue, {card(device)}: Extract ({n_rows:,} tokens) → TrainSAE → "
           f"Patch; round 1 on a cold worker (batch wall {jobs[0]['wall']:.1f} s), round 2 on "
@@ -650,12 +701,16 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
     print("| job | round 1 (cold worker) s | round 2 (warm worker) s | library call s | "
           "library / warm job | library call + the job's files s | library + files / warm "
           "job |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
-    for name in ("acts", "sae", "patch"):
+    for name in ("acts", "sae", *(p.name for p in rounds[0][3])):
         d1 = jobs[0]["results"][name].duration_s or float("nan")
         d2 = jobs[1]["results"][name].duration_s or float("nan")
         files = lib.get(f"{name}_files", lib[name])  # extraction: the shards are the files
         print(f"| {name} | {d1:.2f} | {d2:.2f} | {lib[name]:.2f} | {lib[name] / d2:.1%} | "
               f"{files:.2f} | {files / d2:.1%} |")  # fmt: skip
+    d2 = jobs[1]["results"]["acts"].duration_s or float("nan")
+    for key, what in (("acts_bare_whole", "whole body"), ("acts_bare_to_hook", "up to the hook")):
+        print(f"| acts: bare forward, {what} (tokenize + forward, no capture, no files) | | "
+              f"{d2:.2f} | {lib[key]:.2f} | {lib[key] / d2:.1%} | | |")  # fmt: skip
     trained = [float(x) for x in re.findall(r"trained in ([0-9.]+) s", full_log)]
     if len(trained) >= 2:  # the warm job's training phase, as its worker logged it
         print(f"| sae: training alone (train_many; the job's training phase) | | "
@@ -694,6 +749,11 @@ def main() -> None:
     p.add_argument("--queue-shard", type=int, default=2048)
     p.add_argument("--queue-timeout-s", type=float, default=400)
     p.add_argument(
+        "--queue-patch",
+        default="64x20,256x32",
+        help="prompts x tokens of each Patch job (resid_pre, every layer)",
+    )
+    p.add_argument(
         "--book-cells",
         type=int,
         default=48,
@@ -712,6 +772,7 @@ def main() -> None:
     if args.quick:
         args.sae_steps, args.sae_warmup, args.sae_pool = 6, 2, 4
         args.extract_texts, args.queue_texts, args.queue_shard = 64, 64, 32
+        args.queue_patch = "8x12"
         args.repeats = 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"device {card(args.device)}, torch {torch.__version__}", flush=True)

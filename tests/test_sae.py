@@ -425,6 +425,34 @@ def test_resumed_run_equals_uninterrupted(tmp_path, source):
     assert full.metrics["aux_loss"] > 0 and full.curves["dead_fraction"][-1] > 0
 
 
+@pytest.mark.timeout(60)
+def test_checkpoints_by_time_resume_exactly(tmp_path):
+    """``checkpoint_every_seconds``: a checkpoint when that much time passed since the last
+    (here: at every step boundary, 1 ns), none within a long interval; a run killed after a
+    time-triggered checkpoint resumes to the uninterrupted run's weights."""
+    x, _ = sparse_data(n=2048)
+    cfg = tiny(n_steps=12, checkpoint_every_steps=None, checkpoint_every_seconds=1e-9)
+    steps: list[int] = []
+    full = train(x, cfg, checkpoint_dir=tmp_path / "all", progress=False,
+                 callbacks=[lambda e: steps.append(e.step) if e.kind == "checkpoint" else None])  # fmt: skip
+    assert steps == list(range(1, 12))  # at every step boundary but the last (the end)
+    hourly: list[int] = []
+    train(x, cfg.replace(checkpoint_every_seconds=3600), checkpoint_dir=tmp_path / "none",
+          progress=False, callbacks=[lambda e: hourly.append(e.step) if e.kind == "checkpoint"
+                                     else None])  # fmt: skip
+    assert hourly == [] and not list((tmp_path / "none").glob("*.pt"))
+
+    def kill_at_5(event):
+        if event.kind == "checkpoint" and event.step >= 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(x, cfg, checkpoint_dir=tmp_path / "ckpt", callbacks=[kill_at_5], progress=False)
+    resumed = train(x, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    for name, p in full.sae.state_dict().items():
+        assert_close(resumed.sae.state_dict()[name], p, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.timeout(30)
 def test_resume_refuses_a_different_config(tmp_path):
     x, _ = sparse_data(n=2048)

@@ -467,7 +467,8 @@ def test_an_unset_sae_setting_means_the_same_in_the_library_and_a_queued_job() -
     (queued,) = TrainSAE(activations="/data/manifest.json").configs(d_in=64)
     library = SAEConfig(d_in=64)
     assert queued == dataclasses.replace(library, **QUEUE_DEFAULTS)
-    assert QUEUE_DEFAULTS == {"checkpoint_every_steps": 200}  # the one documented difference
+    # the one documented difference: checkpoints by time, not steps
+    assert QUEUE_DEFAULTS == {"checkpoint_every_steps": None, "checkpoint_every_seconds": 60.0}
     assert (queued.lr_warmup_steps, queued.expansion_factor) == (1000, 32) == (
         library.lr_warmup_steps, library.expansion_factor)  # fmt: skip
     # every library setting is a field of the spec, described by the library's docstring

@@ -150,7 +150,10 @@ def _complete(conn: Connection, ctx: RunnerContext, spec: JobSpec, runner: Runne
         if counted.parts_done < counted.n_parts:
             return False
     result = runner.finalize(conn, ctx, spec)
-    res = conn.execute(_FINISH_JOB, {"b_job_id": ctx.job_id, "b_now": now, "b_result": result})
+    # finished once its outputs exist: finalize's files (a heatmap, ...) count in its duration
+    finished = datetime.now(UTC)
+    res = conn.execute(_FINISH_JOB, {"b_job_id": ctx.job_id, "b_now": finished,
+                                     "b_result": result})  # fmt: skip
     return bool(res.rowcount)
 
 

@@ -155,6 +155,13 @@ class SAEConfig:
     checkpoint_every_steps: int | None = 1000
     """Write a resumable checkpoint every this-many steps (when a directory is given)."""
 
+    checkpoint_every_seconds: float | None = None
+    """Also write one when this many seconds of training passed since the last (or the
+    start), at the next step boundary; with ``checkpoint_every_steps``, whichever comes
+    first. A bound on the work a crash loses that does not grow with the device's speed: a
+    checkpoint costs the same whether a step takes 4 ms (a GPU) or 400 ms, so counting steps
+    checkpoints a fast device too often and a slow one too rarely."""
+
     def __post_init__(self) -> None:
         _require(self.d_in > 0, "d_in", f"must be positive, got {self.d_in}")
         _require(
@@ -225,6 +232,8 @@ class SAEConfig:
         _require(self.prefetch_batches >= 0, "prefetch_batches", "must be >= 0")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps > 0, "checkpoint_every_steps", "must be > 0")
+        if self.checkpoint_every_seconds is not None:
+            _require(self.checkpoint_every_seconds > 0, "checkpoint_every_seconds", "must be > 0")
 
     @property
     def n_latents(self) -> int:

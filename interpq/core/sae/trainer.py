@@ -74,14 +74,13 @@ def train(
     """Train one SAE on ``data`` (tensor, ndarray, iterable of batches, or dataset).
 
     With ``checkpoint_dir``, a checkpoint is written atomically every
-    ``config.checkpoint_every_steps`` steps (from a copy of the state made on its device, by
-    a thread while training goes on; its ``"checkpoint"`` event comes once the file is
-    complete) and, when ``resume`` is true, training continues from the last one found
-    there: the final weights equal an uninterrupted run's (pass the same data again;
-    iterators are re-created and skipped ahead). On a GPU
-    with ``cuda_graph`` (the default there) an H100 measured 1.4e-4 apart before a resumed
-    run kept its own device tensor for the learning rate (the checkpoint's, loaded to the
-    CPU, was baked into the CUDA graph); the fix is not yet measured on a GPU.
+    ``config.checkpoint_every_steps`` steps and/or ``checkpoint_every_seconds`` (from a copy
+    of the state made on its device, by a thread while training goes on; its
+    ``"checkpoint"`` event comes once the file is complete) and, when ``resume`` is true,
+    training continues from the last one found there: the final weights equal an
+    uninterrupted run's (pass the same data again; iterators are re-created and skipped
+    ahead), with CUDA-graphed steps too (a resumed run keeps its own device tensor for the
+    learning rate; ``tests/test_checkpoint_writer.py``, run on an H100).
     """
     return train_many(
         data,
@@ -162,7 +161,7 @@ def _train(
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step")
     batch_size = first.batch_size
     log_every = logging_interval(first.log_every_steps, total_steps)
-    every = first.checkpoint_every_steps
+    every, every_s = first.checkpoint_every_steps, first.checkpoint_every_seconds
     # checkpoints are written by a thread while training goes on; a "checkpoint" event is
     # emitted at the first step boundary after its file is complete (or at the end)
     writer = CheckpointWriter(checkpoint_dir) if checkpoint_dir is not None else None
@@ -173,6 +172,7 @@ def _train(
                 _emit(callbacks, TrainEvent("checkpoint", done_at, done_at * batch_size, i,
                                             {}, writer.path, total_steps))  # fmt: skip
 
+    last_checkpoint = time.perf_counter()
     try:
         for step in range(start, total_steps):
             x = source.next()
@@ -188,8 +188,13 @@ def _train(
                 bar.set_postfix(fvu=f"{runs[0].curves['fvu'][-1]:.4f}",
                                 l0=runs[0].curves["l0"][-1])  # fmt: skip
             if writer is not None:
-                if every and done % every == 0 and done < total_steps:
+                now = time.perf_counter()
+                due = (every and done % every == 0) or (
+                    every_s and now - last_checkpoint >= every_s
+                )
+                if due and done < total_steps:
                     saved(writer.submit(_state(runs, source, done), done))
+                    last_checkpoint = now
                 else:
                     saved(writer.completed())
             bar.update(1)
@@ -281,8 +286,8 @@ def _restore(directory: str | Path, runs: list[SAERun], source: BatchSource) -> 
         raise ValueError(f"checkpoint in {directory} is from a newer interpq; upgrade to resume")
     saved = state["runs"]
     # not the math:
-    ignore = {"checkpoint_every_steps", "device", "cuda_graph", "compile", "fused_topk",
-              "prefetch_batches"}  # fmt: skip
+    ignore = {"checkpoint_every_steps", "checkpoint_every_seconds", "device", "cuda_graph",
+              "compile", "fused_topk", "prefetch_batches"}  # fmt: skip
     for i, run in enumerate(runs):
         now = {k: v for k, v in run.cfg.to_dict().items() if k not in ignore}
         then = (

@@ -3,7 +3,8 @@ through an API — a counterfactual prompt comparison, named as such.
 
 Local models (``compute`` queue): the layers are split into ``chunks`` parts that run on
 several workers; each part patches its layers and stores its grid; the last part merges them
-into one grid (JSON), one row per patch (JSON Lines: layer, position, token, head and every
+(a job of one part writes its own, before its completion's database transaction) into one
+grid (JSON), one row per patch (JSON Lines: layer, position, token, head and every
 metric) and a heatmap PNG (layers × positions with the tokens as labels, a diverging colour map
 centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted pair is compared
 through the answer's top-k logprobs from ``/v1/chat/completions`` or ``/v1/completions``
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -67,7 +69,9 @@ def run_part(ctx: RunnerContext, spec: Patch) -> None:
     from interpq.core.layout import LayoutError, locate
     from interpq.core.patching import PatchingInputError, patch
 
+    t0 = time.perf_counter()
     loaded = _model(spec.model, spec.device)
+    t_model = time.perf_counter()
     try:
         n_layers = locate(loaded.model).n_layers
     except LayoutError as exc:
@@ -86,28 +90,48 @@ def run_part(ctx: RunnerContext, spec: Patch) -> None:
         )  # fmt: skip
     except (PatchingInputError, LayoutError, ValueError) as exc:
         raise PermanentJobError(f"{type(exc).__name__}: {exc}") from None
-    _put(ctx, _uri(ctx, f"part-{ctx.part}.json"), grid.to_json())
+    t_patch = time.perf_counter()
+    if ctx.n_parts == 1:  # the whole grid: its files are written here, not in finalize's
+        ctx.extra["outputs"] = _write_outputs(ctx, spec, grid)  # database transaction
+    else:
+        _put(ctx, _uri(ctx, f"part-{ctx.part}.json"), grid.to_json())
+    log.info("patch %s part %d/%d: %d layers in %.3f s (model %.3f, patch %.3f, files %.3f)",
+             ctx.job_name, ctx.part + 1, ctx.n_parts, len(mine), time.perf_counter() - t0,
+             t_model - t0, t_patch - t_model, time.perf_counter() - t_patch)  # fmt: skip
+
+
+def _write_outputs(ctx: RunnerContext, spec: Patch, grid: Any) -> tuple[Any, str, str, str]:
+    """The job's files from its whole grid: the grid (JSON), one row per patch (JSON Lines:
+    layer, position, token, head, metrics) and the heatmap (PNG); ``(grid, their URIs)``."""
+    from interpq.core.patching import plot_heatmap
+
+    grid_uri = _uri(ctx, "grid.json")
+    _put(ctx, grid_uri, grid.to_json())
+    rows_uri = _uri(ctx, "rows.jsonl")
+    _put(ctx, rows_uri, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
+    png = _uri(ctx, "heatmap.png")
+    plot_heatmap(grid, ctx.store.local_path(png),
+                       metric=spec.heatmap_metric(grid),
+                       title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
+    return grid, grid_uri, rows_uri, png
 
 
 def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any]:
     if spec.is_api:
         return dict(ctx.extra.get("result", {}))
-    from interpq.core.patching import plot_heatmap
     from interpq.core.patching.grid import PatchGrid
 
-    store = ctx.store
-    parts = [_uri(ctx, f"part-{p}.json") for p in range(ctx.n_parts)]
-    grids = [PatchGrid.from_json(store.local_path(u).read_text())
-             for u in parts if store.exists(u)]  # fmt: skip
-    grid = PatchGrid.merge(grids) if len(grids) > 1 else grids[0]
-    grid_uri = _uri(ctx, "grid.json")
-    _put(ctx, grid_uri, grid.to_json())
-    rows_uri = _uri(ctx, "rows.jsonl")  # one row per patch: layer, position, token, head, metrics
-    _put(ctx, rows_uri, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
-    png = _uri(ctx, "heatmap.png")
-    plot_heatmap(grid, store.local_path(png),
-                       metric=spec.heatmap_metric(grid),
-                       title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
+    outputs = ctx.extra.get("outputs")  # a one-part job wrote them already
+    if outputs is None:  # the last of several parts: merge theirs
+        t0 = time.perf_counter()
+        store = ctx.store
+        parts = [_uri(ctx, f"part-{p}.json") for p in range(ctx.n_parts)]
+        grids = [PatchGrid.from_json(store.local_path(u).read_text())
+                 for u in parts if store.exists(u)]  # fmt: skip
+        outputs = _write_outputs(ctx, spec, PatchGrid.merge(grids) if len(grids) > 1 else grids[0])
+        log.info("patch %s: grid, rows and heatmap of %d parts written in %.3f s", ctx.job_name,
+                 ctx.n_parts, time.perf_counter() - t0)  # fmt: skip
+    grid, grid_uri, rows_uri, png = outputs
     rows = [
         {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_uri,
          "meta": {"component": spec.component, "method": "activation patching"}},

@@ -16,6 +16,7 @@ readable examples in the job's result. The checkpoints are deleted once all of i
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -323,15 +324,30 @@ def _curves(store: ArtifactStore, job_id: str, label: str, res: Any) -> str:
 def compact_top_examples(tracker: Any, texts: list[str]) -> dict[str, Any]:
     """Every feature's top examples (a ``TopExamples`` tracker's tables) as
     ``[activation, text_id, position]`` triples, largest first, activations rounded to 6
-    decimals, with each referenced text listed once under its id."""
+    decimals, with each referenced text listed once under its id.
+
+    The cyclic garbage collector is paused meanwhile: the ~10^5 small lists made here would
+    set off full collections over a worker's whole heap (90% of the time, measured)."""
     values, _rows, meta = tracker.tables()
-    rounded = np.round(values.double().numpy(), 6).tolist()
-    text_ids, positions = meta["text_id"].tolist(), meta["position"].tolist()
-    features = [
-        [[v, t, p] for v, t, p in zip(vs, ts, ps, strict=True) if v > 0]
-        for vs, ts, ps in zip(rounded, text_ids, positions, strict=True)
-    ]
-    used = sorted({row[1] for exs in features for row in exs})
+    rounded = np.round(values.double().numpy(), 6)
+    keep = rounded > 0  # (a feature's positive examples lead its row: largest first)
+    flat = np.flatnonzero(keep)  # row-major: feature by feature, in the table's order
+    ends = np.cumsum(keep.sum(axis=1)).tolist()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        ids = meta["text_id"].numpy().ravel()[flat].tolist()
+        columns = (
+            rounded.ravel()[flat].tolist(),
+            ids,
+            meta["position"].numpy().ravel()[flat].tolist(),
+        )
+        triples = list(map(list, zip(*columns, strict=True)))
+        features = [triples[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    finally:
+        if collecting:
+            gc.enable()
+    used = sorted(set(ids))
     return {
         "format": "interpq.top_examples/1",
         "columns": ["activation", "text_id", "position"],
