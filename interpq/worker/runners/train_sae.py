@@ -17,6 +17,7 @@ readable examples in the job's result. The checkpoints are deleted once all of i
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -286,7 +287,7 @@ def _outputs(
             {"activation": activation, "text": texts[text_id], "position": position}
             for activation, text_id, position in exs[:2]
         ]
-        for f, exs in list((f, e) for f, e in enumerate(compact["features"]) if e)[:4]
+        for f, exs in itertools.islice(((f, e) for f, e in enumerate(compact["features"]) if e), 4)
     }  # fmt: skip
     entry = {
         "label": label,
