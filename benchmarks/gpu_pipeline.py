@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -617,6 +618,16 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
                 print(f"round {r} job {x.name}: {x.state} in {x.duration_s} s "
                       f"{x.error or ''} {extra or ''}", flush=True)  # fmt: skip
             jobs.append({"results": results, "wall": wall})
+            if device.startswith("cuda"):  # what the idle worker holds on the GPU meanwhile
+                held = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                    capture_output=True, text=True, check=False,
+                ).stdout.strip()  # fmt: skip
+                print(
+                    f"after round {r}, GPU memory by process (pid, used): {held!r} (this "
+                    f"benchmark's own: {torch.cuda.memory_reserved() / 2**20:.0f} MiB reserved)"
+                )
+                RESULTS.setdefault("gpu_memory_after_round", []).append(held)
         log = (workdir / "logs" / "worker-compute-1.log").read_text()[-3000:]
     if any(x.state != "succeeded" for j in jobs for x in j["results"].values()):
         print(log)
