@@ -189,3 +189,43 @@ def test_status_and_repair_find_the_work_a_broker_lost(
         (x,) = stalled.results()
         assert x.state == "cancelled" and "submitter stopped while publishing" in x.error
     r.delete("api")
+
+
+def test_a_stale_failure_does_not_cancel_what_a_retry_queued_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``cancel_dependents`` reads the job's state again under the write lock: a caller that
+    saw the job cancelled (an old message of it finding nothing to do) must not cancel the
+    dependents a retry has queued again meanwhile (a race seen in the loop end-to-end test:
+    the retried dependent ended "not run: dependency 'a' did not succeed")."""
+    from conftest import worker_settings
+    from sqlalchemy import update
+
+    from interpq.models import Job, JobState
+    from interpq.models.db import write
+    from interpq.queue.connections import connect
+    from interpq.queue.publish import cancel_dependents
+
+    r = connect(redis_url)
+    env = {"INTERPQ_BROKER_URL": redis_url,
+           "INTERPQ_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}  # fmt: skip
+    with worker_settings(env):
+        client = Client()
+        a = Noop(name="a", on_queue="api")
+        batch = client.submit([a, Noop(name="b", after=[a], on_queue="api")], name="stale")
+        ids = {j.name: j.job_id for j in batch.results()}
+
+        def states() -> dict[str, str]:
+            return {j.name: j.state for j in batch.results()}
+
+        with write(client.engine) as conn:  # retried: a queued again, b waits for it
+            conn.execute(update(Job).where(Job.id == ids["a"]).values(state=JobState.QUEUED))
+            conn.execute(update(Job).where(Job.id == ids["b"]).values(state=JobState.PENDING))
+        assert cancel_dependents(client.engine, batch.id, ids["a"], "a") == 0  # a stale caller
+        assert states() == {"a": "queued", "b": "pending"}
+        with write(client.engine) as conn:  # a really failed: b is cancelled, naming it
+            conn.execute(update(Job).where(Job.id == ids["a"]).values(state=JobState.FAILED))
+        assert cancel_dependents(client.engine, batch.id, ids["a"], "a") == 1
+        (b,) = [j for j in batch.results() if j.name == "b"]
+        assert b.state == "cancelled" and b.error == "not run: dependency 'a' did not succeed"
+    r.delete("api")

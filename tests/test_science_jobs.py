@@ -89,6 +89,9 @@ def test_extract_then_train_sae_then_patch(stack: Stack, tmp_path: Path) -> None
     assert grid["method"] == "activation patching" and grid["shape"][0] == 2  # 2 layers
     png = Path(to_local_path(grid["heatmap"]))
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # the last part's finalize merged the parts and drew the heatmap: the job finished after
+    finished = res["patch-gpt"].finished_at
+    assert finished is not None and finished.timestamp() >= png.stat().st_mtime - 0.01
     data = json.loads(to_local_path(grid["grid"]).read_text())
     assert data["layers"] == [0, 1]  # merged from two chunks, in order
     # stored one row per patch (JSON Lines), recorded as an artifact of the job

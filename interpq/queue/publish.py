@@ -175,9 +175,16 @@ def repair_dependents(engine: Engine, job_id: str) -> int:
 
 
 def cancel_dependents(engine: Engine, batch_id: str, job_id: str, job_name: str) -> int:
-    """Cancel, transitively, the pending jobs that depend on a job that did not succeed."""
+    """Cancel, transitively, the pending jobs that depend on a job that did not succeed.
+
+    The job's state is read again under the write lock (its row locked on PostgreSQL): a
+    caller's earlier read may be stale, e.g. a retry queued the job and its dependents again
+    meanwhile, and those must not be cancelled for the old run's failure."""
     cancelled = 0
     with write(engine) as conn:
+        state = conn.execute(select(Job.state).where(Job.id == job_id).with_for_update()).scalar()
+        if state not in (JobState.FAILED, JobState.CANCELLED):
+            return 0
         frontier: dict[str, str] = {job_id: job_name}
         now = datetime.now(UTC)
         while frontier:
