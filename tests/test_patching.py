@@ -540,3 +540,31 @@ def test_runs_of_different_starts_share_a_pass_exactly(arch, component) -> None:
         passes[call] = engine.n_forward_passes - before
         np.testing.assert_allclose(fast.numpy(), naive.numpy(), rtol=0, atol=1e-5)
     assert passes[1e12] < passes[0.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_grid_json_converts_arrays_whole_with_the_same_bytes(dtype):
+    """``PatchGrid.to_dict`` converts its arrays whole: the same JSON as converting every
+    number (NaN and infinities as null), and it reads back."""
+    from dataclasses import asdict
+
+    from interpq.core.patching.grid import PatchGrid, _clean_json
+
+    rng = np.random.default_rng(0)
+    values = {m: rng.standard_normal((3, 4)).astype(dtype) for m in ("logit_diff", "recovery")}
+    per_prompt = {"logit_diff": rng.standard_normal((3, 4, 5)).astype(dtype)}
+    values["recovery"][0, 1], values["logit_diff"][2, 3] = np.nan, np.inf
+    per_prompt["logit_diff"][1, 2, 0] = -np.inf
+    grid = PatchGrid(model="m", component="resid_pre", direction="denoising", mode="exact",
+                     layers=[0, 1, 2], positions=None, position_labels=list("abcd"), heads=None,
+                     primary="logit_diff", values=values, per_prompt=per_prompt,
+                     clean={"logit_diff": 1.5}, corrupted={"logit_diff": float("nan")},
+                     n_prompts=5, n_forward_passes=2, tokens=[["a", "b"]],
+                     verified=[{"layer": 0, "estimate": float("inf")}])  # fmt: skip
+    every_number = asdict(grid)
+    for key in ("values", "per_prompt"):
+        every_number[key] = {m: v.tolist() for m, v in getattr(grid, key).items()}
+    assert grid.to_json() == json.dumps(_clean_json(every_number))
+    back = PatchGrid.from_json(grid.to_json())
+    assert np.isnan(back.values["recovery"][0, 1]) and np.isnan(back.values["logit_diff"][2, 3])
+    assert back.values["logit_diff"][0, 0] == float(values["logit_diff"][0, 0])

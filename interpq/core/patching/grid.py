@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,10 +124,17 @@ class PatchGrid:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["values"] = {m: v.tolist() for m, v in self.values.items()}
-        out["per_prompt"] = {m: v.tolist() for m, v in self.per_prompt.items()}
-        return _clean_json(out)
+        """Every field as JSON-ready values (NaN and infinities as None), in field order; the
+        arrays converted whole, not number by number (a 256-prompt sweep's ``per_prompt`` is
+        ~500,000 numbers)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("values", "per_prompt"):
+                out[f.name] = {m: _json_array(v) for m, v in value.items()}
+            else:
+                out[f.name] = _clean_json(value)
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         """The whole grid as JSON (NaN written as null)."""
@@ -206,6 +213,19 @@ def _close(a: dict[str, float], b: dict[str, float]) -> bool:
 def _num(x: Any) -> float | None:
     x = float(x)
     return None if np.isnan(x) else x
+
+
+def _json_array(a: Any) -> Any:
+    """``a`` as nested lists, NaN and infinities as None (what ``_clean_json`` makes of them)."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return _clean_json(a.tolist())
+    finite = np.isfinite(a)
+    if finite.all():
+        return a.tolist()
+    obj = a.astype(object)
+    obj[~finite] = None
+    return obj.tolist()
 
 
 def _clean_json(obj: Any) -> Any:
