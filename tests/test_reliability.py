@@ -229,3 +229,65 @@ def test_a_stale_failure_does_not_cancel_what_a_retry_queued_again(
         (b,) = [j for j in batch.results() if j.name == "b"]
         assert b.state == "cancelled" and b.error == "not run: dependency 'a' did not succeed"
     r.delete("api")
+
+
+def test_a_part_of_an_earlier_run_does_not_count_for_the_retried_run(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A part still running when its job was cancelled and retried, finishing afterwards,
+    records nothing: it must not mark the new run's part done (which would let the job
+    finalise before that part's work exists)."""
+    from datetime import UTC, datetime
+
+    from conftest import worker_settings
+    from sqlalchemy import select, update
+
+    from interpq.models import Job, JobPart, JobState
+    from interpq.models.db import write
+    from interpq.queue.connections import connect
+    from interpq.specs import Extract
+    from interpq.worker.context import RunnerContext
+    from interpq.worker.lifecycle import _claim, _complete
+    from interpq.worker.runners import runner_for
+
+    r = connect(redis_url)
+    env = {"INTERPQ_BROKER_URL": redis_url,
+           "INTERPQ_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}  # fmt: skip
+    with worker_settings(env):
+        client = Client()
+        spec = Extract(
+            name="acts", model="minilm", texts=["a", "b", "c", "d"], layers=[1], shard_size=2
+        )
+        batch = client.submit([spec], name="stale-part")
+        (job,) = batch.results()
+        engine = client.engine
+        with write(engine) as conn:  # the first run's worker claims part 0
+            claimed = _claim(conn, job.job_id, 0, "old-worker")
+        assert claimed is not None and claimed.n_parts == 2
+
+        def ctx(queued_at: datetime) -> RunnerContext:
+            return RunnerContext(engine, job.job_id, batch.id, "acts", 0, 2, "w",
+                                 run_queued_at=queued_at)  # fmt: skip
+
+        with write(engine) as conn:  # cancelled and retried: a new run, its part 0 running
+            conn.execute(update(Job).where(Job.id == job.job_id).values(
+                state=JobState.RUNNING, queued_at=datetime.now(UTC)))  # fmt: skip
+            conn.execute(update(JobPart).where(JobPart.job_id == job.job_id, JobPart.part == 0)
+                         .values(state=JobState.RUNNING))  # fmt: skip
+            new_queued_at = conn.execute(select(Job.queued_at).where(Job.id == job.job_id)).scalar()
+        runner = runner_for("extract")
+        with write(engine) as conn:  # the old part finishes now
+            assert _complete(conn, ctx(claimed.queued_at), spec, runner) is False
+
+        def part0_and_done() -> tuple[str, int]:
+            with engine.connect() as conn:
+                state = conn.execute(select(JobPart.state).where(
+                    JobPart.job_id == job.job_id, JobPart.part == 0)).scalar()  # fmt: skip
+                done = conn.execute(select(Job.parts_done).where(Job.id == job.job_id)).scalar()
+            return state, done
+
+        assert part0_and_done() == (JobState.RUNNING, 0)
+        with write(engine) as conn:  # the new run's part 0 finishes: it counts
+            assert _complete(conn, ctx(new_queued_at), spec, runner) is False  # 1 of 2
+        assert part0_and_done() == (JobState.SUCCEEDED, 1)
+    r.delete("compute")

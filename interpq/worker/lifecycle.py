@@ -127,8 +127,17 @@ def _claim_or_none(engine: Engine, job_id: str, part: int, worker: str) -> Any:
 
 
 def _complete(conn: Connection, ctx: RunnerContext, spec: JobSpec, runner: Runner[Any]) -> bool:
-    """Record the part's success; finalise the job if this was its last part."""
+    """Record the part's success; finalise the job if this was its last part. Nothing is
+    recorded for a part of an earlier run of the job (cancelled and retried meanwhile: the
+    job's ``queued_at`` is not the one this part was claimed under), so it cannot count a
+    part of the new run as done."""
     now = datetime.now(UTC)
+    if ctx.run_queued_at is not None:
+        queued_at = conn.execute(select(Job.queued_at).where(Job.id == ctx.job_id)).scalar()
+        if queued_at != ctx.run_queued_at:
+            log.info("job %s part %d: finished for an earlier run of the job; not recorded",
+                     ctx.job_name, ctx.part)  # fmt: skip
+            return False
     if ctx.n_parts > 1:
         done = conn.execute(
             update(JobPart)
