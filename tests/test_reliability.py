@@ -234,9 +234,10 @@ def test_a_stale_failure_does_not_cancel_what_a_retry_queued_again(
 def test_a_part_of_an_earlier_run_does_not_count_for_the_retried_run(
     redis_url: str, tmp_path: Path
 ) -> None:
-    """A part still running when its job was cancelled and retried, finishing afterwards,
-    records nothing: it must not mark the new run's part done (which would let the job
-    finalise before that part's work exists)."""
+    """A part still running when its job was cancelled and retried, finishing (or stopping)
+    afterwards, records nothing: it must not mark the new run's part done (which would let
+    the job finalise before that part's work exists) nor cancelled (after which the new
+    run's part could never be recorded)."""
     from datetime import UTC, datetime
 
     from conftest import worker_settings
@@ -247,7 +248,7 @@ def test_a_part_of_an_earlier_run_does_not_count_for_the_retried_run(
     from interpq.queue.connections import connect
     from interpq.specs import Extract
     from interpq.worker.context import RunnerContext
-    from interpq.worker.lifecycle import _claim, _complete
+    from interpq.worker.lifecycle import _claim, _complete, _stop_cancelled_part
     from interpq.worker.runners import runner_for
 
     r = connect(redis_url)
@@ -286,6 +287,9 @@ def test_a_part_of_an_earlier_run_does_not_count_for_the_retried_run(
                 done = conn.execute(select(Job.parts_done).where(Job.id == job.job_id)).scalar()
             return state, done
 
+        assert part0_and_done() == (JobState.RUNNING, 0)
+        # nor does one that stops at its cancel check mark the new run's part cancelled
+        _stop_cancelled_part(engine, job.job_id, 0, 2, claimed.queued_at)
         assert part0_and_done() == (JobState.RUNNING, 0)
         with write(engine) as conn:  # the new run's part 0 finishes: it counts
             assert _complete(conn, ctx(new_queued_at), spec, runner) is False  # 1 of 2

@@ -344,7 +344,7 @@ def _run(
         _requeue_part(engine, job_id, part, row.n_parts, a_retry=False)
         return "yielded"
     except JobCancelled:
-        _stop_cancelled_part(engine, job_id, part, row.n_parts)
+        _stop_cancelled_part(engine, job_id, part, row.n_parts, row.queued_at)
         log.info("job %s part %d: stopped, the job was cancelled", row.name, part)
         return "cancelled"
     except RetryableJobError as exc:
@@ -440,11 +440,16 @@ def _requeue_part(
             )
 
 
-def _stop_cancelled_part(engine: Engine, job_id: str, part: int, n_parts: int) -> None:
+def _stop_cancelled_part(
+    engine: Engine, job_id: str, part: int, n_parts: int, run_queued_at: datetime | None
+) -> None:
     """A part that stopped because its job was cancelled: the part row says so too (unless
-    a retry has queued the part again meanwhile: then it is the new run's)."""
+    a retry has queued the job again meanwhile: then the row is the new run's, left alone)."""
     if n_parts > 1:
         with write(engine) as conn:
+            queued_at = conn.execute(select(Job.queued_at).where(Job.id == job_id)).scalar()
+            if run_queued_at is not None and queued_at != run_queued_at:
+                return
             conn.execute(
                 update(JobPart)
                 .where(
