@@ -126,18 +126,24 @@ def _claim_or_none(engine: Engine, job_id: str, part: int, worker: str) -> Any:
         return None
 
 
+def _is_current_run(conn: Connection, job_id: str, run_queued_at: datetime | None) -> bool:
+    """Whether a part claimed under ``run_queued_at`` belongs to the job's current run (a
+    retry gives the job a new ``queued_at``); True when the claim's is not known."""
+    if run_queued_at is None:
+        return True
+    return conn.execute(select(Job.queued_at).where(Job.id == job_id)).scalar() == run_queued_at
+
+
 def _complete(conn: Connection, ctx: RunnerContext, spec: JobSpec, runner: Runner[Any]) -> bool:
     """Record the part's success; finalise the job if this was its last part. Nothing is
     recorded for a part of an earlier run of the job (cancelled and retried meanwhile: the
     job's ``queued_at`` is not the one this part was claimed under), so it cannot count a
     part of the new run as done."""
     now = datetime.now(UTC)
-    if ctx.run_queued_at is not None:
-        queued_at = conn.execute(select(Job.queued_at).where(Job.id == ctx.job_id)).scalar()
-        if queued_at != ctx.run_queued_at:
-            log.info("job %s part %d: finished for an earlier run of the job; not recorded",
-                     ctx.job_name, ctx.part)  # fmt: skip
-            return False
+    if not _is_current_run(conn, ctx.job_id, ctx.run_queued_at):
+        log.info("job %s part %d: finished for an earlier run of the job; not recorded",
+                 ctx.job_name, ctx.part)  # fmt: skip
+        return False
     if ctx.n_parts > 1:
         done = conn.execute(
             update(JobPart)
@@ -447,8 +453,7 @@ def _stop_cancelled_part(
     a retry has queued the job again meanwhile: then the row is the new run's, left alone)."""
     if n_parts > 1:
         with write(engine) as conn:
-            queued_at = conn.execute(select(Job.queued_at).where(Job.id == job_id)).scalar()
-            if run_queued_at is not None and queued_at != run_queued_at:
+            if not _is_current_run(conn, job_id, run_queued_at):
                 return
             conn.execute(
                 update(JobPart)

@@ -331,8 +331,8 @@ def compact_top_examples(tracker: Any, texts: list[str]) -> dict[str, Any]:
     set off full collections over a worker's whole heap (90% of the time, measured)."""
     values, _rows, meta = tracker.tables()
     rounded = np.round(values.double().numpy(), 6)
-    keep = rounded > 0  # (a feature's positive examples lead its row: largest first)
-    flat = np.flatnonzero(keep)  # row-major: feature by feature, in the table's order
+    keep = rounded > 0  # what the JSON lists (rows are largest first)
+    flat = np.flatnonzero(keep)  # row-major: feature by feature, each in its table's order
     ends = np.cumsum(keep.sum(axis=1)).tolist()
     collecting = gc.isenabled()
     gc.disable()
