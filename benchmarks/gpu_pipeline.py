@@ -695,7 +695,7 @@ def queue_section(args: argparse.Namespace, models: dict[str, str]) -> None:
                              wrong_answers="of", component="resid_pre")  # fmt: skip
                 sync(device)
                 patch_s[pat.name] = time.perf_counter() - t
-                (out / "grid.json").write_text(grid.to_json())  # the files the job writes
+                grid.save(out / "grid.json")  # the files the job writes (JSON + npz)
                 (out / "rows.jsonl").write_text("".join(json.dumps(x) + "\n"
                                                         for x in grid.to_rows()))  # fmt: skip
                 plot_heatmap(grid, out / "heatmap.png", metric=grid.primary, title="patch")

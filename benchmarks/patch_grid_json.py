@@ -1,5 +1,6 @@
 """What a Patch job spends on its files, on this machine: ``PatchGrid.to_json`` (with every
-prompt's values), the rows JSONL and the heatmap PNG of a 12-layer x 32-position grid over
+prompt's values), ``PatchGrid.save`` (what a job writes: the JSON without them, and a ``.npz``
+of them beside it), the rows JSONL and the heatmap PNG of a 12-layer x 32-position grid over
 256 prompts (the 256x32 resid_pre sweep of ``gpu_pipeline.py``'s queue section), and
 ``from_json``. Prints each step's time (best of ``--repeats``) and the files' sha256 prefixes
 (equal across versions that must write the same bytes).
@@ -54,6 +55,7 @@ def main() -> None:
         for _ in range(args.repeats):
             steps = {
                 "to_json": g.to_json,
+                "save (JSON + per-prompt npz, what a job writes)": lambda: g.save(Path(tmp) / "g.json"),
                 "rows": lambda: "".join(json.dumps(row) + "\n" for row in g.to_rows()),
                 "heatmap": lambda: plot_heatmap(g, Path(tmp) / "h.png", metric=g.primary),
             }
@@ -65,6 +67,11 @@ def main() -> None:
             t = time.perf_counter()
             PatchGrid.from_json(out["to_json"])
             best["from_json"] = min(best.get("from_json", 1e9), time.perf_counter() - t)
+            t = time.perf_counter()
+            PatchGrid.from_json(Path(tmp) / "g.json")
+            best["from_json of what save wrote"] = min(
+                best.get("from_json of what save wrote", 1e9), time.perf_counter() - t
+            )
     print(f"{args.layers} layers x {args.positions} positions x {args.prompts} prompts, "
           f"grid JSON {len(out['to_json']) / 1e6:.1f} MB, best of {args.repeats}")  # fmt: skip
     for name, s in best.items():

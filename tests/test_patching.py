@@ -568,3 +568,33 @@ def test_grid_json_converts_arrays_whole_with_the_same_bytes(dtype):
     back = PatchGrid.from_json(grid.to_json())
     assert np.isnan(back.values["recovery"][0, 1]) and np.isnan(back.values["logit_diff"][2, 3])
     assert back.values["logit_diff"][0, 0] == float(values["logit_diff"][0, 0])
+
+
+def test_grid_save_keeps_per_prompt_values_in_arrays_beside_the_json(tmp_path):
+    """``PatchGrid.save``: the JSON without the per-prompt numbers, which go into a ``.npz``
+    beside it (the sweep's dtype kept); ``from_json`` of the path reads both back; of the
+    text alone it says where the values are."""
+    from interpq.core.patching.grid import PatchGrid
+
+    rng = np.random.default_rng(1)
+    per_prompt = {m: rng.standard_normal((2, 3, 7)).astype(np.float32) for m in ("logit_diff", "kl")}
+    per_prompt["kl"][0, 1, 2] = np.nan
+    values = {m: v.mean(-1).astype(float) for m, v in per_prompt.items()}
+    grid = PatchGrid(model="m", component="resid_pre", direction="denoising", mode="exact",
+                     layers=[0, 1], positions=None, position_labels=list("abc"), heads=None,
+                     primary="logit_diff", values=values, per_prompt=per_prompt,
+                     clean={"logit_diff": 1.5}, corrupted={"logit_diff": 0.5},
+                     n_prompts=7, n_forward_passes=2)  # fmt: skip
+    path, arrays = grid.save(tmp_path / "grid.json")
+    assert arrays == tmp_path / "grid.per_prompt.npz" and arrays.is_file()
+    data = json.loads(path.read_text())
+    assert "per_prompt" not in data and data["per_prompt_file"] == "grid.per_prompt.npz"
+    for back in (PatchGrid.from_json(path), PatchGrid.from_json(str(path))):
+        assert back.per_prompt.keys() == per_prompt.keys()
+        for m, v in per_prompt.items():
+            assert back.per_prompt[m].dtype == np.float32
+            np.testing.assert_array_equal(back.per_prompt[m], v)  # NaN where it was
+        np.testing.assert_array_equal(back.values["kl"], values["kl"])
+        assert back.to_json() == grid.to_json()
+    with pytest.raises(ValueError, match="grid.per_prompt.npz"):
+        PatchGrid.from_json(path.read_text())

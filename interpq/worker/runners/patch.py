@@ -4,7 +4,7 @@ through an API — a counterfactual prompt comparison, named as such.
 Local models (``compute`` queue): the layers are split into ``chunks`` parts that run on
 several workers; each part patches its layers and stores its grid; the last part merges them
 (a job of one part writes its own, before its completion's database transaction) into one
-grid (JSON), one row per patch (JSON Lines: layer, position, token, head and every
+grid (JSON, with every prompt's values in a ``.npz`` beside it), one row per patch (JSON Lines: layer, position, token, head and every
 metric) and a heatmap PNG (layers × positions with the tokens as labels, a diverging colour map
 centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted pair is compared
 through the answer's top-k logprobs from ``/v1/chat/completions`` or ``/v1/completions``
@@ -94,26 +94,39 @@ def run_part(ctx: RunnerContext, spec: Patch) -> None:
     if ctx.n_parts == 1:  # the whole grid: its files are written here, not in finalize's
         ctx.extra["outputs"] = _write_outputs(ctx, spec, grid)  # database transaction
     else:
-        _put(ctx, _uri(ctx, f"part-{ctx.part}.json"), grid.to_json())
+        _save_grid(ctx, f"part-{ctx.part}", grid)
     log.info("patch %s part %d/%d: %d layers in %.3f s (model %.3f, patch %.3f, files %.3f)",
              ctx.job_name, ctx.part + 1, ctx.n_parts, len(mine), time.perf_counter() - t0,
              t_model - t0, t_patch - t_model, time.perf_counter() - t_patch)  # fmt: skip
 
 
-def _write_outputs(ctx: RunnerContext, spec: Patch, grid: Any) -> tuple[Any, str, str, str]:
-    """The job's files from its whole grid: the grid (JSON), one row per patch (JSON Lines:
-    layer, position, token, head, metrics) and the heatmap (PNG); ``(grid, their URIs)``."""
+def _save_grid(ctx: RunnerContext, name: str, grid: Any) -> tuple[str, str]:
+    """``grid`` as ``<name>.json`` and its per-prompt arrays beside it (what
+    ``PatchGrid.save`` writes, through the store; ``PatchGrid.from_json`` reads both back from
+    the JSON's URI), the arrays first; their URIs."""
+    from interpq.core.patching.grid import PER_PROMPT_SUFFIX
+
+    arrays_uri = _uri(ctx, name + PER_PROMPT_SUFFIX)
+    ctx.store.put_atomic(arrays_uri, grid.per_prompt_npz())
+    grid_uri = _uri(ctx, f"{name}.json")
+    _put(ctx, grid_uri, grid.to_json_without_per_prompt(ctx.store.local_path(arrays_uri).name))
+    return grid_uri, arrays_uri
+
+
+def _write_outputs(ctx: RunnerContext, spec: Patch, grid: Any) -> tuple[Any, str, str, str, str]:
+    """The job's files from its whole grid: the grid (JSON, its per-prompt values in a
+    ``.npz``), one row per patch (JSON Lines: layer, position, token, head, metrics) and the
+    heatmap (PNG); ``(grid, their URIs)``."""
     from interpq.core.patching import plot_heatmap
 
-    grid_uri = _uri(ctx, "grid.json")
-    _put(ctx, grid_uri, grid.to_json())
+    grid_uri, arrays_uri = _save_grid(ctx, "grid", grid)
     rows_uri = _uri(ctx, "rows.jsonl")
     _put(ctx, rows_uri, "".join(json.dumps(row) + "\n" for row in grid.to_rows()))
     png = _uri(ctx, "heatmap.png")
     plot_heatmap(grid, ctx.store.local_path(png),
                        metric=spec.heatmap_metric(grid),
                        title=f"{spec.model}: {spec.component} ({spec.direction})")  # fmt: skip
-    return grid, grid_uri, rows_uri, png
+    return grid, grid_uri, arrays_uri, rows_uri, png
 
 
 def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any]:
@@ -126,15 +139,17 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any
         t0 = time.perf_counter()
         store = ctx.store
         parts = [_uri(ctx, f"part-{p}.json") for p in range(ctx.n_parts)]
-        grids = [PatchGrid.from_json(store.local_path(u).read_text())
-                 for u in parts if store.exists(u)]  # fmt: skip
+        grids = [PatchGrid.from_json(store.local_path(u)) for u in parts if store.exists(u)]
         outputs = _write_outputs(ctx, spec, PatchGrid.merge(grids) if len(grids) > 1 else grids[0])
         log.info("patch %s: grid, rows and heatmap of %d parts written in %.3f s", ctx.job_name,
                  ctx.n_parts, time.perf_counter() - t0)  # fmt: skip
-    grid, grid_uri, rows_uri, png = outputs
+    grid, grid_uri, arrays_uri, rows_uri, png = outputs
     rows = [
         {"job_id": ctx.job_id, "kind": "patch_grid", "uri": grid_uri,
          "meta": {"component": spec.component, "method": "activation patching"}},
+        {"job_id": ctx.job_id, "kind": "patch_per_prompt", "uri": arrays_uri,
+         "meta": {"what": "every prompt's value per patch: numpy .npz, one array per metric "
+                          "(the grid's axes, then prompts); PatchGrid.from_json(grid) reads it"}},
         {"job_id": ctx.job_id, "kind": "patch_rows", "uri": rows_uri,
          "meta": {"what": "one JSON line per patch", "n_rows": int(np.prod(grid.shape))}},
         {"job_id": ctx.job_id, "kind": "plot", "uri": png,
@@ -155,6 +170,7 @@ def finalize(conn: Connection, ctx: RunnerContext, spec: Patch) -> dict[str, Any
         "correlation_with_exact": grid.correlation,
         "heatmap": png,
         "grid": grid_uri,
+        "per_prompt": arrays_uri,
         "rows": rows_uri,
     }
 

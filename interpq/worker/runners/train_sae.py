@@ -108,6 +108,7 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     if fitted:
         summary["batch_size_fitted"] = fitted
     rows: list[dict[str, Any]] = []
+    split = {"top examples": 0.0, "waiting for files": 0.0}
     # Files that need no evaluation (the weights, the curves) are written by a thread while
     # the SAE is evaluated (the evaluation waits on the device; the files on the disk and
     # matplotlib); the weights go into the checkpoints folder, then into the SAE's folder.
@@ -123,11 +124,14 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
             stored = {**evaluation.as_dict(), **_train_window(res), **down}
             entry, made = _outputs(
                 ctx, store, label, uri, ds, res, (evaluation, what), stored, (tops, texts),
-                (files, weights),
+                (files, weights), split,
             )  # fmt: skip
+            t = time.perf_counter()
             curves.result()  # the curves are written (or their error is raised here)
+            split["waiting for files"] += time.perf_counter() - t
             summary["saes"].append(entry)
             rows += made
+    t_record = time.perf_counter()
     with write(ctx.engine) as conn:
         insert_ignore(conn, Artifact.__table__, rows)
     wait_for_writes(store.local_path(checkpoints))  # the last one, written meanwhile
@@ -135,8 +139,9 @@ def run_part(ctx: RunnerContext, spec: TrainSAE) -> None:
     ctx.extra["result"] = summary
     t1 = time.perf_counter()
     log.info("train_sae %s: %d SAE(s) trained in %.3f s, evaluated in %.3f s, outputs and "
-             "downstream %.3f s", ctx.job_name, len(configs), t_train - t0, t_eval,
-             t1 - t_train - t_eval)  # fmt: skip
+             "downstream %.3f s (%s, recorded %.3f)", ctx.job_name, len(configs), t_train - t0,
+             t_eval, t1 - t_train - t_eval,
+             ", ".join(f"{k} {v:.3f}" for k, v in split.items()), t1 - t_record)  # fmt: skip
 
 
 def _train(ctx: RunnerContext, data: Any, configs: list[Any], checkpoints: str) -> list[Any]:
@@ -240,7 +245,7 @@ def _train_window(res: Any) -> dict[str, float]:
 def _outputs(
     ctx: RunnerContext, store: ArtifactStore, label: str, uri: str, ds: Any, res: Any,
     evaluated: tuple[Any, str], stored: dict[str, Any], examples: tuple[Any, list[str]],
-    written: tuple[ThreadPoolExecutor, Future[Path]],
+    written: tuple[ThreadPoolExecutor, Future[Path]], split: dict[str, float],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Save one SAE (weights, cfg.json, density plot, top examples; ``_curves`` writes its
     curves); its result entry and its artifact rows. ``evaluated`` is the ``evaluate`` result
@@ -276,10 +281,14 @@ def _outputs(
         )  # fmt: skip
 
     saved = files.submit(folder_and_plot)
+    t = time.perf_counter()
     tops_json = artifact(f"{label}-top-examples.json")
     compact = compact_top_examples(tracker, texts)
     store.put_atomic(tops_json, json.dumps(compact, separators=(",", ":")).encode())
+    t_saved = time.perf_counter()
     saved.result()
+    split["top examples"] += t_saved - t
+    split["waiting for files"] += time.perf_counter() - t_saved
     curves_json = artifact(f"{label}-curves.json")
     curves = artifact(f"{label}-curves.png")
     readable = {
