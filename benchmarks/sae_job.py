@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import pstats
 import sys
 import tempfile
@@ -41,6 +42,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="the last is timed, the others warm")
     args = p.parse_args()
+    # the job's own split (trained, evaluated, outputs: top examples, waiting for files, ...)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("interpq.worker.runners.train_sae").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
     from gpu_pipeline import sync, write_dataset
