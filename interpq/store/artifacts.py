@@ -175,8 +175,8 @@ class FileStore:
         self, uri: str, write: Callable[[Path], object] | bytes, *, overwrite: bool = True
     ) -> Stored:
         """Write the artifact: ``write(tmp_path)`` (or the bytes) to a temporary file, fsync,
-        then rename to ``uri``. Returns its sha256 and size: the file read back, unless
-        ``write`` returns a ``Written`` (the digest it computed while writing).
+        then rename to ``uri``. Returns its sha256 and size: of the bytes given, or of the file
+        read back, unless ``write`` returns a ``Written`` (the digest it computed while writing).
 
         ``overwrite=False``: if a complete file is already there (another writer finished
         first), keep it and return its digest with ``created=False``.
@@ -190,6 +190,7 @@ class FileStore:
             written: object = None
             if isinstance(write, bytes | bytearray | memoryview):
                 tmp.write_bytes(write)
+                written = Written(hashlib.sha256(write).hexdigest())  # not read back
             else:
                 written = write(tmp)
             digest = written.sha256 if isinstance(written, Written) else sha256_file(tmp)
