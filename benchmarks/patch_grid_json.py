@@ -55,7 +55,9 @@ def main() -> None:
         for _ in range(args.repeats):
             steps = {
                 "to_json": g.to_json,
-                "save (JSON + per-prompt npz, what a job writes)": lambda: g.save(Path(tmp) / "g.json"),
+                "save (JSON + per-prompt npz, what a job writes)": lambda: g.save(
+                    Path(tmp) / "g.json"
+                ),
                 "rows": lambda: "".join(json.dumps(row) + "\n" for row in g.to_rows()),
                 "heatmap": lambda: plot_heatmap(g, Path(tmp) / "h.png", metric=g.primary),
             }

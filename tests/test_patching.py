@@ -577,7 +577,9 @@ def test_grid_save_keeps_per_prompt_values_in_arrays_beside_the_json(tmp_path):
     from interpq.core.patching.grid import PatchGrid
 
     rng = np.random.default_rng(1)
-    per_prompt = {m: rng.standard_normal((2, 3, 7)).astype(np.float32) for m in ("logit_diff", "kl")}
+    per_prompt = {
+        m: rng.standard_normal((2, 3, 7)).astype(np.float32) for m in ("logit_diff", "kl")
+    }
     per_prompt["kl"][0, 1, 2] = np.nan
     values = {m: v.mean(-1).astype(float) for m, v in per_prompt.items()}
     grid = PatchGrid(model="m", component="resid_pre", direction="denoising", mode="exact",

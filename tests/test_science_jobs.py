@@ -121,7 +121,9 @@ def test_extract_then_train_sae_then_patch(stack: Stack, tmp_path: Path) -> None
     # every prompt's values: numpy arrays beside the grid's JSON, read back with it
     (arrays_art,) = [a for a in res["patch-gpt"].artifacts if a.kind == "patch_per_prompt"]
     assert to_local_path(arrays_art.uri) == to_local_path(grid["per_prompt"])
-    assert "per_prompt" not in data and data["per_prompt_file"] == to_local_path(arrays_art.uri).name
+    assert (
+        "per_prompt" not in data and data["per_prompt_file"] == to_local_path(arrays_art.uri).name
+    )
     assert loaded.per_prompt.keys() == {"logit_diff", "logprob", "prob", "kl"}
     for metric, per in loaded.per_prompt.items():
         assert per.shape == (*loaded.shape, loaded.n_prompts)

@@ -222,7 +222,9 @@ class PatchGrid:
         data["values"] = {m: np.array(v, dtype=float) for m, v in data["values"].items()}
         arrays = data.pop("per_prompt_file", None)
         if arrays is None:
-            data["per_prompt"] = {m: np.array(v, dtype=float) for m, v in data["per_prompt"].items()}
+            data["per_prompt"] = {
+                m: np.array(v, dtype=float) for m, v in data["per_prompt"].items()
+            }
         elif path is None:
             raise ValueError(f"this grid's per-prompt values are in {arrays!r} beside its JSON "
                              "file: read the grid from that file's path or URI, not its text")  # fmt: skip
