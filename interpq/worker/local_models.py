@@ -1,9 +1,11 @@
 """Local models kept per process: loaded once, reused by consecutive parts of any job kind.
 
-The ``MODEL_CACHE_SIZE`` most recently used models stay loaded (extraction shards, and the
-downstream loss of a trained SAE, load the same model again and again). A model is identified
-by name, device and dtype, and records what identifies its weights (hub revision, or a hash
-of its parameters) so that a dataset can tell whether it was made by the same weights.
+The ``MODEL_CACHE_SIZE`` most recently used models stay loaded, whichever job kind loaded them
+(extraction shards, the downstream loss of a trained SAE and patching load the same model
+again and again); an evicted model's GPU memory is handed back to the driver. A model is
+identified by name, device and dtype (``auto``: the checkpoint's own), and tells what
+identifies its weights (hub revision, or a hash of its parameters, computed the first time a
+job asks) so that a dataset can tell whether it was made by the same weights.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ class LocalModel:
 
     loaded: Any
     layout: Any
-    weights: str
-    """``revision:<commit>`` for a hub download, else ``sha256:<hash of the parameters>``."""
     max_positions: int | None
+    revision: str | None = None
+    _hash: str | None = None
+
+    @property
+    def weights(self) -> str:
+        """``revision:<commit>`` for a hub download, else ``sha256:<hash of the parameters>``
+        (hashed on first use: a patching job never needs it)."""
+        if self.revision:
+            return f"revision:{self.revision}"
+        if self._hash is None:
+            from interpq.hf.loading import weights_hash
+
+            self._hash = weights_hash(self.loaded.model)
+        return f"sha256:{self._hash}"
 
 
 _models: OrderedDict[tuple[str, str, str], LocalModel] = OrderedDict()
@@ -43,7 +57,8 @@ def resolve_device(device: str) -> str:
 
 
 def local_model(name: str, device: str, dtype: str) -> LocalModel:
-    """The model, loaded once per process (the ``MODEL_CACHE_SIZE`` most recent are kept)."""
+    """The model, loaded once per process (the ``MODEL_CACHE_SIZE`` most recent are kept).
+    ``dtype``: a torch dtype's name, or ``auto`` for the one the checkpoint was saved in."""
     key = (name, device, dtype)
     with _models_lock:
         if key in _models:
@@ -52,11 +67,13 @@ def local_model(name: str, device: str, dtype: str) -> LocalModel:
         import torch
 
         from interpq.core.layout import LayoutError, locate
-        from interpq.hf.loading import load_model, weights_hash
+        from interpq.hf.loading import load_model
 
+        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
         try:
-            loaded = load_model(name, device=device, dtype=getattr(torch, dtype))
-            loaded.model.to(dtype=getattr(torch, dtype))  # the built-in tiny GPT-2 takes no dtype
+            loaded = load_model(name, device=device, dtype=torch_dtype)
+            if torch_dtype is not None:  # the built-in tiny GPT-2 takes no dtype
+                loaded.model.to(dtype=torch_dtype)
             layout = locate(loaded.model)
         except LayoutError as exc:
             raise PermanentJobError(f"model: {exc}") from exc
@@ -64,12 +81,10 @@ def local_model(name: str, device: str, dtype: str) -> LocalModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PermanentJobError(f"model: cannot load {name!r}: {first}") from exc
         config = loaded.model.config
-        revision = getattr(config, "_commit_hash", None)
-        weights = f"revision:{revision}" if revision else f"sha256:{weights_hash(loaded.model)}"
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
-        _models[key] = LocalModel(loaded, layout, weights, max_pos)
+        _models[key] = LocalModel(loaded, layout, max_pos, getattr(config, "_commit_hash", None))
         while len(_models) > MODEL_CACHE_SIZE:
             _models.popitem(last=False)
             if device.startswith("cuda"):

@@ -40,17 +40,14 @@ API_POLICY = CallPolicy(
 """A counterfactual prompt comparison's calls (``interpq.worker.api_calls``): it needs every
 answer. Retryable failures retry the part later; answered requests are kept by index under
 the job's ``responses/`` directory, so a retried or continued part pays for none again."""
-_models: dict[str, Any] = {}
 
 
 def _model(name: str, device: str) -> Any:
-    from interpq.hf.loading import load_model
+    """The loaded model, from the process's cache that every job kind shares
+    (``interpq.worker.local_models``), in the checkpoint's own dtype."""
+    from interpq.worker.local_models import local_model, resolve_device
 
-    key = f"{name}@{device}"
-    if key not in _models:
-        _models.clear()  # one model per process at a time
-        _models[key] = load_model(name, device=device)
-    return _models[key]
+    return local_model(name, resolve_device(device), "auto").loaded
 
 
 def _uri(ctx: RunnerContext, *name: str) -> str:
