@@ -503,21 +503,21 @@ def test_an_unset_sae_setting_means_the_same_in_the_library_and_a_queued_job() -
 
 def test_every_job_kind_shares_one_model_cache_per_process() -> None:
     """A Patch job takes its model from the cache that Extract jobs and the downstream loss
-    use (``interpq.worker.local_models``): a worker process holds at most
-    ``MODEL_CACHE_SIZE`` models whichever kinds loaded them, and a model's weights are hashed
-    only when a job asks what they are (patching never does)."""
+    use (``interpq.worker.local_models``): the same copy where the dtypes agree (a Patch loads
+    the checkpoint's own dtype), at most ``MODEL_CACHE_SIZE`` models per worker process
+    whichever kinds loaded them, and a model's weights are hashed only when a job asks what
+    they are (patching never does)."""
+    import torch
+
     from interpq.worker import local_models
     from interpq.worker.runners import patch as patch_runner
 
     local_models._models.clear()
     loaded = patch_runner._model("tiny-gpt2-random-weights", "cpu")
-    m = local_models.local_model("tiny-gpt2-random-weights", "cpu", "auto")
-    assert m.loaded is loaded and m._hash is None
-    local_models.local_model("tiny-gpt2-random-weights", "cpu", "float32")
-    local_models.local_model("minilm", "cpu", "float32")
+    m = local_models.local_model("tiny-gpt2-random-weights", "cpu", "float32")
+    assert m.loaded is loaded and m._hash is None  # one copy; not hashed yet
+    assert local_models.local_model("minilm", "cpu", "auto").loaded.model.dtype == torch.float32
+    local_models.local_model("tiny-gpt2-random-weights", "cpu", "float16")
     assert len(local_models._models) == local_models.MODEL_CACHE_SIZE
-    assert ("tiny-gpt2-random-weights", "cpu", "auto") not in local_models._models  # the oldest
+    assert ("tiny-gpt2-random-weights", "cpu", "float32") not in local_models._models  # oldest
     assert m.weights.startswith("sha256:") and len(m.weights) == len("sha256:") + 64
-    assert (
-        m.weights == local_models.local_model("tiny-gpt2-random-weights", "cpu", "float32").weights
-    )

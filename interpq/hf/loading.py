@@ -120,6 +120,21 @@ def load_model(name: str, device: str = "cpu", dtype: Any = None) -> LoadedModel
     return LoadedModel(name, model, tokenizer, is_causal_lm=is_causal)
 
 
+def saved_dtype(name: str) -> str:
+    """The name of the torch dtype a model's checkpoint is saved in, which loading it without a
+    dtype gives (transformers' ``dtype="auto"``): its config's ``dtype``, float32 where the
+    config names none; float32 for the built-in random-weight GPT-2."""
+    if name == TINY_GPT2_NAME:
+        return "float32"
+    from transformers import AutoConfig
+
+    source = minilm_path() if name in _MINILM_ALIASES else name
+    offline = name in _MINILM_ALIASES or os.environ.get("HF_HUB_OFFLINE") == "1"
+    config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
 def weights_hash(model: Any) -> str:
     """A sha256 over the model's parameter names, shapes and bytes: identifies the weights."""
     digest = hashlib.sha256()

@@ -58,9 +58,14 @@ def resolve_device(device: str) -> str:
 
 def local_model(name: str, device: str, dtype: str) -> LocalModel:
     """The model, loaded once per process (the ``MODEL_CACHE_SIZE`` most recent are kept).
-    ``dtype``: a torch dtype's name, or ``auto`` for the one the checkpoint was saved in."""
-    key = (name, device, dtype)
+    ``dtype``: a torch dtype's name, or ``auto`` for the one the checkpoint was saved in (the
+    same cached model as when that dtype is named)."""
     with _models_lock:
+        try:
+            dtype = _saved_dtype(name) if dtype == "auto" else dtype
+        except (OSError, ValueError) as exc:
+            raise PermanentJobError(f"model: cannot load {name!r}: {_first_line(exc)}") from exc
+        key = (name, device, dtype)
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
@@ -69,17 +74,14 @@ def local_model(name: str, device: str, dtype: str) -> LocalModel:
         from interpq.core.layout import LayoutError, locate
         from interpq.hf.loading import load_model
 
-        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
         try:
-            loaded = load_model(name, device=device, dtype=torch_dtype)
-            if torch_dtype is not None:  # the built-in tiny GPT-2 takes no dtype
-                loaded.model.to(dtype=torch_dtype)
+            loaded = load_model(name, device=device, dtype=getattr(torch, dtype))
+            loaded.model.to(dtype=getattr(torch, dtype))  # the built-in tiny GPT-2 takes no dtype
             layout = locate(loaded.model)
         except LayoutError as exc:
             raise PermanentJobError(f"model: {exc}") from exc
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PermanentJobError(f"model: cannot load {name!r}: {first}") from exc
+            raise PermanentJobError(f"model: cannot load {name!r}: {_first_line(exc)}") from exc
         config = loaded.model.config
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
@@ -90,3 +92,18 @@ def local_model(name: str, device: str, dtype: str) -> LocalModel:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         return _models[key]
+
+
+_saved_dtypes: dict[str, str] = {}
+
+
+def _saved_dtype(name: str) -> str:
+    if name not in _saved_dtypes:
+        from interpq.hf.loading import saved_dtype
+
+        _saved_dtypes[name] = saved_dtype(name)
+    return _saved_dtypes[name]
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
