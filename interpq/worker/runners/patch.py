@@ -4,9 +4,10 @@ through an API — a counterfactual prompt comparison, named as such.
 Local models (``compute`` queue): the layers are split into ``chunks`` parts that run on
 several workers; each part patches its layers and stores its grid; the last part merges them
 (a job of one part writes its own, before its completion's database transaction) into one
-grid (JSON, with every prompt's values in a ``.npz`` beside it), one row per patch (JSON Lines: layer, position, token, head and every
-metric) and a heatmap PNG (layers × positions with the tokens as labels, a diverging colour map
-centred at 0). ``provider:model`` (``api`` queue): each clean/corrupted pair is compared
+grid (JSON, with every prompt's values in a ``.npz`` beside it), one row per patch (JSON
+Lines: layer, position, token, head and every metric) and a heatmap PNG (layers × positions
+with the tokens as labels, a diverging colour map centred at 0). The model comes from the
+worker process's cache that every job kind shares (``interpq.worker.local_models``). ``provider:model`` (``api`` queue): each clean/corrupted pair is compared
 through the answer's top-k logprobs from ``/v1/chat/completions`` or ``/v1/completions``
 (``Patch.endpoint``); it measures total effects at the input only, and answers outside the
 top-k are reported as missing.
