@@ -158,22 +158,12 @@ class PatchGrid:
         Both files are written atomically, the arrays first. Returns both paths."""
         path = Path(path)
         arrays = path.with_name(path.stem + PER_PROMPT_SUFFIX)
-        write_atomic(arrays, lambda tmp: tmp.write_bytes(self.per_prompt_npz()))
-        write_atomic(path, lambda tmp: tmp.write_text(self.to_json_without_per_prompt(arrays.name)))
+        npz = io.BytesIO()
+        np.savez(npz, **{m: np.asarray(v) for m, v in self.per_prompt.items()})
+        write_atomic(arrays, npz.getvalue())
+        write_atomic(path, json.dumps({**self.to_dict(per_prompt=False),
+                                       "per_prompt_file": arrays.name}))  # fmt: skip
         return path, arrays
-
-    def to_json_without_per_prompt(self, per_prompt_file: str) -> str:
-        """The JSON :meth:`save` writes: every field but ``per_prompt``, which is named as the
-        file ``per_prompt_file`` beside it (see :meth:`per_prompt_npz`)."""
-        out = self.to_dict(per_prompt=False)
-        out["per_prompt_file"] = per_prompt_file
-        return json.dumps(out)
-
-    def per_prompt_npz(self) -> bytes:
-        """``per_prompt`` as the bytes of an uncompressed ``.npz`` (one array per metric)."""
-        buf = io.BytesIO()
-        np.savez(buf, **{m: np.asarray(v) for m, v in self.per_prompt.items()})
-        return buf.getvalue()
 
     @classmethod
     def merge(cls, grids: list[PatchGrid]) -> PatchGrid:

@@ -99,16 +99,11 @@ def run_part(ctx: RunnerContext, spec: Patch) -> None:
 
 
 def _save_grid(ctx: RunnerContext, name: str, grid: Any) -> tuple[str, str]:
-    """``grid`` as ``<name>.json`` and its per-prompt arrays beside it (what
-    ``PatchGrid.save`` writes, through the store; ``PatchGrid.from_json`` reads both back from
-    the JSON's URI), the arrays first; their URIs."""
-    from interpq.core.patching.grid import PER_PROMPT_SUFFIX
-
-    arrays_uri = _uri(ctx, name + PER_PROMPT_SUFFIX)
-    ctx.store.put_atomic(arrays_uri, grid.per_prompt_npz())
+    """``grid`` as ``<name>.json`` with its per-prompt arrays beside it (``PatchGrid.save``;
+    ``PatchGrid.from_json`` reads both back from the JSON's URI); their URIs."""
     grid_uri = _uri(ctx, f"{name}.json")
-    _put(ctx, grid_uri, grid.to_json_without_per_prompt(ctx.store.local_path(arrays_uri).name))
-    return grid_uri, arrays_uri
+    _, arrays = grid.save(ctx.store.local_path(grid_uri))
+    return grid_uri, _uri(ctx, arrays.name)
 
 
 def _write_outputs(ctx: RunnerContext, spec: Patch, grid: Any) -> tuple[Any, str, str, str, str]:
