@@ -13,6 +13,7 @@ library call; ``--profile`` adds a cProfile table of the runner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import logging
 import pstats
@@ -92,7 +93,7 @@ def main() -> None:
                             job_name=f"sae{r}", part=0, n_parts=1, worker="bench",
                             settings=settings)  # fmt: skip
         t = time.perf_counter()
-        with prof if prof is not None else _nothing():
+        with prof if prof is not None else contextlib.nullcontext():
             train_sae.run_part(ctx, spec)
         sync(args.device)
         return time.perf_counter() - t
@@ -103,25 +104,17 @@ def main() -> None:
         last = r == args.rounds - 1
         times = library()
         times["job: run_part"] = job(r, prof if last else None)
-    job = times["job: run_part"]
+    job_s = times["job: run_part"]
     print(f"\n{args.rows:,} rows, d_in {args.d_in}, {args.d_in * args.expansion:,} latents, "
           f"k {args.k}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")  # fmt: skip
     print("| what | s | of the job's time |\n|---|---:|---:|")
     for name, s in times.items():
-        print(f"| {name} | {s:.2f} | {s / job:.1%} |")
+        print(f"| {name} | {s:.2f} | {s / job_s:.1%} |")
     if args.profile:
         stats = pstats.Stats(prof).sort_stats("cumulative")
         stats.print_stats(18)
         stats.print_callees("_outputs")
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":
